@@ -1,0 +1,43 @@
+//! `hat`: argument parsing and printing only; the work lives in the splitter and runtime crates.
+
+mod generate_cmd;
+mod split_cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "hat",
+    version,
+    about = "Device-cloud collaborative LLM inference (HAT): split a Llama-family model so raw text never leaves the device",
+    long_about = "hat cuts a Llama-family model into an input and an output submodel that stay on the device and a \
+                  middle submodel that runs in the cloud. Only hidden states cross the network.\n\n\
+                  Typical use:\n  hat split --model model.gguf --input-layers 2 --output-layers 2 --out artifacts\n  \
+                  hat generate --artifacts artifacts --chat --prompt \"What is the capital of France?\""
+)]
+struct Cli {
+    /// Hide progress bars and status lines (results still go to stdout).
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    Split(split_cmd::SplitArgs),
+    Generate(generate_cmd::GenerateArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Split(args) => split_cmd::run(args, cli.quiet),
+        Command::Generate(args) => generate_cmd::run(args, cli.quiet),
+    };
+    if let Err(e) = result {
+        // The whole cause chain on one line: what failed and why.
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

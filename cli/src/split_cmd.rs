@@ -1,0 +1,79 @@
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use hat_splitter::{load_model, split_model, DType, ModelSource, SplitOptions};
+
+/// Cut a model into a device package and a cloud package.
+///
+/// Writes OUT/device (hat.json, tokenizer.json, input.safetensors, output.safetensors) and OUT/cloud
+/// (hat.json, middle.safetensors). The cloud package holds no embedding, no LM head and no tokenizer.
+#[derive(Args, Debug)]
+pub struct SplitArgs {
+    /// A Hugging Face model id (org/name; honours HF_HOME and HF_HUB_OFFLINE), a directory with
+    /// config.json + *.safetensors + tokenizer.json, or a .gguf file.
+    #[arg(long)]
+    model: String,
+    /// Decoder layers kept on the device before the cloud part (with the embedding).
+    #[arg(long)]
+    input_layers: usize,
+    /// Decoder layers kept on the device after the cloud part (with the final norm and LM head).
+    #[arg(long)]
+    output_layers: usize,
+    /// Storage dtype of the packages.
+    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+    dtype: DTypeArg,
+    /// Output directory; must be new, empty, or hold a split of this same model.
+    #[arg(long)]
+    out: PathBuf,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum DTypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+pub fn run(args: SplitArgs, quiet: bool) -> Result<()> {
+    let source = ModelSource::parse(&args.model)?;
+    let model = load_model(&source, !quiet).with_context(|| format!("cannot load model `{}`", args.model))?;
+    let dtype = match args.dtype {
+        DTypeArg::F32 => DType::F32,
+        DTypeArg::F16 => DType::F16,
+        DTypeArg::Bf16 => DType::BF16,
+    };
+    let opts = SplitOptions {
+        input_layers: args.input_layers,
+        output_layers: args.output_layers,
+        dtype,
+        out: args.out.clone(),
+        progress: !quiet,
+    };
+    let report = split_model(&model, &opts)?;
+    let s = report.split;
+    if args.json {
+        let out = serde_json::json!({
+            "fingerprint": report.fingerprint,
+            "device": report.device_dir,
+            "cloud": report.cloud_dir,
+            "layers": {"input": [0, s.input_layers], "middle": [s.middle_range().start, s.middle_range().end],
+                        "output": [s.output_range().start, s.output_range().end]},
+            "shards": report.shards.iter().map(|(f, b)| serde_json::json!({"file": f, "bytes": b})).collect::<Vec<_>>(),
+            "seconds": report.elapsed.as_secs_f64(),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("device package: {} (layers 0..{} and {}..{})", report.device_dir.display(), s.input_layers, s.output_range().start, s.num_layers);
+        println!("cloud package:  {} (layers {}..{})", report.cloud_dir.display(), s.middle_range().start, s.middle_range().end);
+        for (f, b) in &report.shards {
+            println!("  {f}: {:.1} MB", *b as f64 / 1e6);
+        }
+        println!("fingerprint: {}", report.fingerprint);
+        println!("split time (writing): {:.2} s", report.elapsed.as_secs_f64());
+    }
+    Ok(())
+}

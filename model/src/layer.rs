@@ -1,0 +1,147 @@
+//! One Llama decoder block: RMSNorm, grouped-query attention with rotary positions, SwiGLU MLP.
+//! Blocks are loaded under their Hugging Face names, so `vb.pp("model.layers").pp(i)` finds layer i.
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{linear_b, rms_norm, Linear, RmsNorm, VarBuilder};
+
+use crate::config::Config;
+use crate::error::Result;
+use crate::kv_cache::LayerCache;
+use crate::rope::Rope;
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        Ok(Self {
+            q_proj: linear_b(h, cfg.num_heads * d, cfg.attention_bias, vb.pp("q_proj"))?,
+            k_proj: linear_b(h, cfg.num_kv_heads * d, cfg.attention_bias, vb.pp("k_proj"))?,
+            v_proj: linear_b(h, cfg.num_kv_heads * d, cfg.attention_bias, vb.pp("v_proj"))?,
+            o_proj: linear_b(cfg.num_heads * d, h, false, vb.pp("o_proj"))?,
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: d,
+        })
+    }
+
+    /// # Shapes
+    /// x: (batch, seq, hidden) -> (batch, seq, hidden)
+    fn forward(&self, x: &Tensor, rope: &Rope, pos: usize, cache: &mut LayerCache) -> Result<Tensor> {
+        let (b, seq, _) = x.dims3()?;
+        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
+            Ok(t.reshape((b, seq, n, self.head_dim))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = heads(self.q_proj.forward(x)?, self.num_heads)?;
+        let k = heads(self.k_proj.forward(x)?, self.num_kv_heads)?;
+        let v = heads(self.v_proj.forward(x)?, self.num_kv_heads)?;
+        let q = rope.apply(&q, pos)?;
+        let k = rope.apply(&k, pos)?;
+        let (k, v) = cache.append(&k, &v)?;
+
+        // Grouped-query attention without copying K/V per head: fold the query heads that share a KV
+        // head into the sequence axis. (b, kv, rep*seq, d) x (b, kv, d, total)
+        let rep = self.num_heads / self.num_kv_heads;
+        let q = q.reshape((b, self.num_kv_heads, rep * seq, self.head_dim))?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let k_t = k.transpose(2, 3)?;
+        let mut scores = (q.matmul(&k_t.contiguous()?)? * scale)?;
+        if seq > 1 {
+            let mask = causal_mask(seq, pos, rep, scores.dtype(), scores.device())?;
+            scores = scores.broadcast_add(&mask)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v.contiguous()?)?; // (b, kv, rep*seq, d)
+        let out = out
+            .reshape((b, self.num_heads, seq, self.head_dim))?
+            .transpose(1, 2)?
+            .reshape((b, seq, self.num_heads * self.head_dim))?;
+        Ok(self.o_proj.forward(&out)?)
+    }
+}
+
+/// Additive mask for `seq` new positions starting at `pos`, repeated for `rep` query heads folded into
+/// the sequence axis.
+///
+/// # Shapes
+/// -> (rep * seq, pos + seq)
+fn causal_mask(seq: usize, pos: usize, rep: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let total = pos + seq;
+    let mut data = Vec::with_capacity(rep * seq * total);
+    for _ in 0..rep {
+        for i in 0..seq {
+            data.extend((0..total).map(|j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }));
+        }
+    }
+    Ok(Tensor::from_vec(data, (rep * seq, total), device)?.to_dtype(dtype)?)
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: linear_b(h, i, cfg.mlp_bias, vb.pp("gate_proj"))?,
+            up_proj: linear_b(h, i, cfg.mlp_bias, vb.pp("up_proj"))?,
+            down_proj: linear_b(i, h, cfg.mlp_bias, vb.pp("down_proj"))?,
+        })
+    }
+
+    /// # Shapes
+    /// x: (batch, seq, hidden) -> (batch, seq, hidden)
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        Ok(self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        Ok(Self {
+            input_layernorm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
+            self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
+            post_attention_layernorm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+        })
+    }
+
+    /// Runs the block on `seq` new positions starting at `pos`, appending their keys and values to `cache`.
+    ///
+    /// # Shapes
+    /// x: (batch, seq, hidden) -> (batch, seq, hidden)
+    pub fn forward(&self, x: &Tensor, rope: &Rope, pos: usize, cache: &mut LayerCache) -> Result<Tensor> {
+        let h = self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, pos, cache)?;
+        let x = (x + h)?;
+        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        Ok((x + h)?)
+    }
+}
+
+/// Softmax over the last axis in f32, whatever the compute dtype.
+pub fn softmax_f32(logits: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?)
+}
+

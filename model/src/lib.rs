@@ -1,0 +1,19 @@
+//! Model code shared by every stage of hat: the splitter writes packages with it, the runtime runs them.
+//! One Llama-family implementation lives here, so the unsplit model and its three submodels are the
+//! same code and differ only in which layers they hold.
+
+pub mod config;
+pub mod error;
+pub mod kv_cache;
+pub mod layer;
+pub mod manifest;
+pub mod names;
+pub mod rope;
+pub mod submodel;
+
+pub use config::{Config, HfConfig};
+pub use error::{ModelError, Result};
+pub use kv_cache::{KvCache, LayerCache};
+pub use manifest::{Manifest, Role, ShardInfo, SplitSpec};
+pub use rope::Rope;
+pub use submodel::{Submodel, SubmodelKind};

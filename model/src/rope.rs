@@ -1,0 +1,61 @@
+//! Rotary position embedding in the Hugging Face (half-rotation) layout. GGUF checkpoints store Q/K
+//! permuted for the interleaved layout; the splitter un-permutes them, so this is the only convention.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::Config;
+use crate::error::Result;
+
+#[derive(Debug, Clone)]
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    pub fn new(cfg: &Config, dtype: DType, device: &Device) -> Result<Self> {
+        let half = cfg.head_dim / 2;
+        let mut inv_freq: Vec<f64> =
+            (0..half).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64)).collect();
+        if let Some(s) = &cfg.rope_scaling {
+            // Llama 3.x frequency-dependent scaling (as in the reference implementation).
+            let factor = s.factor.unwrap_or(8.0);
+            let low = s.low_freq_factor.unwrap_or(1.0);
+            let high = s.high_freq_factor.unwrap_or(4.0);
+            let orig = s.original_max_position_embeddings.unwrap_or(8192) as f64;
+            let low_wavelen = orig / low;
+            let high_wavelen = orig / high;
+            for f in inv_freq.iter_mut() {
+                let wavelen = 2.0 * std::f64::consts::PI / *f;
+                if wavelen > low_wavelen {
+                    *f /= factor;
+                } else if wavelen >= high_wavelen {
+                    let smooth = (orig / wavelen - low) / (high - low);
+                    *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                }
+            }
+        }
+        let max = cfg.max_position_embeddings;
+        let mut angles = Vec::with_capacity(max * half);
+        for p in 0..max {
+            angles.extend(inv_freq.iter().map(|f| (p as f64 * f) as f32));
+        }
+        let angles = Tensor::from_vec(angles, (max, half), device)?;
+        Ok(Self { cos: angles.cos()?.to_dtype(dtype)?, sin: angles.sin()?.to_dtype(dtype)? })
+    }
+
+    /// Rotates `x` for positions `pos..pos + seq`.
+    ///
+    /// # Shapes
+    /// x: (batch, heads, seq, head_dim) -> same
+    pub fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
+        let seq = x.dim(2)?;
+        let cos = self.cos.narrow(0, pos, seq)?;
+        let sin = self.sin.narrow(0, pos, seq)?;
+        Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.cos.dims()[0]
+    }
+}

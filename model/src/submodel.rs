@@ -1,0 +1,175 @@
+//! A submodel is a contiguous run of decoder layers, plus the embedding when it starts the model (the
+//! device's input submodel) or the final norm and LM head when it ends it (the device's output
+//! submodel). The unsplit model is the submodel that holds everything.
+
+use std::ops::Range;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{embedding, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm, VarBuilder};
+
+use crate::config::Config;
+use crate::error::{ModelError, Result};
+use crate::kv_cache::KvCache;
+use crate::layer::DecoderLayer;
+use crate::names::LAYERS_PREFIX;
+use crate::rope::Rope;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubmodelKind {
+    /// Embedding + the first layers (device).
+    Input,
+    /// Layers only (cloud).
+    Middle,
+    /// The last layers + final norm + LM head (device).
+    Output,
+    /// Embedding + every layer + final norm + LM head: the unsplit model.
+    Full,
+}
+
+impl SubmodelKind {
+    fn has_embedding(self) -> bool {
+        matches!(self, SubmodelKind::Input | SubmodelKind::Full)
+    }
+    fn has_head(self) -> bool {
+        matches!(self, SubmodelKind::Output | SubmodelKind::Full)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Submodel {
+    kind: SubmodelKind,
+    layer_range: Range<usize>,
+    embed_tokens: Option<Embedding>,
+    layers: Vec<DecoderLayer>,
+    norm: Option<RmsNorm>,
+    lm_head: Option<Linear>,
+    rope: Rope,
+    cfg: Config,
+    dtype: DType,
+    device: Device,
+}
+
+impl Submodel {
+    /// Loads layers `layer_range` (original indices) and, depending on `kind`, the embedding or head.
+    pub fn load(vb: VarBuilder, cfg: &Config, kind: SubmodelKind, layer_range: Range<usize>) -> Result<Self> {
+        if layer_range.end > cfg.num_layers || layer_range.start > layer_range.end {
+            return Err(ModelError::InvalidConfig(format!(
+                "layer range {layer_range:?} does not fit a model of {} layers",
+                cfg.num_layers
+            )));
+        }
+        let embed_tokens = if kind.has_embedding() {
+            Some(embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("model.embed_tokens"))?)
+        } else {
+            None
+        };
+        let layers_vb = vb.pp(LAYERS_PREFIX);
+        let layers = layer_range
+            .clone()
+            .map(|i| DecoderLayer::load(layers_vb.pp(i), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let (norm, lm_head) = if kind.has_head() {
+            (
+                Some(rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("model.norm"))?),
+                Some(linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?),
+            )
+        } else {
+            (None, None)
+        };
+        let rope = Rope::new(cfg, vb.dtype(), vb.device())?;
+        Ok(Self {
+            kind,
+            layer_range,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            cfg: cfg.clone(),
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+
+    pub fn kind(&self) -> SubmodelKind {
+        self.kind
+    }
+
+    pub fn layer_range(&self) -> Range<usize> {
+        self.layer_range.clone()
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    /// # Shapes
+    /// ids: (batch, seq) u32 -> (batch, seq, hidden)
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let e = self.embed_tokens.as_ref().ok_or_else(|| missing_part(self.kind, "embedding"))?;
+        Ok(e.forward(ids)?)
+    }
+
+    /// Runs this submodel's decoder layers on new positions `pos..pos + seq`; the cache must hold
+    /// exactly `pos` positions already (truncate it first to roll back).
+    ///
+    /// # Shapes
+    /// hidden: (batch, seq, hidden) -> (batch, seq, hidden)
+    pub fn forward_layers(&self, hidden: &Tensor, pos: usize, cache: &mut KvCache) -> Result<Tensor> {
+        if cache.num_layers() != self.layers.len() {
+            return Err(ModelError::InvalidConfig(format!(
+                "cache has {} layers, submodel has {}",
+                cache.num_layers(),
+                self.layers.len()
+            )));
+        }
+        let seq = hidden.dim(1)?;
+        if pos + seq > self.rope.max_positions() {
+            return Err(ModelError::InvalidConfig(format!(
+                "positions up to {} exceed the model's context of {}",
+                pos + seq,
+                self.rope.max_positions()
+            )));
+        }
+        cache.truncate(pos);
+        if cache.len() != pos {
+            return Err(ModelError::InvalidConfig(format!(
+                "cannot run at position {pos}: the cache holds only {} positions",
+                cache.len()
+            )));
+        }
+        let mut h = hidden.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            h = layer.forward(&h, &self.rope, pos, cache.layer_mut(i))?;
+        }
+        Ok(h)
+    }
+
+    /// Final norm and LM head.
+    ///
+    /// # Shapes
+    /// hidden: (batch, seq, hidden) -> (batch, seq, vocab)
+    pub fn head(&self, hidden: &Tensor) -> Result<Tensor> {
+        let (norm, lm_head) = match (&self.norm, &self.lm_head) {
+            (Some(n), Some(l)) => (n, l),
+            _ => return Err(missing_part(self.kind, "LM head")),
+        };
+        Ok(lm_head.forward(&norm.forward(hidden)?)?)
+    }
+}
+
+fn missing_part(kind: SubmodelKind, part: &str) -> ModelError {
+    ModelError::InvalidConfig(format!("the {kind:?} submodel has no {part}"))
+}

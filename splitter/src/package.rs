@@ -1,0 +1,222 @@
+//! Cuts a loaded model into the device package (input + output submodels, tokenizer) and the cloud
+//! package (middle submodel). Everything is written into a temporary sibling of `--out` and renamed
+//! into place at the end, so a failure never leaves a half-written package.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Tensor};
+use hat_model::manifest::{fingerprint, sha256_file, Manifest, Role, ShardInfo, SplitSpec, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE};
+use hat_model::names;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::error::{Result, SplitError};
+use crate::source::LoadedModel;
+
+pub const DEVICE_DIR: &str = "device";
+pub const CLOUD_DIR: &str = "cloud";
+pub const INPUT_SHARD: &str = "input.safetensors";
+pub const MIDDLE_SHARD: &str = "middle.safetensors";
+pub const OUTPUT_SHARD: &str = "output.safetensors";
+
+#[derive(Debug, Clone)]
+pub struct SplitOptions {
+    pub input_layers: usize,
+    pub output_layers: usize,
+    pub dtype: DType,
+    pub out: PathBuf,
+    pub progress: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct SplitReport {
+    pub fingerprint: String,
+    pub split: SplitSpec,
+    pub device_dir: PathBuf,
+    pub cloud_dir: PathBuf,
+    /// (file, bytes) of each shard written.
+    pub shards: Vec<(String, u64)>,
+    pub elapsed: Duration,
+}
+
+pub fn dtype_name(dtype: DType) -> Result<&'static str> {
+    match dtype {
+        DType::F32 => Ok("f32"),
+        DType::F16 => Ok("f16"),
+        DType::BF16 => Ok("bf16"),
+        other => Err(SplitError::BadInput(format!("dtype {other:?} is not supported (f32, f16, bf16)"))),
+    }
+}
+
+pub fn progress_bar(enabled: bool, len: u64, message: &'static str) -> ProgressBar {
+    if !enabled {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len);
+    let style = ProgressStyle::with_template("{msg:30} [{bar:30}] {pos}/{len} {elapsed}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_message(message);
+    bar
+}
+
+/// Which shard a tensor belongs to: every tensor lands in exactly one.
+fn shard_of(name: &str, split: &SplitSpec) -> Option<&'static str> {
+    if name == names::EMBED_TOKENS {
+        return Some(INPUT_SHARD);
+    }
+    if name == names::FINAL_NORM || name == names::LM_HEAD {
+        return Some(OUTPUT_SHARD);
+    }
+    let layer = names::layer_index(name)?;
+    [(split.input_range(), INPUT_SHARD), (split.middle_range(), MIDDLE_SHARD), (split.output_range(), OUTPUT_SHARD)]
+        .into_iter()
+        .find(|(range, _)| range.contains(&layer))
+        .map(|(_, shard)| shard)
+}
+
+/// Groups tensor names by shard; fails if a tensor fits none.
+pub fn partition(names: impl IntoIterator<Item = String>, split: &SplitSpec) -> Result<HashMap<&'static str, Vec<String>>> {
+    let mut groups: HashMap<&'static str, Vec<String>> = HashMap::new();
+    for name in names {
+        let shard = shard_of(&name, split)
+            .ok_or_else(|| SplitError::BadInput(format!("tensor `{name}` belongs to no submodel")))?;
+        groups.entry(shard).or_default().push(name);
+    }
+    for list in groups.values_mut() {
+        list.sort();
+    }
+    Ok(groups)
+}
+
+pub fn split_model(model: &LoadedModel, opts: &SplitOptions) -> Result<SplitReport> {
+    let start = Instant::now();
+    let split = SplitSpec::new(model.config.num_layers, opts.input_layers, opts.output_layers).map_err(SplitError::BadSplit)?;
+    let dtype = dtype_name(opts.dtype)?;
+    let existing = existing_package(&opts.out)?;
+    if let Some(old) = &existing {
+        // Refuse early when the cut or the architecture already differ; the weights are compared
+        // through the fingerprint once the new shards are hashed.
+        if old.split != split || old.config != model.hf_config || old.dtype != dtype {
+            return Err(SplitError::OutHoldsOtherModel {
+                out: opts.out.clone(),
+                existing: old.fingerprint.clone(),
+                existing_source: old.source.clone(),
+            });
+        }
+    }
+
+    let parent = absolute_parent(&opts.out)?;
+    std::fs::create_dir_all(&parent).map_err(|e| SplitError::io(format!("cannot create {}", parent.display()), e))?;
+    let staging = tempfile::Builder::new()
+        .prefix(".hat-split-")
+        .tempdir_in(&parent)
+        .map_err(|e| SplitError::io(format!("cannot create a staging directory in {}", parent.display()), e))?;
+    let device_dir = staging.path().join(DEVICE_DIR);
+    let cloud_dir = staging.path().join(CLOUD_DIR);
+    for d in [&device_dir, &cloud_dir] {
+        std::fs::create_dir_all(d).map_err(|e| SplitError::io(format!("cannot create {}", d.display()), e))?;
+    }
+
+    let groups = partition(model.tensors.keys().cloned(), &split)?;
+    let layout: [(&str, &Path, Range<usize>); 3] = [
+        (INPUT_SHARD, &device_dir, split.input_range()),
+        (MIDDLE_SHARD, &cloud_dir, split.middle_range()),
+        (OUTPUT_SHARD, &device_dir, split.output_range()),
+    ];
+    let bar = progress_bar(opts.progress, model.tensors.len() as u64, "writing shards");
+    let mut shards = Vec::new();
+    for (file, dir, layers) in layout {
+        let names = groups.get(file).cloned().unwrap_or_default();
+        let mut converted: HashMap<String, Tensor> = HashMap::with_capacity(names.len());
+        for name in &names {
+            let t = model.tensors[name]
+                .to_dtype(opts.dtype)
+                .map_err(|e| SplitError::candle(format!("converting `{name}` to {dtype}"), e))?;
+            converted.insert(name.clone(), t);
+            bar.inc(1);
+        }
+        let path = dir.join(file);
+        candle_core::safetensors::save(&converted, &path).map_err(|e| SplitError::candle(format!("writing {}", path.display()), e))?;
+        drop(converted);
+        let bytes = std::fs::metadata(&path).map_err(|e| SplitError::io(format!("cannot stat {}", path.display()), e))?.len();
+        shards.push(ShardInfo { file: file.to_string(), sha256: sha256_file(&path)?, bytes, layers: [layers.start, layers.end], tensors: names.len() });
+    }
+    bar.finish_and_clear();
+
+    let hashes: Vec<(&str, &str)> = shards.iter().map(|s| (s.file.as_str(), s.sha256.as_str())).collect();
+    let fp = fingerprint(&model.hf_config, &split, dtype, &hashes);
+    let manifest = |role: Role, files: &[&str]| Manifest {
+        format: FORMAT_NAME.into(),
+        format_version: FORMAT_VERSION,
+        role,
+        fingerprint: fp.clone(),
+        source: model.source.clone(),
+        dtype: dtype.into(),
+        config: model.hf_config.clone(),
+        split,
+        shards: shards.iter().filter(|s| files.contains(&s.file.as_str())).cloned().collect(),
+        tokenizer: (role == Role::Device).then(|| model.tokenizer.clone()),
+    };
+    let tokenizer_path = device_dir.join(&model.tokenizer.file);
+    std::fs::write(&tokenizer_path, &model.tokenizer_json)
+        .map_err(|e| SplitError::io(format!("cannot write {}", tokenizer_path.display()), e))?;
+    manifest(Role::Device, &[INPUT_SHARD, OUTPUT_SHARD]).write(&device_dir)?;
+    manifest(Role::Cloud, &[MIDDLE_SHARD]).write(&cloud_dir)?;
+
+    if let Some(old) = existing {
+        if old.fingerprint != fp {
+            return Err(SplitError::OutHoldsOtherModel { out: opts.out.clone(), existing: old.fingerprint, existing_source: old.source });
+        }
+    }
+    // Same model (or an empty directory): replace it.
+    if opts.out.exists() {
+        std::fs::remove_dir_all(&opts.out).map_err(|e| SplitError::io(format!("cannot replace {}", opts.out.display()), e))?;
+    }
+    let staged = staging.keep();
+    std::fs::rename(&staged, &opts.out).map_err(|e| {
+        let _ = std::fs::remove_dir_all(&staged);
+        SplitError::io(format!("cannot move the package into {}", opts.out.display()), e)
+    })?;
+    Ok(SplitReport {
+        fingerprint: fp,
+        split,
+        device_dir: opts.out.join(DEVICE_DIR),
+        cloud_dir: opts.out.join(CLOUD_DIR),
+        shards: shards.iter().map(|s| (s.file.clone(), s.bytes)).collect(),
+        elapsed: start.elapsed(),
+    })
+}
+
+/// What `--out` holds now: nothing (or an empty directory), a hat split, or something else (refused).
+fn existing_package(out: &Path) -> Result<Option<Manifest>> {
+    if !out.exists() {
+        return Ok(None);
+    }
+    if !out.is_dir() {
+        return Err(SplitError::OutNotPackage(out.to_path_buf()));
+    }
+    let mut entries = std::fs::read_dir(out).map_err(|e| SplitError::io(format!("cannot list {}", out.display()), e))?;
+    if entries.next().is_none() {
+        return Ok(None);
+    }
+    for side in [DEVICE_DIR, CLOUD_DIR] {
+        let dir = out.join(side);
+        if dir.join(MANIFEST_FILE).is_file() {
+            return Manifest::read(&dir).map(Some).map_err(|_| SplitError::OutNotPackage(out.to_path_buf()));
+        }
+    }
+    Err(SplitError::OutNotPackage(out.to_path_buf()))
+}
+
+fn absolute_parent(out: &Path) -> Result<PathBuf> {
+    let abs = if out.is_absolute() {
+        out.to_path_buf()
+    } else {
+        std::env::current_dir().map_err(|e| SplitError::io("cannot read the current directory", e))?.join(out)
+    };
+    Ok(abs.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/")))
+}

@@ -1,0 +1,146 @@
+//! Decides what `--model` names and loads it into one in-memory form: Hugging Face tensor names, the
+//! LM head materialised, a tokenizer and its special tokens.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::Tensor;
+use hat_model::manifest::TokenizerInfo;
+use hat_model::{names, Config, HfConfig};
+
+use crate::error::{Result, SplitError};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// `org/name` on the Hugging Face hub (or its local cache).
+    Hub(String),
+    /// A directory with config.json, tokenizer.json and safetensors.
+    Dir(PathBuf),
+    /// A single GGUF file.
+    Gguf(PathBuf),
+}
+
+impl ModelSource {
+    /// A path that exists wins; otherwise `org/name` is a hub id; anything else is a missing path.
+    pub fn parse(arg: &str) -> Result<Self> {
+        let path = Path::new(arg);
+        if path.is_dir() {
+            return Ok(ModelSource::Dir(path.to_path_buf()));
+        }
+        if path.is_file() {
+            return Ok(ModelSource::Gguf(path.to_path_buf()));
+        }
+        if looks_like_hub_id(arg) {
+            return Ok(ModelSource::Hub(arg.to_string()));
+        }
+        Err(SplitError::MissingPath(path.to_path_buf()))
+    }
+}
+
+fn looks_like_hub_id(arg: &str) -> bool {
+    let parts: Vec<&str> = arg.split('/').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && !p.starts_with('.')
+                && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
+        && !arg.ends_with(".gguf")
+}
+
+/// A model ready to cut. Tensors keep their source dtype; conversion happens when shards are written.
+#[derive(Debug)]
+pub struct LoadedModel {
+    pub source: String,
+    pub hf_config: HfConfig,
+    pub config: Config,
+    pub tensors: HashMap<String, Tensor>,
+    pub tokenizer_json: String,
+    pub tokenizer: TokenizerInfo,
+}
+
+pub fn load_model(source: &ModelSource, progress: bool) -> Result<LoadedModel> {
+    match source {
+        ModelSource::Hub(id) => {
+            let dir = crate::hub::fetch(id, progress)?;
+            crate::hf_dir::load(&dir, id)
+        }
+        ModelSource::Dir(dir) => crate::hf_dir::load(dir, &dir.display().to_string()),
+        ModelSource::Gguf(path) => crate::gguf::load(path, progress),
+    }
+}
+
+/// Makes the tensor set complete and uniform: a tied LM head becomes a real `lm_head.weight`, tensors
+/// hat does not use are dropped, and every tensor the architecture needs is checked for presence and
+/// shape, naming the tensor and the source when one is wrong.
+pub fn normalise_tensors(tensors: &mut HashMap<String, Tensor>, cfg: &Config, source: &str) -> Result<()> {
+    if !tensors.contains_key(names::LM_HEAD) {
+        let embed = tensors.get(names::EMBED_TOKENS).cloned().ok_or_else(|| missing(names::EMBED_TOKENS, source))?;
+        tensors.insert(names::LM_HEAD.to_string(), embed);
+    }
+    tensors.retain(|name, _| !name.ends_with("rotary_emb.inv_freq"));
+    let (h, i, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+    let mut expected: Vec<(String, Vec<usize>)> = vec![
+        (names::EMBED_TOKENS.into(), vec![cfg.vocab_size, h]),
+        (names::FINAL_NORM.into(), vec![h]),
+        (names::LM_HEAD.into(), vec![cfg.vocab_size, h]),
+    ];
+    for l in 0..cfg.num_layers {
+        for suffix in names::layer_tensor_suffixes(cfg.attention_bias, cfg.mlp_bias) {
+            let shape = match suffix.as_str() {
+                "input_layernorm.weight" | "post_attention_layernorm.weight" => vec![h],
+                "self_attn.q_proj.weight" => vec![cfg.num_heads * d, h],
+                "self_attn.k_proj.weight" | "self_attn.v_proj.weight" => vec![cfg.num_kv_heads * d, h],
+                "self_attn.o_proj.weight" => vec![h, cfg.num_heads * d],
+                "self_attn.q_proj.bias" => vec![cfg.num_heads * d],
+                "self_attn.k_proj.bias" | "self_attn.v_proj.bias" => vec![cfg.num_kv_heads * d],
+                "mlp.gate_proj.weight" | "mlp.up_proj.weight" => vec![i, h],
+                "mlp.down_proj.weight" => vec![h, i],
+                "mlp.gate_proj.bias" | "mlp.up_proj.bias" => vec![i],
+                "mlp.down_proj.bias" => vec![h],
+                other => unreachable!("unlisted layer tensor {other}"),
+            };
+            expected.push((format!("{}.{l}.{suffix}", names::LAYERS_PREFIX), shape));
+        }
+    }
+    for (name, shape) in &expected {
+        let t = tensors.get(name).ok_or_else(|| missing(name, source))?;
+        if t.dims() != shape.as_slice() {
+            return Err(hat_model::ModelError::ShapeMismatch {
+                name: name.clone(),
+                actual: t.dims().to_vec(),
+                expected: shape.clone(),
+            }
+            .into());
+        }
+    }
+    if tensors.len() != expected.len() {
+        let known: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+        let mut extra: Vec<&String> = tensors.keys().filter(|n| !known.contains(n.as_str())).collect();
+        extra.sort();
+        return Err(SplitError::BadInput(format!(
+            "{source} has tensors a Llama model of this config does not use: {}",
+            extra.iter().take(5).map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+        )));
+    }
+    Ok(())
+}
+
+fn missing(name: &str, source: &str) -> SplitError {
+    hat_model::ModelError::MissingTensor { name: name.to_string(), source_desc: source.to_string() }.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_ids_are_told_from_paths() {
+        assert!(looks_like_hub_id("HuggingFaceTB/SmolLM2-135M-Instruct"));
+        assert!(!looks_like_hub_id("./missing"));
+        assert!(!looks_like_hub_id("/abs/path"));
+        assert!(!looks_like_hub_id("a/b/c"));
+        assert!(!looks_like_hub_id("dir/model.gguf"));
+        assert!(matches!(ModelSource::parse("/definitely/not/here"), Err(SplitError::MissingPath(_))));
+    }
+}
