@@ -54,13 +54,13 @@ impl Attention {
         let q = q.reshape((b, self.num_kv_heads, rep * seq, self.head_dim))?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let k_t = k.transpose(2, 3)?;
-        let mut scores = (q.matmul(&k_t.contiguous()?)? * scale)?;
+        let mut scores = (q.matmul(&k_t)? * scale)?;
         if seq > 1 {
             let mask = causal_mask(seq, pos, rep, scores.dtype(), scores.device())?;
             scores = scores.broadcast_add(&mask)?;
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v.contiguous()?)?; // (b, kv, rep*seq, d)
+        let out = probs.matmul(&v)?; // (b, kv, rep*seq, d)
         let out = out
             .reshape((b, self.num_heads, seq, self.head_dim))?
             .transpose(1, 2)?
