@@ -103,14 +103,14 @@ impl HfConfig {
             }
         }
         let num_kv_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
-        if self.num_attention_heads == 0 || num_kv_heads == 0 || self.num_attention_heads % num_kv_heads != 0 {
+        if self.num_attention_heads == 0 || num_kv_heads == 0 || !self.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(ModelError::InvalidConfig(format!(
                 "num_attention_heads {} must be a positive multiple of num_key_value_heads {}",
                 self.num_attention_heads, num_kv_heads
             )));
         }
         let head_dim = self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads);
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(ModelError::InvalidConfig(format!("head_dim {head_dim} must be even and positive")));
         }
         if self.num_hidden_layers == 0 || self.hidden_size == 0 || self.vocab_size == 0 {

@@ -139,9 +139,3 @@ impl DecoderLayer {
         Ok((x + h)?)
     }
 }
-
-/// Softmax over the last axis in f32, whatever the compute dtype.
-pub fn softmax_f32(logits: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?)
-}
-

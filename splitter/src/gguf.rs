@@ -102,30 +102,26 @@ pub fn load(path: &Path, progress: bool) -> Result<LoadedModel> {
 /// # Shapes
 /// t: (heads * head_dim, in) or (heads * head_dim,) -> same
 pub fn unpermute_rope_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
-    let ctx = |e| SplitError::candle("un-permuting Q/K rows", e);
-    let dims = t.dims().to_vec();
-    let rows = dims[0];
-    let rest: usize = dims[1..].iter().product();
-    let head_dim = rows / heads;
-    t.reshape((heads, head_dim / 2, 2, rest))
-        .and_then(|x| x.transpose(1, 2))
-        .and_then(|x| x.contiguous())
-        .and_then(|x| x.reshape(dims))
-        .map_err(ctx)
+    reorder_rope_rows(t, heads, false)
 }
 
-/// The inverse of the converter's permutation; tests use it to build GGUF-layout weights.
+/// The converter's own permutation (the inverse of [`unpermute_rope_rows`]); tests use it to build
+/// GGUF-layout weights.
 pub fn permute_rope_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
-    let ctx = |e| SplitError::candle("permuting Q/K rows", e);
+    reorder_rope_rows(t, heads, true)
+}
+
+/// Views each head's rows as a (2, head_dim / 2) grid, or its transpose, and swaps the two axes.
+fn reorder_rope_rows(t: &Tensor, heads: usize, to_interleaved: bool) -> Result<Tensor> {
     let dims = t.dims().to_vec();
-    let rows = dims[0];
     let rest: usize = dims[1..].iter().product();
-    let head_dim = rows / heads;
-    t.reshape((heads, 2, head_dim / 2, rest))
+    let half = dims[0] / heads / 2;
+    let grid = if to_interleaved { (heads, 2, half, rest) } else { (heads, half, 2, rest) };
+    t.reshape(grid)
         .and_then(|x| x.transpose(1, 2))
         .and_then(|x| x.contiguous())
         .and_then(|x| x.reshape(dims))
-        .map_err(ctx)
+        .map_err(|e| SplitError::candle("reordering Q/K rows for rope", e))
 }
 
 /// GGUF tensor name -> Hugging Face tensor name.

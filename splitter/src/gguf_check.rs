@@ -100,7 +100,7 @@ impl<R: Read> Walker<R> {
         match ty {
             0 | 1 | 7 => scalar(1, self),
             2 | 3 => scalar(2, self),
-            4 | 5 | 6 => scalar(4, self),
+            4..=6 => scalar(4, self),
             10..=12 => scalar(8, self),
             8 => self.string(what).map(|_| None),
             9 => {
