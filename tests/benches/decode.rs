@@ -4,53 +4,15 @@
 //!
 //! `cargo bench -p hat-tests --bench decode` (env: HAT_BENCH_ROUNDS, HAT_BENCH_TOKENS).
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use candle_core::quantized::gguf_file;
-use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::quantized_llama::ModelWeights;
+use candle_core::{DType, Device};
 use hat_runtime::{generate, CloudPackage, DevicePackage, GenerateOptions, LocalPipeline, SamplingOptions};
 use hat_splitter::{load_model, split_model, ModelSource, SplitOptions};
-use hat_tests::default_model_gguf;
+use hat_tests::{default_model_gguf, CandleLlama};
 
 fn env_usize(key: &str, default: usize) -> usize {
     std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-/// Greedy decode with quantized_llama; returns (TTFT, mean TBT).
-fn candle_decode(model: &mut ModelWeights, prompt: &[u32], n: usize) -> (Duration, Duration) {
-    model.clear_kv_cache();
-    let start = Instant::now();
-    let mut input = prompt.to_vec();
-    let mut pos = 0;
-    let mut first = start;
-    for i in 0..n {
-        let x = Tensor::new(input.as_slice(), &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("ids");
-        let logits = model.forward(&x, pos).expect("forward").squeeze(0).expect("squeeze");
-        let next = logits.argmax(0).and_then(|t| t.to_scalar::<u32>()).expect("argmax");
-        if i == 0 {
-            first = Instant::now();
-        }
-        pos += input.len();
-        input = vec![next];
-    }
-    (first - start, (Instant::now() - first) / (n as u32 - 1))
-}
-
-fn load_quantized(f32_matmuls: bool) -> ModelWeights {
-    std::thread::spawn(move || {
-        if f32_matmuls {
-            std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1");
-        }
-        let path = default_model_gguf();
-        let mut file = std::fs::File::open(&path).expect("open");
-        let content = gguf_file::Content::read(&mut file).expect("gguf");
-        let m = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).expect("model");
-        std::env::remove_var("CANDLE_DEQUANTIZE_ALL");
-        m
-    })
-    .join()
-    .expect("loader thread")
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -79,9 +41,8 @@ fn main() {
     let cloud = CloudPackage::open(&out.join("cloud"), &Device::Cpu).expect("cloud");
     println!("open packages (read + sha256 check): {:.2} s", t.elapsed().as_secs_f64());
     let mut hat = LocalPipeline::new(&device, &cloud).expect("pipeline");
-    let mut q4 = load_quantized(false);
-    // Built on its own thread too; thread-local switch is read when a thread first builds a QMatMul.
-    let mut qf32 = load_quantized(true);
+    let mut q4 = CandleLlama::load(false);
+    let mut qf32 = CandleLlama::load(true);
 
     let prompt = device.tokenizer.encode("The history of the printing press begins in", true).expect("encode").get_ids().to_vec();
     let gen_opts = GenerateOptions { max_tokens: tokens, sampling: SamplingOptions::default(), eos: vec![] };
@@ -93,9 +54,9 @@ fn main() {
         tok_s[0].push(g.decode_tokens_per_s());
         ttft[0].push(g.ttft.as_secs_f64() * 1e3);
         for (i, m) in [(1, &mut q4), (2, &mut qf32)] {
-            let (first, tbt) = candle_decode(m, &prompt, tokens);
-            tok_s[i].push(1.0 / tbt.as_secs_f64());
-            ttft[i].push(first.as_secs_f64() * 1e3);
+            let run = m.greedy(&prompt, tokens);
+            tok_s[i].push(1.0 / run.tbt.as_secs_f64());
+            ttft[i].push(run.ttft.as_secs_f64() * 1e3);
         }
     }
     println!("{} prompt tokens, {tokens} generated, {rounds} interleaved rounds, medians:", prompt.len());

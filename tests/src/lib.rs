@@ -169,3 +169,74 @@ pub fn default_model_gguf() -> PathBuf {
     })
     .clone()
 }
+
+/// candle-transformers' own GGUF llama on the default model: the independent reference that tests
+/// compare against and benches race.
+pub struct CandleLlama(candle_transformers::models::quantized_llama::ModelWeights);
+
+/// One greedy run of [`CandleLlama`].
+#[derive(Debug)]
+pub struct ReferenceRun {
+    pub tokens: Vec<u32>,
+    /// Logits at the prompt's last position.
+    ///
+    /// # Shapes
+    /// (vocab,)
+    pub first_logits: Tensor,
+    pub ttft: std::time::Duration,
+    /// Mean time between generated tokens.
+    pub tbt: std::time::Duration,
+}
+
+impl CandleLlama {
+    /// Loads the default GGUF. With `f32_matmuls`, every weight is dequantized and multiplied in f32
+    /// (`CANDLE_DEQUANTIZE_ALL`); otherwise the native quantized kernels run. candle reads that switch
+    /// once per thread when it first builds a matmul, so loading happens on a fresh thread, and a lock
+    /// keeps two loads from seeing each other's setting.
+    pub fn load(f32_matmuls: bool) -> Self {
+        static LOADING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _guard = LOADING.lock().unwrap_or_else(|e| e.into_inner());
+        let path = default_model_gguf();
+        std::thread::spawn(move || {
+            if f32_matmuls {
+                std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1");
+            } else {
+                std::env::remove_var("CANDLE_DEQUANTIZE_ALL");
+            }
+            let mut file = std::fs::File::open(&path).expect("open gguf");
+            let content = candle_core::quantized::gguf_file::Content::read(&mut file).expect("read gguf");
+            let model = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(content, &mut file, &Device::Cpu)
+                .expect("quantized_llama");
+            std::env::remove_var("CANDLE_DEQUANTIZE_ALL");
+            CandleLlama(model)
+        })
+        .join()
+        .expect("loader thread")
+    }
+
+    /// Greedy decoding of `n >= 1` tokens after `prompt`, from an empty cache.
+    pub fn greedy(&mut self, prompt: &[u32], n: usize) -> ReferenceRun {
+        assert!(n >= 1, "generate at least one token");
+        self.0.clear_kv_cache();
+        let start = std::time::Instant::now();
+        let mut first_at = start;
+        let mut tokens = Vec::with_capacity(n);
+        let mut first_logits = None;
+        let mut input = prompt.to_vec();
+        let mut pos = 0;
+        for _ in 0..n {
+            let x = Tensor::new(input.as_slice(), &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("ids");
+            let logits = self.0.forward(&x, pos).expect("forward").squeeze(0).expect("squeeze");
+            let next = logits.argmax(0).and_then(|t| t.to_scalar::<u32>()).expect("argmax");
+            if first_logits.is_none() {
+                first_at = std::time::Instant::now();
+                first_logits = Some(logits);
+            }
+            pos += input.len();
+            tokens.push(next);
+            input = vec![next];
+        }
+        let tbt = if n > 1 { first_at.elapsed() / (n as u32 - 1) } else { std::time::Duration::ZERO };
+        ReferenceRun { tokens, first_logits: first_logits.expect("n >= 1"), ttft: first_at - start, tbt }
+    }
+}

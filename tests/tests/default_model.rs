@@ -1,18 +1,15 @@
 //! Checks on the real default model (SmolLM2-135M-Instruct, GGUF Q4_1), split input 2 / output 2.
 //! These catch what random weights cannot: rope layout, tokenizer specials, lossless stitching.
 
-use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use candle_core::quantized::gguf_file;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use candle_transformers::models::quantized_llama;
 use hat_model::{Submodel, SubmodelKind};
 use hat_runtime::chat::render_user_prompt;
 use hat_runtime::{generate, CloudPackage, DevicePackage, GenerateOptions, LocalPipeline, SamplingOptions, TokenModel, UnsplitModel};
 use hat_splitter::{load_model, split_model, ModelSource, SplitOptions};
-use hat_tests::{default_model_gguf, max_abs_diff};
+use hat_tests::{default_model_gguf, max_abs_diff, CandleLlama};
 
 struct Real {
     _dir: tempfile::TempDir,
@@ -71,28 +68,6 @@ fn split_logits_equal_the_unsplit_model_and_greedy_64_tokens_match() {
     assert_eq!(s, u, "greedy continuations differ");
 }
 
-/// Greedy tokens and the logits at the prompt's last position from candle's own GGUF llama.
-fn quantized_llama_greedy(prompt: &[u32], n: usize) -> (Vec<u32>, Tensor) {
-    let path: PathBuf = default_model_gguf();
-    let mut file = std::fs::File::open(&path).expect("open gguf");
-    let content = gguf_file::Content::read(&mut file).expect("read gguf");
-    let mut reference = quantized_llama::ModelWeights::from_gguf(content, &mut file, &Device::Cpu).expect("quantized_llama");
-    let mut tokens = Vec::new();
-    let mut first_logits = None;
-    let mut input = prompt.to_vec();
-    let mut pos = 0;
-    for _ in 0..n {
-        let x = Tensor::new(input.as_slice(), &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("ids");
-        let logits = reference.forward(&x, pos).expect("forward").squeeze(0).expect("squeeze");
-        let next = logits.argmax(0).and_then(|t| t.to_scalar::<u32>()).expect("argmax");
-        first_logits.get_or_insert(logits);
-        pos += input.len();
-        tokens.push(next);
-        input = vec![next];
-    }
-    (tokens, first_logits.expect("n > 0"))
-}
-
 #[test]
 fn f32_model_agrees_with_candle_quantized_llama() {
     let r = real();
@@ -104,7 +79,7 @@ fn f32_model_agrees_with_candle_quantized_llama() {
 
     // Native quantized matmuls round activations to Q8_1, which flips near-ties late in a
     // continuation; report how far it agrees, and hold it to the opening tokens only.
-    let (native, _) = quantized_llama_greedy(&prompt, 16);
+    let native = CandleLlama::load(false).greedy(&prompt, 16).tokens;
     let agree = expected.iter().zip(&native).take_while(|(a, b)| a == b).count();
     eprintln!("native Q4_1 quantized_llama agrees on the first {agree} of 16 tokens: {:?}", text(&native));
     assert!(agree >= 4, "native quantized_llama diverges at token {agree}");
@@ -112,11 +87,9 @@ fn f32_model_agrees_with_candle_quantized_llama() {
     // The same GGUF with candle's matmuls in f32 (weights dequantized, as ours are): this
     // implementation applies interleaved rope to the file's permuted Q/K, so it independently checks
     // our un-permutation, rope, attention and tokenizer-free model path. It must agree exactly.
-    // candle reads the switch once per thread, so the f32 reference runs on a fresh one.
-    std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1");
-    let p = prompt.clone();
-    let (theirs, their_logits) = std::thread::spawn(move || quantized_llama_greedy(&p, 16)).join().expect("reference thread");
-    let diff = max_abs_diff(&our_logits, &their_logits);
+    let reference = CandleLlama::load(true).greedy(&prompt, 16);
+    let theirs = reference.tokens;
+    let diff = max_abs_diff(&our_logits, &reference.first_logits);
     eprintln!("hat:                 {:?}\nquantized_llama f32: {:?}\nmax logit diff {diff:e}", text(&expected), text(&theirs));
     assert_eq!(expected, theirs, "hat's f32 model and candle's quantized_llama (f32 matmuls) disagree");
     assert!(diff < 1e-2, "logits differ by {diff}");
