@@ -1,18 +1,27 @@
 use std::io::Write;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use hat_runtime::chat::render_user_prompt;
-use hat_runtime::package::{CLOUD_DIR, DEVICE_DIR};
-use hat_runtime::{generate, CloudPackage, DevicePackage, GenerateOptions, LocalPipeline, SamplingOptions};
+use hat_runtime::chat::prompt_ids;
+use hat_runtime::link::LinkEmulation;
+use hat_runtime::package::{default_device, CLOUD_DIR, DEVICE_DIR};
+use hat_runtime::{
+    generate, CloudOptions, CloudPackage, DeviceRuntime, GenerateOptions, Generation,
+    LocalPipeline, SamplingOptions, WireDType, WireFormat,
+};
 
 /// Generate a reply with a split model.
 ///
-/// `--mode local` runs the input, middle and output submodels in this one process.
+/// `--mode local` runs the input, middle and output submodels in this one process. `--mode ushape`
+/// and `--mode hat` run the device side here against `hat serve cloud` at `--cloud`: only hidden
+/// states are sent, never text or token ids. `ushape` makes one round trip per token; `hat` drafts
+/// `--draft-len` tokens on the device and has the cloud verify them in one round trip, with exactly
+/// the output of the unsplit model when greedy.
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// The directory `hat split --out` wrote (holding device/ and cloud/).
+    /// The directory `hat split --out` wrote (holding device/, and cloud/ for --mode local).
     #[arg(long)]
     artifacts: PathBuf,
     /// The prompt text.
@@ -24,6 +33,30 @@ pub struct GenerateArgs {
     /// Where the submodels run.
     #[arg(long, value_enum, default_value_t = Mode::Local)]
     mode: Mode,
+    /// host:port of `hat serve cloud` (for --mode ushape and hat).
+    #[arg(long)]
+    cloud: Option<String>,
+    /// Tokens drafted per round in --mode hat.
+    #[arg(long, default_value_t = 4)]
+    draft_len: usize,
+    /// Number format of hidden states on the wire.
+    #[arg(long, value_enum, default_value_t = Wire::F16)]
+    wire: Wire,
+    /// Compress hidden states with zstd on the wire.
+    #[arg(long)]
+    zstd: bool,
+    /// Emulate a link of this bandwidth (megabits per second, each direction) inside this process.
+    #[arg(long)]
+    link_mbps: Option<f64>,
+    /// Emulate this round-trip time (milliseconds): each message is delayed by half of it.
+    #[arg(long)]
+    link_rtt_ms: Option<f64>,
+    /// File holding the cloud's shared secret (see `hat serve cloud --auth-token-file`).
+    #[arg(long)]
+    auth_token_file: Option<PathBuf>,
+    /// Reconnection attempts when the cloud connection drops.
+    #[arg(long, default_value_t = 5)]
+    retries: u32,
     /// Maximum new tokens (generation also stops at an end-of-sequence token).
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
@@ -36,7 +69,8 @@ pub struct GenerateArgs {
     /// Seed for sampling.
     #[arg(long, default_value_t = 299_792_458)]
     seed: u64,
-    /// Print one JSON object: text, tokens, prompt_tokens, ttft_ms, tbt_ms and more.
+    /// Print one JSON object: mode, text, tokens, ttft_ms, tbt_ms, accept_len, rounds, bytes_up,
+    /// bytes_down and more.
     #[arg(long)]
     json: bool,
 }
@@ -45,9 +79,20 @@ pub struct GenerateArgs {
 enum Mode {
     /// All three submodels in this process.
     Local,
+    /// U-shaped: middle in the cloud, one round trip per token.
+    Ushape,
+    /// HAT: device drafts, cloud verifies.
+    Hat,
 }
 
-pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
+enum Wire {
+    F32,
+    F16,
+    Bf16,
+}
+
+fn check_args(args: &GenerateArgs) -> Result<()> {
     if args.temperature < 0.0 || !args.temperature.is_finite() {
         bail!("--temperature must be a finite number >= 0");
     }
@@ -56,40 +101,108 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
             bail!("--top-p must be in (0, 1]");
         }
     }
-    let dev = hat_runtime::package::default_device();
-    let device = DevicePackage::open(&args.artifacts.join(DEVICE_DIR), &dev)?;
-    let cloud = CloudPackage::open(&args.artifacts.join(CLOUD_DIR), &dev)?;
-    let mut pipeline = LocalPipeline::new(&device, &cloud)?;
+    if args.mode == Mode::Hat && args.draft_len == 0 {
+        bail!("--draft-len must be at least 1");
+    }
+    if args.mode != Mode::Local && args.cloud.is_none() {
+        bail!(
+            "--mode {:?} needs --cloud HOST:PORT (start the cloud with `hat serve cloud`)",
+            args.mode
+        );
+    }
+    for (name, v) in [
+        ("--link-mbps", args.link_mbps),
+        ("--link-rtt-ms", args.link_rtt_ms),
+    ] {
+        if v.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
+            bail!("{name} must be a finite number >= 0");
+        }
+    }
+    if args.link_mbps == Some(0.0) {
+        bail!("--link-mbps must be above 0");
+    }
+    Ok(())
+}
 
-    let info = device.manifest.tokenizer.as_ref();
-    let (text, add_special) = if args.chat {
-        let template = info
-            .and_then(|t| t.chat_template.as_deref())
-            .context("this model has no chat template; drop --chat")?;
-        let bos = info.and_then(|t| t.bos_token.as_ref()).map(|t| t.content.as_str());
-        let eos = info.and_then(|t| t.eos_tokens.first()).map(|t| t.content.as_str());
-        (render_user_prompt(template, &args.prompt, bos, eos)?, false)
-    } else {
-        (args.prompt.clone(), true)
+fn cloud_options(args: &GenerateArgs, addr: &str) -> Result<CloudOptions> {
+    let mut opts = CloudOptions::new(addr);
+    opts.wire = WireFormat {
+        dtype: match args.wire {
+            Wire::F32 => WireDType::F32,
+            Wire::F16 => WireDType::F16,
+            Wire::Bf16 => WireDType::Bf16,
+        },
+        zstd: args.zstd,
     };
-    let encoding = device
-        .tokenizer
-        .encode(text.as_str(), add_special)
-        .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
-    let prompt_ids = encoding.get_ids().to_vec();
+    if args.link_mbps.is_some() || args.link_rtt_ms.is_some() {
+        opts.link = Some(LinkEmulation {
+            mbps: args.link_mbps.unwrap_or(f64::INFINITY),
+            rtt: Duration::from_secs_f64(args.link_rtt_ms.unwrap_or(0.0) / 1e3),
+        });
+    }
+    if let Some(f) = &args.auth_token_file {
+        let t = std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read --auth-token-file {}", f.display()))?;
+        opts.auth_token = Some(t.trim().to_string());
+    }
+    opts.retries = args.retries;
+    Ok(opts)
+}
 
+pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
+    check_args(&args)?;
+    let dev = default_device();
+    let device = DeviceRuntime::open(&args.artifacts.join(DEVICE_DIR))?;
+    let prompt = prompt_ids(&device.package, &args.prompt, args.chat)?;
     let opts = GenerateOptions {
         max_tokens: args.max_tokens,
-        sampling: SamplingOptions { temperature: args.temperature, top_p: args.top_p, seed: args.seed },
+        sampling: SamplingOptions {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            seed: args.seed,
+        },
         eos: device.eos_ids(),
     };
-    let mut stream = TextStream::new(&device.tokenizer, !args.json);
-    let gen = generate(&mut pipeline, &prompt_ids, &opts, |t| stream.push(t))?;
+    let tokenizer = &device.package.tokenizer;
+    let mut stream = TextStream::new(tokenizer, !args.json);
+    let gen = match (args.mode, args.cloud.as_deref()) {
+        (Mode::Local, _) => {
+            let cloud = CloudPackage::open(&args.artifacts.join(CLOUD_DIR), &dev)?;
+            let mut pipeline = LocalPipeline::new(&device.package, &cloud)?;
+            generate(&mut pipeline, &prompt, &opts, |t| stream.push(t))?
+        }
+        (mode, Some(addr)) => {
+            let mut session = device.connect(cloud_options(&args, addr)?)?;
+            let mode = match mode {
+                Mode::Hat => hat_runtime::Mode::Hat {
+                    draft_len: args.draft_len,
+                },
+                _ => hat_runtime::Mode::UShape,
+            };
+            session.generate(&prompt, &opts, mode, |t| stream.push(t))?
+        }
+        (_, None) => unreachable!("checked by check_args"),
+    };
     stream.finish();
-    let text = device.tokenizer.decode(&gen.tokens, true).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+    report(&args, &device, &gen, quiet)
+}
+
+fn report(
+    args: &GenerateArgs,
+    device: &DeviceRuntime,
+    gen: &Generation,
+    quiet: bool,
+) -> Result<()> {
+    let text = device
+        .package
+        .tokenizer
+        .decode(&gen.tokens, true)
+        .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+    let mode = format!("{:?}", args.mode).to_lowercase();
+    let decode_tokens = gen.tokens.len().saturating_sub(1).max(1) as f64;
     if args.json {
-        let out = serde_json::json!({
-            "mode": "local",
+        let mut out = serde_json::json!({
+            "mode": mode,
             "text": text,
             "tokens": gen.tokens,
             "prompt_tokens": gen.prompt_tokens,
@@ -97,17 +210,46 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
             "tbt_ms": gen.tbt.as_secs_f64() * 1e3,
             "decode_tok_s": gen.decode_tokens_per_s(),
             "stopped_by_eos": gen.stopped_by_eos,
+            "accept_len": gen.accept_len(),
+            "rounds": gen.rounds,
+            "bytes_up": gen.traffic.bytes_up,
+            "bytes_down": gen.traffic.bytes_down,
+            "reconnects": gen.traffic.reconnects,
         });
+        if args.mode == Mode::Hat {
+            out["draft_len"] = args.draft_len.into();
+            out["drafted"] = gen.drafted.into();
+            out["accepted"] = gen.accepted.into();
+            out["adapter"] = device.adapter().origin.to_string().into();
+        }
+        if args.mode != Mode::Local {
+            out["wire"] = format!("{:?}{}", args.wire, if args.zstd { "+zstd" } else { "" })
+                .to_lowercase()
+                .into();
+        }
         println!("{}", serde_json::to_string(&out)?);
     } else if !quiet {
-        eprintln!(
-            "[{} prompt tokens, {} generated, TTFT {:.1} ms, TBT {:.1} ms ({:.1} tok/s)]",
+        let mut line = format!(
+            "[{mode}: {} prompt tokens, {} generated, TTFT {:.1} ms, TBT {:.1} ms ({:.1} tok/s)",
             gen.prompt_tokens,
             gen.tokens.len(),
             gen.ttft.as_secs_f64() * 1e3,
             gen.tbt.as_secs_f64() * 1e3,
             gen.decode_tokens_per_s()
         );
+        if args.mode != Mode::Local {
+            line += &format!(
+                ", {} round trips, {:.2} tokens each, {:.0} B up / {:.0} B down per token",
+                gen.rounds,
+                gen.accept_len(),
+                gen.traffic.bytes_up as f64 / (gen.prompt_tokens as f64 + decode_tokens),
+                gen.traffic.bytes_down as f64 / (gen.prompt_tokens as f64 + decode_tokens),
+            );
+        }
+        if gen.traffic.reconnects > 0 {
+            line += &format!(", {} reconnects", gen.traffic.reconnects);
+        }
+        eprintln!("{line}]");
     }
     Ok(())
 }
@@ -122,7 +264,12 @@ struct TextStream<'a> {
 
 impl<'a> TextStream<'a> {
     fn new(tokenizer: &'a tokenizers::Tokenizer, enabled: bool) -> Self {
-        Self { tokenizer, tokens: Vec::new(), printed: 0, enabled }
+        Self {
+            tokenizer,
+            tokens: Vec::new(),
+            printed: 0,
+            enabled,
+        }
     }
 
     fn push(&mut self, token: u32) {
@@ -131,7 +278,10 @@ impl<'a> TextStream<'a> {
         }
         self.tokens.push(token);
         if let Ok(text) = self.tokenizer.decode(&self.tokens, true) {
-            if text.len() > self.printed && !text.ends_with('\u{fffd}') && text.is_char_boundary(self.printed) {
+            if text.len() > self.printed
+                && !text.ends_with('\u{fffd}')
+                && text.is_char_boundary(self.printed)
+            {
                 print!("{}", &text[self.printed..]);
                 let _ = std::io::stdout().flush();
                 self.printed = text.len();

@@ -1,6 +1,7 @@
 //! `hat`: argument parsing and printing only; the work lives in the splitter and runtime crates.
 
 mod generate_cmd;
+mod serve_cmd;
 mod split_cmd;
 
 use clap::{Parser, Subcommand};
@@ -13,7 +14,8 @@ use clap::{Parser, Subcommand};
     long_about = "hat cuts a Llama-family model into an input and an output submodel that stay on the device and a \
                   middle submodel that runs in the cloud. Only hidden states cross the network.\n\n\
                   Typical use:\n  hat split --model model.gguf --input-layers 2 --output-layers 2 --out artifacts\n  \
-                  hat generate --artifacts artifacts --chat --prompt \"What is the capital of France?\""
+                  hat serve cloud --package artifacts/cloud --listen 127.0.0.1:7070\n  \
+                  hat generate --artifacts artifacts --cloud 127.0.0.1:7070 --mode hat --chat --prompt \"What is the capital of France?\""
 )]
 struct Cli {
     /// Hide progress bars and status lines (results still go to stdout).
@@ -27,6 +29,7 @@ struct Cli {
 enum Command {
     Split(split_cmd::SplitArgs),
     Generate(generate_cmd::GenerateArgs),
+    Serve(serve_cmd::ServeArgs),
 }
 
 fn main() {
@@ -34,6 +37,7 @@ fn main() {
     let result = match cli.command {
         Command::Split(args) => split_cmd::run(args, cli.quiet),
         Command::Generate(args) => generate_cmd::run(args, cli.quiet),
+        Command::Serve(args) => serve_cmd::run(args, cli.quiet),
     };
     if let Err(e) = result {
         // The whole cause chain on one line: what failed and why.

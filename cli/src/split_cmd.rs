@@ -6,7 +6,8 @@ use hat_splitter::{load_model, split_model, DType, ModelSource, SplitOptions};
 
 /// Cut a model into a device package and a cloud package.
 ///
-/// Writes OUT/device (hat.json, tokenizer.json, input.safetensors, output.safetensors) and OUT/cloud
+/// Writes OUT/device (hat.json, tokenizer.json, input.safetensors, output.safetensors,
+/// adapter-init.safetensors) and OUT/cloud
 /// (hat.json, middle.safetensors). The cloud package holds no embedding, no LM head and no tokenizer.
 #[derive(Args, Debug)]
 pub struct SplitArgs {
@@ -26,6 +27,11 @@ pub struct SplitArgs {
     /// Output directory; must be new, empty, or hold a split of this same model.
     #[arg(long)]
     out: PathBuf,
+    /// Middle layer copied into the device package as the initial draft adapter (used by
+    /// `hat generate --mode hat` until `hat train-adapter` writes a trained one). Default: the last
+    /// middle layer, whose output is what the output submodel reads.
+    #[arg(long)]
+    adapter_init_layer: Option<usize>,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -40,7 +46,8 @@ enum DTypeArg {
 
 pub fn run(args: SplitArgs, quiet: bool) -> Result<()> {
     let source = ModelSource::parse(&args.model)?;
-    let model = load_model(&source, !quiet).with_context(|| format!("cannot load model `{}`", args.model))?;
+    let model = load_model(&source, !quiet)
+        .with_context(|| format!("cannot load model `{}`", args.model))?;
     let dtype = match args.dtype {
         DTypeArg::F32 => DType::F32,
         DTypeArg::F16 => DType::F16,
@@ -52,6 +59,7 @@ pub fn run(args: SplitArgs, quiet: bool) -> Result<()> {
         dtype,
         out: args.out.clone(),
         progress: !quiet,
+        adapter_init_layer: args.adapter_init_layer,
     };
     let report = split_model(&model, &opts)?;
     let s = report.split;
@@ -67,13 +75,27 @@ pub fn run(args: SplitArgs, quiet: bool) -> Result<()> {
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        println!("device package: {} (layers 0..{} and {}..{})", report.device_dir.display(), s.input_layers, s.output_range().start, s.num_layers);
-        println!("cloud package:  {} (layers {}..{})", report.cloud_dir.display(), s.middle_range().start, s.middle_range().end);
+        println!(
+            "device package: {} (layers 0..{} and {}..{})",
+            report.device_dir.display(),
+            s.input_layers,
+            s.output_range().start,
+            s.num_layers
+        );
+        println!(
+            "cloud package:  {} (layers {}..{})",
+            report.cloud_dir.display(),
+            s.middle_range().start,
+            s.middle_range().end
+        );
         for (f, b) in &report.shards {
             println!("  {f}: {:.1} MB", *b as f64 / 1e6);
         }
         println!("fingerprint: {}", report.fingerprint);
-        println!("split time (writing): {:.2} s", report.elapsed.as_secs_f64());
+        println!(
+            "split time (writing): {:.2} s",
+            report.elapsed.as_secs_f64()
+        );
     }
     Ok(())
 }

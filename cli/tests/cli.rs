@@ -17,7 +17,17 @@ fn hat(args: &[&str], envs: &[(&str, &str)]) -> Output {
 fn split(model: &Path, out: &Path, input: usize, output: usize, envs: &[(&str, &str)]) -> Output {
     let (i, o) = (input.to_string(), output.to_string());
     hat(
-        &["split", "--model", model.to_str().expect("utf8"), "--input-layers", &i, "--output-layers", &o, "--out", out.to_str().expect("utf8")],
+        &[
+            "split",
+            "--model",
+            model.to_str().expect("utf8"),
+            "--input-layers",
+            &i,
+            "--output-layers",
+            &o,
+            "--out",
+            out.to_str().expect("utf8"),
+        ],
         envs,
     )
 }
@@ -38,9 +48,15 @@ fn assert_nothing_written(parent: &Path, out: &Path) {
     let leftovers: Vec<PathBuf> = std::fs::read_dir(parent)
         .expect("ls")
         .map(|e| e.expect("entry").path())
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(".hat-split-")))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(".hat-split-"))
+        })
         .collect();
-    assert!(leftovers.is_empty(), "staging directories left: {leftovers:?}");
+    assert!(
+        leftovers.is_empty(),
+        "staging directories left: {leftovers:?}"
+    );
 }
 
 #[test]
@@ -88,7 +104,10 @@ fn layer_counts_out_of_range_are_refused() {
     // 4 layers: 2 + 2 leaves the cloud nothing; 0 input layers leaves the device no embedding layer.
     assert_one_line_error(&split(&src, &out, 2, 2, &[]), "cloud keeps at least one");
     assert_one_line_error(&split(&src, &out, 0, 1, &[]), "at least 1");
-    assert_one_line_error(&split(&src, &out, 9, 1, &[]), "must be less than the model's 4 layers");
+    assert_one_line_error(
+        &split(&src, &out, 9, 1, &[]),
+        "must be less than the model's 4 layers",
+    );
     assert_nothing_written(tmp.path(), &out);
 }
 
@@ -96,21 +115,37 @@ fn layer_counts_out_of_range_are_refused() {
 fn out_holding_a_different_model_is_left_untouched() {
     let tmp = tempfile::tempdir().expect("tmp");
     let src = TinyLlama::default().write_dir(&tmp.path().join("src"), 1);
-    let other = TinyLlama { seed: 1234, ..TinyLlama::default() }.write_dir(&tmp.path().join("other"), 1);
+    let other = TinyLlama {
+        seed: 1234,
+        ..TinyLlama::default()
+    }
+    .write_dir(&tmp.path().join("other"), 1);
     let out = tmp.path().join("out");
     assert!(split(&src, &out, 1, 1, &[]).status.success());
     let before = std::fs::read_to_string(out.join("device/hat.json")).expect("manifest");
     // Same split again is fine (idempotent).
     assert!(split(&src, &out, 1, 1, &[]).status.success());
     // A different split, or different weights, is refused.
-    assert_one_line_error(&split(&src, &out, 1, 2, &[]), "already holds a different model");
-    assert_one_line_error(&split(&other, &out, 1, 1, &[]), "already holds a different model");
-    assert_eq!(std::fs::read_to_string(out.join("device/hat.json")).expect("manifest"), before);
+    assert_one_line_error(
+        &split(&src, &out, 1, 2, &[]),
+        "already holds a different model",
+    );
+    assert_one_line_error(
+        &split(&other, &out, 1, 1, &[]),
+        "already holds a different model",
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("device/hat.json")).expect("manifest"),
+        before
+    );
     // A directory that is not a package at all is refused too.
     let junk = tmp.path().join("junk");
     std::fs::create_dir_all(&junk).expect("mkdir");
     std::fs::write(junk.join("notes.txt"), "mine").expect("write");
-    assert_one_line_error(&split(&src, &junk, 1, 1, &[]), "is not a hat package directory");
+    assert_one_line_error(
+        &split(&src, &junk, 1, 1, &[]),
+        "is not a hat package directory",
+    );
     assert!(junk.join("notes.txt").is_file());
 }
 
@@ -120,8 +155,21 @@ fn offline_hub_model_not_in_cache_is_a_clear_error() {
     let home = tmp.path().join("hf");
     let out = tmp.path().join("out");
     let res = hat(
-        &["split", "--model", "some-org/not-cached", "--input-layers", "1", "--output-layers", "1", "--out", out.to_str().expect("utf8")],
-        &[("HF_HOME", home.to_str().expect("utf8")), ("HF_HUB_OFFLINE", "1")],
+        &[
+            "split",
+            "--model",
+            "some-org/not-cached",
+            "--input-layers",
+            "1",
+            "--output-layers",
+            "1",
+            "--out",
+            out.to_str().expect("utf8"),
+        ],
+        &[
+            ("HF_HOME", home.to_str().expect("utf8")),
+            ("HF_HUB_OFFLINE", "1"),
+        ],
     );
     assert_one_line_error(&res, "HF_HUB_OFFLINE is set");
     assert_nothing_written(tmp.path(), &out);
@@ -133,8 +181,24 @@ fn generate_json_reports_tokens_and_timings() {
     let src = TinyLlama::default().write_dir(&tmp.path().join("src"), 1);
     let art = tmp.path().join("art");
     assert!(split(&src, &art, 1, 1, &[]).status.success());
-    let res = hat(&["generate", "--artifacts", art.to_str().expect("utf8"), "--prompt", "w5 w9 w17", "--max-tokens", "6", "--json"], &[]);
-    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let res = hat(
+        &[
+            "generate",
+            "--artifacts",
+            art.to_str().expect("utf8"),
+            "--prompt",
+            "w5 w9 w17",
+            "--max-tokens",
+            "6",
+            "--json",
+        ],
+        &[],
+    );
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&res.stdout).expect("one JSON object");
     assert_eq!(v["prompt_tokens"], 3);
     let tokens = v["tokens"].as_array().expect("tokens");
@@ -143,23 +207,58 @@ fn generate_json_reports_tokens_and_timings() {
     assert!(v["ttft_ms"].as_f64().expect("ttft") > 0.0);
     assert!(v["tbt_ms"].as_f64().is_some());
 
-    let chat = hat(&["generate", "--artifacts", art.to_str().expect("utf8"), "--chat", "--prompt", "w5", "--max-tokens", "3", "--json"], &[]);
-    assert!(chat.status.success(), "{}", String::from_utf8_lossy(&chat.stderr));
+    let chat = hat(
+        &[
+            "generate",
+            "--artifacts",
+            art.to_str().expect("utf8"),
+            "--chat",
+            "--prompt",
+            "w5",
+            "--max-tokens",
+            "3",
+            "--json",
+        ],
+        &[],
+    );
+    assert!(
+        chat.status.success(),
+        "{}",
+        String::from_utf8_lossy(&chat.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&chat.stdout).expect("json");
     // <|im_start|> user \n w5 <|im_end|> \n <|im_start|> assistant: the template's specials are whole tokens.
     assert!(v["prompt_tokens"].as_u64().expect("n") >= 4);
 
-    let missing = hat(&["generate", "--artifacts", tmp.path().join("nope").to_str().expect("utf8"), "--prompt", "x"], &[]);
+    let missing = hat(
+        &[
+            "generate",
+            "--artifacts",
+            tmp.path().join("nope").to_str().expect("utf8"),
+            "--prompt",
+            "x",
+        ],
+        &[],
+    );
     assert_one_line_error(&missing, "no such package directory");
 }
 
 #[test]
 fn help_explains_the_commands() {
-    let out = Command::new(env!("CARGO_BIN_EXE_hat")).arg("--help").output().expect("run");
+    let out = Command::new(env!("CARGO_BIN_EXE_hat"))
+        .arg("--help")
+        .output()
+        .expect("run");
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("split") && text.contains("generate"));
-    let out = Command::new(env!("CARGO_BIN_EXE_hat")).args(["split", "--help"]).output().expect("run");
+    let out = Command::new(env!("CARGO_BIN_EXE_hat"))
+        .args(["split", "--help"])
+        .output()
+        .expect("run");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("--input-layers") && text.contains("HF_HUB_OFFLINE"), "{text}");
+    assert!(
+        text.contains("--input-layers") && text.contains("HF_HUB_OFFLINE"),
+        "{text}"
+    );
 }

@@ -1,5 +1,6 @@
-//! Autoregressive generation over any token model: the three submodels run in one process
-//! (`--mode local`), or the unsplit model, which the tests use as the reference.
+//! Autoregressive generation, one token per step, over any token model: the three submodels in one
+//! process (`--mode local`), U-shaped with the middle in the cloud (`--mode ushape`), or the unsplit
+//! model, which the tests use as the reference. Speculative decoding lives in `speculative.rs`.
 
 use std::time::{Duration, Instant};
 
@@ -7,6 +8,7 @@ use candle_core::{Device, Tensor};
 use hat_model::{KvCache, Submodel};
 
 use crate::error::{Result, RuntimeError};
+use crate::middle::{LocalMiddle, Middle, Traffic};
 use crate::package::{CloudPackage, DevicePackage};
 use crate::sampling::{Sampler, SamplingOptions};
 
@@ -28,6 +30,11 @@ pub trait TokenModel {
 
     fn device(&self) -> &Device;
 
+    /// Network bytes so far (zero for models that run in this process).
+    fn traffic(&self) -> Traffic {
+        Traffic::default()
+    }
+
     /// Logits of every position.
     ///
     /// # Shapes
@@ -48,45 +55,104 @@ pub trait TokenModel {
     }
 }
 
-fn ids_tensor(ids: &[u32], device: &Device) -> Result<Tensor> {
+pub(crate) fn ids_tensor(ids: &[u32], device: &Device) -> Result<Tensor> {
     Ok(Tensor::new(ids, device)?.unsqueeze(0)?)
 }
 
-/// Input, middle and output submodels stitched together in one process.
-#[derive(Debug, Clone)]
-pub struct LocalPipeline {
+/// Input and output submodels on the device around a middle submodel that runs here
+/// ([`LocalMiddle`], `--mode local`) or in the cloud ([`crate::remote::RemoteMiddle`], U-shaped).
+/// The input cache serves both the draft and the verify path, since input layers see the same tokens
+/// on both.
+#[derive(Debug)]
+pub struct SplitPipeline<M> {
     input: Submodel,
-    middle: Submodel,
     output: Submodel,
     input_cache: KvCache,
-    middle_cache: KvCache,
     output_cache: KvCache,
+    middle: M,
 }
+
+/// All three submodels in one process.
+pub type LocalPipeline = SplitPipeline<LocalMiddle>;
 
 impl LocalPipeline {
     pub fn new(device: &DevicePackage, cloud: &CloudPackage) -> Result<Self> {
         device.check_pair(&cloud.manifest, &cloud.dir)?;
-        Ok(Self::from_submodels(device.input.clone(), cloud.middle.clone(), device.output.clone()))
+        Ok(Self::from_submodels(
+            device.input.clone(),
+            cloud.middle.clone(),
+            device.output.clone(),
+        ))
     }
 
     pub fn from_submodels(input: Submodel, middle: Submodel, output: Submodel) -> Self {
-        Self {
-            input_cache: input.new_cache(),
-            middle_cache: middle.new_cache(),
-            output_cache: output.new_cache(),
-            input,
-            middle,
-            output,
-        }
+        SplitPipeline::with_middle(input, output, LocalMiddle::new(middle))
     }
 }
 
-impl TokenModel for LocalPipeline {
-    fn hidden(&mut self, ids: &[u32], pos: usize) -> Result<Tensor> {
+impl<M: Middle> SplitPipeline<M> {
+    pub fn with_middle(input: Submodel, output: Submodel, middle: M) -> Self {
+        Self {
+            input_cache: input.new_cache(),
+            output_cache: output.new_cache(),
+            input,
+            output,
+            middle,
+        }
+    }
+
+    /// Runs the input submodel on `ids` at positions `pos..`.
+    ///
+    /// # Shapes
+    /// -> (1, ids.len(), hidden)
+    pub fn input_states(&mut self, ids: &[u32], pos: usize) -> Result<Tensor> {
         let x = self.input.embed(&ids_tensor(ids, self.input.device())?)?;
-        let h = self.input.forward_layers(&x, pos, &mut self.input_cache)?;
-        let h = self.middle.forward_layers(&h, pos, &mut self.middle_cache)?;
-        Ok(self.output.forward_layers(&h, pos, &mut self.output_cache)?)
+        Ok(self.input.forward_layers(&x, pos, &mut self.input_cache)?)
+    }
+
+    /// Runs the output submodel and the LM head on middle states at positions `pos..`.
+    ///
+    /// # Shapes
+    /// middle_states: (1, seq, hidden) -> (seq, vocab)
+    pub fn output_logits(&mut self, middle_states: &Tensor, pos: usize) -> Result<Tensor> {
+        let h = self
+            .output
+            .forward_layers(middle_states, pos, &mut self.output_cache)?;
+        Ok(self.output.head(&h)?.squeeze(0)?)
+    }
+
+    /// Logits of the last position only; the LM head runs once.
+    ///
+    /// # Shapes
+    /// middle_states: (1, seq, hidden) -> (vocab,)
+    pub fn output_logits_last(&mut self, middle_states: &Tensor, pos: usize) -> Result<Tensor> {
+        let h = self
+            .output
+            .forward_layers(middle_states, pos, &mut self.output_cache)?;
+        let last = h.narrow(1, h.dim(1)? - 1, 1)?;
+        Ok(self.output.head(&last)?.squeeze(0)?.squeeze(0)?)
+    }
+
+    pub fn middle(&mut self) -> &mut M {
+        &mut self.middle
+    }
+
+    pub fn input_submodel(&self) -> &Submodel {
+        &self.input
+    }
+
+    pub fn output_submodel(&self) -> &Submodel {
+        &self.output
+    }
+}
+
+impl<M: Middle> TokenModel for SplitPipeline<M> {
+    fn hidden(&mut self, ids: &[u32], pos: usize) -> Result<Tensor> {
+        let h = self.input_states(ids, pos)?;
+        let h = self.middle.forward(pos, &h)?;
+        Ok(self
+            .output
+            .forward_layers(&h, pos, &mut self.output_cache)?)
     }
 
     fn head(&self, hidden: &Tensor) -> Result<Tensor> {
@@ -94,11 +160,18 @@ impl TokenModel for LocalPipeline {
     }
 
     fn context_len(&self) -> usize {
-        self.input.config().max_position_embeddings
+        self.input
+            .config()
+            .max_position_embeddings
+            .min(self.middle.max_context())
     }
 
     fn device(&self) -> &Device {
         self.input.device()
+    }
+
+    fn traffic(&self) -> Traffic {
+        self.middle.traffic()
     }
 }
 
@@ -111,7 +184,10 @@ pub struct UnsplitModel {
 
 impl UnsplitModel {
     pub fn new(full: Submodel) -> Self {
-        Self { cache: full.new_cache(), full }
+        Self {
+            cache: full.new_cache(),
+            full,
+        }
     }
 }
 
@@ -142,6 +218,16 @@ pub struct GenerateOptions {
     pub eos: Vec<u32>,
 }
 
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            max_tokens: 128,
+            sampling: SamplingOptions::default(),
+            eos: Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Generation {
     pub tokens: Vec<u32>,
@@ -151,52 +237,164 @@ pub struct Generation {
     /// Mean time between consecutive generated tokens.
     pub tbt: Duration,
     pub stopped_by_eos: bool,
+    /// Steps after the prompt that needed the middle submodel (cloud round trips when it is remote).
+    pub rounds: usize,
+    /// Draft tokens proposed and accepted over all rounds (zero without drafting).
+    pub drafted: usize,
+    pub accepted: usize,
+    /// Network bytes of this generation.
+    pub traffic: Traffic,
 }
 
 impl Generation {
+    /// Mean tokens gained per round, the bonus token included: generated tokens after the first
+    /// (which the prompt's round gives) over rounds. 1 without drafting.
+    pub fn accept_len(&self) -> f64 {
+        if self.rounds == 0 {
+            return 0.0;
+        }
+        (self.tokens.len().saturating_sub(1)) as f64 / self.rounds as f64
+    }
+
     /// Decode throughput: generated tokens after the first, per second.
     pub fn decode_tokens_per_s(&self) -> f64 {
         let secs = self.tbt.as_secs_f64();
-        if secs > 0.0 { 1.0 / secs } else { 0.0 }
+        if secs > 0.0 {
+            1.0 / secs
+        } else {
+            0.0
+        }
     }
 }
 
-/// Generates up to `max_tokens` after `prompt`, calling `on_token` as each token is chosen.
-pub fn generate(model: &mut impl TokenModel, prompt: &[u32], opts: &GenerateOptions, mut on_token: impl FnMut(u32)) -> Result<Generation> {
+/// Checks the prompt against the context and returns how many tokens may be generated.
+pub(crate) fn token_budget(
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    context: usize,
+) -> Result<usize> {
     if prompt.is_empty() {
         return Err(RuntimeError::BadInput("the prompt is empty".into()));
     }
-    let context = model.context_len();
     if prompt.len() >= context {
-        return Err(RuntimeError::ContextOverflow { prompt: prompt.len(), max_new: opts.max_tokens, context });
+        return Err(RuntimeError::ContextOverflow {
+            prompt: prompt.len(),
+            max_new: opts.max_tokens,
+            context,
+        });
     }
-    let max_tokens = opts.max_tokens.min(context - prompt.len());
-    let mut sampler = Sampler::new(opts.sampling);
-    let mut tokens = Vec::with_capacity(max_tokens);
-    let start = Instant::now();
-    let mut ttft = Duration::ZERO;
-    let mut first_at = start;
-    let mut last_at = start;
-    let mut stopped_by_eos = false;
-    let mut logits = if max_tokens > 0 { Some(model.logits_last(prompt, 0)?) } else { None };
-    while let Some(l) = logits.take() {
-        let next = sampler.sample(&l)?;
+    Ok(opts.max_tokens.min(context - prompt.len()))
+}
+
+/// Hands tokens to the caller as they are chosen, times them, and says when to stop (end of
+/// sequence or budget spent).
+pub(crate) struct Emitter<'a, F> {
+    tokens: Vec<u32>,
+    budget: usize,
+    eos: &'a [u32],
+    start: Instant,
+    first_at: Option<Instant>,
+    last_at: Instant,
+    stopped_by_eos: bool,
+    on_token: F,
+}
+
+impl<'a, F: FnMut(u32)> Emitter<'a, F> {
+    pub(crate) fn new(budget: usize, eos: &'a [u32], on_token: F) -> Self {
         let now = Instant::now();
-        if tokens.is_empty() {
-            ttft = now - start;
-            first_at = now;
-        }
-        last_at = now;
-        tokens.push(next);
-        on_token(next);
-        if opts.eos.contains(&next) {
-            stopped_by_eos = true;
-            break;
-        }
-        if tokens.len() < max_tokens {
-            logits = Some(model.logits_last(&[next], prompt.len() + tokens.len() - 1)?);
+        Self {
+            tokens: Vec::with_capacity(budget),
+            budget,
+            eos,
+            start: now,
+            first_at: None,
+            last_at: now,
+            stopped_by_eos: false,
+            on_token,
         }
     }
-    let tbt = if tokens.len() > 1 { (last_at - first_at) / (tokens.len() as u32 - 1) } else { Duration::ZERO };
-    Ok(Generation { tokens, prompt_tokens: prompt.len(), ttft, tbt, stopped_by_eos })
+
+    /// Tokens still allowed.
+    pub(crate) fn remaining(&self) -> usize {
+        if self.stopped_by_eos {
+            0
+        } else {
+            self.budget - self.tokens.len()
+        }
+    }
+
+    pub(crate) fn count(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Emits one token; false once generation must stop.
+    pub(crate) fn push(&mut self, token: u32) -> bool {
+        if self.remaining() == 0 {
+            return false;
+        }
+        let now = Instant::now();
+        self.first_at.get_or_insert(now);
+        self.last_at = now;
+        self.tokens.push(token);
+        (self.on_token)(token);
+        if self.eos.contains(&token) {
+            self.stopped_by_eos = true;
+        }
+        self.remaining() > 0
+    }
+
+    pub(crate) fn finish(
+        self,
+        prompt_tokens: usize,
+        rounds: usize,
+        drafted: usize,
+        accepted: usize,
+        traffic: Traffic,
+    ) -> Generation {
+        let first_at = self.first_at.unwrap_or(self.start);
+        let n = self.tokens.len();
+        let tbt = if n > 1 {
+            (self.last_at - first_at) / (n as u32 - 1)
+        } else {
+            Duration::ZERO
+        };
+        Generation {
+            tokens: self.tokens,
+            prompt_tokens,
+            ttft: first_at - self.start,
+            tbt,
+            stopped_by_eos: self.stopped_by_eos,
+            rounds,
+            drafted,
+            accepted,
+            traffic,
+        }
+    }
+}
+
+/// Generates up to `max_tokens` after `prompt`, one token per step, calling `on_token` as each token
+/// is chosen.
+pub fn generate(
+    model: &mut impl TokenModel,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    on_token: impl FnMut(u32),
+) -> Result<Generation> {
+    let budget = token_budget(prompt, opts, model.context_len())?;
+    let mut sampler = Sampler::new(opts.sampling);
+    let traffic_before = model.traffic();
+    let mut out = Emitter::new(budget, &opts.eos, on_token);
+    let mut rounds = 0;
+    if budget > 0 {
+        let mut logits = model.logits_last(prompt, 0)?;
+        while out.push(sampler.sample(&logits)?) {
+            logits = model.logits_last(
+                &[out.tokens[out.count() - 1]],
+                prompt.len() + out.count() - 1,
+            )?;
+            rounds += 1;
+        }
+    }
+    let traffic = model.traffic().since(&traffic_before);
+    Ok(out.finish(prompt.len(), rounds, 0, 0, traffic))
 }

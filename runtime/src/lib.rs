@@ -1,13 +1,31 @@
-//! The hat runtime: opens split packages, checks they belong together, and runs generation over the
-//! input, middle and output submodels.
+//! The hat runtime: opens split packages, checks they belong together, serves the middle submodel
+//! (`server`), and runs the device side against it (`device`), U-shaped or with speculative decoding.
 
 pub mod chat;
+pub mod device;
+pub mod draft;
 pub mod error;
 pub mod generate;
+pub mod link;
+pub mod middle;
 pub mod package;
+pub mod protocol;
+pub mod remote;
 pub mod sampling;
+pub mod server;
+pub mod speculative;
+pub mod verify;
 
+pub use device::{DeviceRuntime, DeviceSession, Mode};
+pub use draft::{Adapter, AdapterOrigin, Drafter};
 pub use error::{Result, RuntimeError};
-pub use generate::{generate, GenerateOptions, Generation, LocalPipeline, TokenModel, UnsplitModel};
+pub use generate::{
+    generate, GenerateOptions, Generation, LocalPipeline, SplitPipeline, TokenModel, UnsplitModel,
+};
+pub use middle::{LocalMiddle, Middle, Traffic};
 pub use package::{CloudPackage, DevicePackage};
+pub use protocol::{WireDType, WireFormat};
+pub use remote::{CloudOptions, RemoteMiddle};
 pub use sampling::{Sampler, SamplingOptions};
+pub use server::{CloudServer, ServerConfig};
+pub use speculative::generate_speculative;

@@ -3,13 +3,14 @@
 
 use std::path::Path;
 
-use candle_core::DType;
 use hat_model::manifest::Manifest;
 use hat_splitter::{load_model, split_model, ModelSource, SplitError, SplitOptions};
 use hat_tests::TinyLlama;
 
 fn lay_out_hub_cache(home: &Path, repo: &str, revision: &str) {
-    let repo_dir = home.join("hub").join(format!("models--{}", repo.replace('/', "--")));
+    let repo_dir = home
+        .join("hub")
+        .join(format!("models--{}", repo.replace('/', "--")));
     let staging = home.join("staging");
     TinyLlama::default().write_dir(&staging, 2);
     let snapshot = repo_dir.join("snapshots").join(revision);
@@ -18,7 +19,9 @@ fn lay_out_hub_cache(home: &Path, repo: &str, revision: &str) {
     for entry in std::fs::read_dir(&staging).expect("ls") {
         let entry = entry.expect("entry");
         // Blobs are named by content hash in a real cache; the file name stands in for it here.
-        let blob = repo_dir.join("blobs").join(format!("blob-{}", entry.file_name().to_string_lossy()));
+        let blob = repo_dir
+            .join("blobs")
+            .join(format!("blob-{}", entry.file_name().to_string_lossy()));
         std::fs::rename(entry.path(), &blob).expect("move blob");
         std::os::unix::fs::symlink(&blob, snapshot.join(entry.file_name())).expect("symlink");
     }
@@ -30,7 +33,11 @@ fn lay_out_hub_cache(home: &Path, repo: &str, revision: &str) {
 #[test]
 fn hub_model_splits_offline_from_the_cache_and_an_uncached_one_is_a_clear_error() {
     let home = tempfile::tempdir().expect("tmp");
-    lay_out_hub_cache(home.path(), "test-org/tiny-llama", "0123456789abcdef0123456789abcdef01234567");
+    lay_out_hub_cache(
+        home.path(),
+        "test-org/tiny-llama",
+        "0123456789abcdef0123456789abcdef01234567",
+    );
     std::env::set_var("HF_HOME", home.path());
     std::env::set_var("HF_HUB_OFFLINE", "1");
 
@@ -38,7 +45,7 @@ fn hub_model_splits_offline_from_the_cache_and_an_uncached_one_is_a_clear_error(
     assert_eq!(source, ModelSource::Hub("test-org/tiny-llama".into()));
     let model = load_model(&source, false).expect("load from hub cache");
     let out = home.path().join("out");
-    let opts = SplitOptions { input_layers: 1, output_layers: 1, dtype: DType::F32, out: out.clone(), progress: false };
+    let opts = SplitOptions::new(1, 1, out.clone());
     let report = split_model(&model, &opts).expect("split");
     let device = Manifest::read(&out.join("device")).expect("device manifest");
     assert_eq!(device.source, "test-org/tiny-llama");

@@ -1,0 +1,139 @@
+//! The device side as a library: open the device package once, connect sessions to a cloud, and
+//! stream the tokens of a reply. `hat generate` is a thin user of this API; so is
+//! `examples/device_chat.rs`.
+//!
+//! ```no_run
+//! use hat_runtime::device::{DeviceRuntime, Mode};
+//! use hat_runtime::remote::CloudOptions;
+//! use hat_runtime::GenerateOptions;
+//! # fn main() -> hat_runtime::Result<()> {
+//! let device = DeviceRuntime::open("artifacts/device".as_ref())?;
+//! let mut session = device.connect(CloudOptions::new("127.0.0.1:7070"))?;
+//! let prompt = device.prompt_ids("What is the capital of France?", true)?;
+//! let opts = GenerateOptions { max_tokens: 64, eos: device.eos_ids(), ..Default::default() };
+//! let reply = session.generate(&prompt, &opts, Mode::Hat { draft_len: 4 }, |t| print!("{t} "))?;
+//! println!("\n{} tokens, {:.2} per round trip", reply.tokens.len(), reply.accept_len());
+//! # Ok(()) }
+//! ```
+
+use std::path::Path;
+
+use candle_core::Device;
+
+use crate::draft::{Adapter, Drafter};
+use crate::error::{Result, RuntimeError};
+use crate::generate::{generate, GenerateOptions, Generation, SplitPipeline};
+use crate::package::{default_device, DevicePackage};
+use crate::remote::{CloudOptions, RemoteMiddle};
+use crate::speculative::generate_speculative;
+
+/// How the device uses the cloud.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// U-shaped inference: one round trip per generated token.
+    UShape,
+    /// HAT: draft `draft_len` tokens on the device, verify them in one round trip.
+    Hat { draft_len: usize },
+}
+
+impl Mode {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Mode::UShape => "ushape",
+            Mode::Hat { .. } => "hat",
+        }
+    }
+}
+
+/// The device package and adapter, loaded once and shared by sessions.
+#[derive(Debug)]
+pub struct DeviceRuntime {
+    pub package: DevicePackage,
+    adapter: Adapter,
+    device: Device,
+}
+
+impl DeviceRuntime {
+    /// Opens `dir` (a `hat split` device package) with its trained or initial adapter.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let device = default_device();
+        let package = DevicePackage::open(dir, &device)?;
+        let adapter = Adapter::load(&package, &device)?;
+        Ok(Self {
+            package,
+            adapter,
+            device,
+        })
+    }
+
+    /// Replaces the adapter (tests use the middle submodel itself as an oracle).
+    pub fn with_adapter(mut self, adapter: Adapter) -> Self {
+        self.adapter = adapter;
+        self
+    }
+
+    pub fn adapter(&self) -> &Adapter {
+        &self.adapter
+    }
+
+    pub fn prompt_ids(&self, text: &str, chat: bool) -> Result<Vec<u32>> {
+        crate::chat::prompt_ids(&self.package, text, chat)
+    }
+
+    pub fn eos_ids(&self) -> Vec<u32> {
+        self.package.eos_ids()
+    }
+
+    /// Connects to `hat serve cloud` and opens a session (retrying per `opts`).
+    pub fn connect(&self, opts: CloudOptions) -> Result<DeviceSession> {
+        let cfg = &self.package.config;
+        let middle = RemoteMiddle::connect(
+            opts,
+            &self.package.manifest.fingerprint,
+            cfg.hidden_size,
+            cfg.max_position_embeddings,
+            &self.device,
+        )?;
+        Ok(DeviceSession {
+            pipeline: SplitPipeline::with_middle(
+                self.package.input.clone(),
+                self.package.output.clone(),
+                middle,
+            ),
+            drafter: Drafter::new(self.adapter.clone()),
+        })
+    }
+}
+
+/// One connection to the cloud; replies are generated one after another on it.
+#[derive(Debug)]
+pub struct DeviceSession {
+    pipeline: SplitPipeline<RemoteMiddle>,
+    drafter: Drafter,
+}
+
+impl DeviceSession {
+    /// Generates a reply to `prompt`, calling `on_token` as each token is final.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        mode: Mode,
+        on_token: impl FnMut(u32),
+    ) -> Result<Generation> {
+        match mode {
+            Mode::UShape => generate(&mut self.pipeline, prompt, opts, on_token),
+            Mode::Hat { draft_len: 0 } => Err(RuntimeError::BadInput(
+                "--draft-len must be at least 1".into(),
+            )),
+            Mode::Hat { draft_len } => generate_speculative(
+                &mut self.pipeline,
+                &mut self.drafter,
+                prompt,
+                opts,
+                draft_len,
+                on_token,
+            ),
+        }
+    }
+}

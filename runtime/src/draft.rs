@@ -1,0 +1,246 @@
+//! The proposer. On the device, input submodel -> adapter -> output submodel is a small language
+//! model that drafts tokens without the cloud. The adapter stands in for the middle submodel: a
+//! trained one (`device/adapter.safetensors`, from `hat train-adapter`) or, until then, a copy of one
+//! middle layer that `hat split --adapter-init-layer` put in the device package.
+//!
+//! Drafting reuses the verify path's caches: the input cache (the input layers see the same tokens
+//! on both paths) and the output cache, whose verified prefix gives the output layers the true
+//! context. Draft positions appended to the output cache are overwritten when the verify pass
+//! rewrites them from the same start position.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use candle_nn::VarBuilder;
+use hat_model::{names, Config, KvCache, Submodel, SubmodelKind};
+
+use crate::error::{Result, RuntimeError};
+use crate::generate::SplitPipeline;
+use crate::middle::Middle;
+use crate::package::DevicePackage;
+use crate::sampling::{logits_rows, Sampler};
+
+/// A trained adapter, written by `hat train-adapter`.
+pub const TRAINED_ADAPTER: &str = "adapter.safetensors";
+/// The adapter `hat split` initialises from one middle layer.
+pub const INIT_ADAPTER: &str = "adapter-init.safetensors";
+
+/// Where an adapter's weights came from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AdapterOrigin {
+    Trained(PathBuf),
+    /// A copy of this middle layer, made at split time.
+    MiddleLayer(usize),
+    /// Built in code (tests: the middle submodel itself, or zeros).
+    Custom(&'static str),
+}
+
+impl std::fmt::Display for AdapterOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AdapterOrigin::Trained(p) => write!(f, "trained ({})", p.display()),
+            AdapterOrigin::MiddleLayer(l) => write!(f, "copy of middle layer {l}"),
+            AdapterOrigin::Custom(what) => f.write_str(what),
+        }
+    }
+}
+
+/// Decoder layers that stand in for the middle submodel.
+#[derive(Debug, Clone)]
+pub struct Adapter {
+    layers: Submodel,
+    pub origin: AdapterOrigin,
+}
+
+impl Adapter {
+    /// The package's trained adapter if there is one, else its initial adapter.
+    pub fn load(package: &DevicePackage, device: &Device) -> Result<Self> {
+        let trained = package.dir.join(TRAINED_ADAPTER);
+        if trained.is_file() {
+            let layers = load_layers(&trained, &package.config, device, package.input.dtype())?;
+            return Ok(Self {
+                layers,
+                origin: AdapterOrigin::Trained(trained),
+            });
+        }
+        let init = package.dir.join(INIT_ADAPTER);
+        if !init.is_file() {
+            return Err(RuntimeError::Adapter(format!(
+                "{} has no adapter ({TRAINED_ADAPTER} or {INIT_ADAPTER}); re-run `hat split` to add one",
+                package.dir.display()
+            )));
+        }
+        let layers = load_layers(&init, &package.config, device, package.input.dtype())?;
+        let first = layers.layer_range().start;
+        Ok(Self {
+            layers,
+            origin: AdapterOrigin::MiddleLayer(first),
+        })
+    }
+
+    /// Any run of decoder layers as the adapter; the middle submodel itself is the oracle adapter.
+    pub fn from_submodel(layers: Submodel, origin: AdapterOrigin) -> Self {
+        Self { layers, origin }
+    }
+
+    /// One decoder layer of zeros: the identity, since both residual branches add nothing.
+    pub fn zeros(cfg: &Config, device: &Device) -> Result<Self> {
+        let vb = VarBuilder::zeros(candle_core::DType::F32, device);
+        let layers = Submodel::load(vb, cfg, SubmodelKind::Middle, 0..1)?;
+        Ok(Self {
+            layers,
+            origin: AdapterOrigin::Custom("zeros"),
+        })
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.layer_range().len()
+    }
+}
+
+/// Loads `model.layers.{i}.*` tensors from an adapter file; the file decides how many layers.
+fn load_layers(
+    path: &Path,
+    cfg: &Config,
+    device: &Device,
+    dtype: candle_core::DType,
+) -> Result<Submodel> {
+    let bad = |reason: String| RuntimeError::Adapter(format!("{}: {reason}", path.display()));
+    let tensors = candle_core::safetensors::load(path, device).map_err(|e| bad(e.to_string()))?;
+    let indices: Vec<usize> = tensors
+        .keys()
+        .filter_map(|n| names::layer_index(n))
+        .collect();
+    let (Some(lo), Some(hi)) = (indices.iter().min(), indices.iter().max()) else {
+        return Err(bad("holds no decoder layer".into()));
+    };
+    if *hi >= cfg.num_layers {
+        return Err(bad(format!(
+            "layer {hi} is past the model's {} layers",
+            cfg.num_layers
+        )));
+    }
+    let vb = VarBuilder::from_tensors(tensors, dtype, device);
+    Submodel::load(vb, cfg, SubmodelKind::Middle, *lo..*hi + 1).map_err(|e| bad(e.to_string()))
+}
+
+/// The tokens a draft proposes and what verification needs from it.
+#[derive(Debug)]
+pub struct Draft {
+    pub tokens: Vec<u32>,
+    /// The draft distribution of each token (sampling only; empty when greedy).
+    pub q: Vec<Vec<f32>>,
+    /// Input-submodel states of [last accepted token, draft tokens...], what the cloud verifies.
+    ///
+    /// # Shapes
+    /// (1, tokens.len() + 1, hidden)
+    pub states: Tensor,
+}
+
+/// Drafts tokens with the adapter and keeps the adapter's cache in step with accepted positions.
+#[derive(Debug)]
+pub struct Drafter {
+    adapter: Adapter,
+    cache: KvCache,
+    /// Input states of accepted positions the adapter has not seen yet (`cache.len()..`).
+    unseen: Option<Tensor>,
+}
+
+impl Drafter {
+    pub fn new(adapter: Adapter) -> Self {
+        Self {
+            cache: adapter.layers.new_cache(),
+            adapter,
+            unseen: None,
+        }
+    }
+
+    pub fn adapter(&self) -> &Adapter {
+        &self.adapter
+    }
+
+    /// Runs the adapter over the prompt's input states (positions `0..`), while the cloud works.
+    ///
+    /// # Shapes
+    /// input_states: (1, prompt, hidden)
+    pub fn prefill(&mut self, input_states: &Tensor) -> Result<()> {
+        self.unseen = None;
+        self.adapter
+            .layers
+            .forward_layers(input_states, 0, &mut self.cache)?;
+        Ok(())
+    }
+
+    /// Proposes `k` tokens after `last` (at position `pos`).
+    pub fn propose<M: Middle>(
+        &mut self,
+        pipeline: &mut SplitPipeline<M>,
+        last: u32,
+        pos: usize,
+        k: usize,
+        sampler: &mut Sampler,
+    ) -> Result<Draft> {
+        let mut tokens = Vec::with_capacity(k);
+        let mut q = Vec::new();
+        let mut states = Vec::with_capacity(k + 1);
+        let mut token = last;
+        for j in 0..=k {
+            let h = pipeline.input_states(&[token], pos + j)?;
+            states.push(h.clone());
+            if j == k {
+                break;
+            }
+            let (a_in, a_pos) = match self.unseen.take() {
+                Some(u) => (Tensor::cat(&[&u, &h], 1)?, self.cache.len()),
+                None => (h, pos + j),
+            };
+            let a = self
+                .adapter
+                .layers
+                .forward_layers(&a_in, a_pos, &mut self.cache)?;
+            let a_last = a.narrow(1, a.dim(1)? - 1, 1)?;
+            let logits = logits_rows(&pipeline.output_logits_last(&a_last, pos + j)?)?;
+            token = if sampler.is_greedy() {
+                crate::sampling::argmax(&logits[0])
+            } else {
+                let dist = sampler.distribution(&logits[0]);
+                let t = sampler.draw(&dist);
+                q.push(dist);
+                t
+            };
+            tokens.push(token);
+        }
+        Ok(Draft {
+            tokens,
+            q,
+            states: Tensor::cat(&states, 1)?,
+        })
+    }
+
+    /// After verification: positions `..committed` are final. `states` are the draft's input states,
+    /// for positions `start..`; those the adapter has not run on are kept for the next draft.
+    ///
+    /// # Shapes
+    /// states: (1, rows, hidden)
+    pub fn commit(&mut self, states: &Tensor, start: usize, committed: usize) -> Result<()> {
+        self.cache.truncate(committed);
+        let have = self.cache.len();
+        if have >= committed {
+            self.unseen = None;
+            return Ok(());
+        }
+        let mut parts = Vec::new();
+        if have < start {
+            // Only a draft of length 0 leaves earlier states unseen; they precede this round's.
+            let earlier = self
+                .unseen
+                .take()
+                .ok_or_else(|| RuntimeError::BadInput("adapter cache fell behind".into()))?;
+            parts.push(earlier);
+        }
+        let from = have.max(start);
+        parts.push(states.narrow(1, from - start, committed - from)?);
+        self.unseen = Some(Tensor::cat(&parts, 1)?);
+        Ok(())
+    }
+}

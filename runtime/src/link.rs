@@ -1,0 +1,243 @@
+//! The device's end of a TCP connection to the cloud: length-delimited frames, byte counters, and an
+//! optional emulated WAN. A writer thread and a reader thread keep the socket busy while the device
+//! computes, so several frames can be in flight (pipelined prefill needs that).
+//!
+//! The emulated link serialises each frame at `mbps` in its direction (frames queue behind each
+//! other, as on a real link) and then delays it by half the RTT. Uplink frames are held back before
+//! they reach the socket; downlink frames are held back after they arrive.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::protocol::{frame, LENGTH_PREFIX};
+
+/// A slower link, emulated inside the device process.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinkEmulation {
+    /// Bandwidth in each direction, megabits per second.
+    pub mbps: f64,
+    /// Round-trip time; each message is delayed by half of it.
+    pub rtt: Duration,
+}
+
+impl LinkEmulation {
+    fn transfer_time(&self, bytes: usize) -> Duration {
+        if self.mbps <= 0.0 || !self.mbps.is_finite() {
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64(bytes as f64 * 8.0 / (self.mbps * 1e6))
+    }
+}
+
+/// Bytes written to and read from sockets, framing included.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub up: AtomicU64,
+    pub down: AtomicU64,
+}
+
+/// One direction of the emulated link: when it is next free.
+#[derive(Debug, Clone, Copy)]
+struct Lane {
+    busy_until: Instant,
+}
+
+impl Lane {
+    /// When a frame of `bytes` handed over at `at` comes out of the far end.
+    fn schedule(&mut self, link: &LinkEmulation, at: Instant, bytes: usize) -> Instant {
+        let start = at.max(self.busy_until);
+        let done = start + link.transfer_time(bytes);
+        self.busy_until = done;
+        done + link.rtt / 2
+    }
+}
+
+type Incoming = std::io::Result<(Vec<u8>, Instant)>;
+
+#[derive(Debug)]
+pub struct FramedConn {
+    stream: TcpStream,
+    to_writer: Option<Sender<(Vec<u8>, Instant)>>,
+    from_reader: Receiver<Incoming>,
+    link: Option<LinkEmulation>,
+    up_lane: Lane,
+    down_lane: Lane,
+}
+
+fn broken(msg: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::BrokenPipe, msg.to_string())
+}
+
+impl FramedConn {
+    /// Connects (trying each resolved address) and starts the writer and reader threads.
+    pub fn connect(
+        addr: &str,
+        link: Option<LinkEmulation>,
+        max_frame: usize,
+        counters: Arc<Counters>,
+    ) -> std::io::Result<Self> {
+        let mut last = None;
+        let mut stream = None;
+        for a in addr.to_socket_addrs()? {
+            match TcpStream::connect_timeout(&a, Duration::from_secs(5)) {
+                Ok(s) => {
+                    stream = Some(s);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let stream = stream.ok_or_else(|| {
+            last.unwrap_or_else(|| std::io::Error::other("the address resolved to nothing"))
+        })?;
+        stream.set_nodelay(true)?;
+
+        let (to_writer, writer_rx) = mpsc::channel::<(Vec<u8>, Instant)>();
+        let mut w = stream.try_clone()?;
+        let wc = counters.clone();
+        std::thread::Builder::new()
+            .name("hat-link-writer".into())
+            .spawn(move || {
+                for (bytes, release) in writer_rx {
+                    let now = Instant::now();
+                    if release > now {
+                        std::thread::sleep(release - now);
+                    }
+                    if w.write_all(&bytes).is_err() {
+                        let _ = w.shutdown(Shutdown::Both);
+                        return;
+                    }
+                    wc.up.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                }
+            })?;
+
+        let (reader_tx, from_reader) = mpsc::channel::<Incoming>();
+        let mut r = stream.try_clone()?;
+        std::thread::Builder::new()
+            .name("hat-link-reader".into())
+            .spawn(move || loop {
+                let got = read_frame(&mut r, max_frame).map(|body| {
+                    counters
+                        .down
+                        .fetch_add((LENGTH_PREFIX + body.len()) as u64, Ordering::Relaxed);
+                    (body, Instant::now())
+                });
+                let failed = got.is_err();
+                if reader_tx.send(got).is_err() || failed {
+                    return;
+                }
+            })?;
+
+        let now = Instant::now();
+        Ok(Self {
+            stream,
+            to_writer: Some(to_writer),
+            from_reader,
+            link,
+            up_lane: Lane { busy_until: now },
+            down_lane: Lane { busy_until: now },
+        })
+    }
+
+    /// Queues one frame; returns at once.
+    pub fn send(&mut self, body: &[u8]) -> std::io::Result<()> {
+        let bytes = frame(body);
+        let now = Instant::now();
+        let release = match &self.link {
+            Some(l) => self.up_lane.schedule(l, now, bytes.len()),
+            None => now,
+        };
+        let tx = self
+            .to_writer
+            .as_ref()
+            .ok_or_else(|| broken("connection closed"))?;
+        tx.send((bytes, release))
+            .map_err(|_| broken("the connection to the cloud is closed"))
+    }
+
+    /// The next frame body, after the emulated link would have delivered it.
+    pub fn recv(&mut self, timeout: Duration) -> std::io::Result<Vec<u8>> {
+        let (body, arrived) = match self.from_reader.recv_timeout(timeout) {
+            Ok(got) => got?,
+            Err(RecvTimeoutError::Timeout) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no reply within {timeout:?}"),
+                ))
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(broken("the connection to the cloud is closed"))
+            }
+        };
+        if let Some(l) = &self.link {
+            let deliver = self
+                .down_lane
+                .schedule(l, arrived, LENGTH_PREFIX + body.len());
+            let now = Instant::now();
+            if deliver > now {
+                std::thread::sleep(deliver - now);
+            }
+        }
+        Ok(body)
+    }
+}
+
+impl Drop for FramedConn {
+    /// The writer thread drains its queue (a final close message included) and then drops its
+    /// handle; stopping the reader is enough here.
+    fn drop(&mut self) {
+        self.to_writer.take();
+        let _ = self.stream.shutdown(Shutdown::Read);
+    }
+}
+
+/// Reads one length-prefixed frame, refusing a length over `max_frame` before allocating.
+pub fn read_frame(r: &mut impl Read, max_frame: usize) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; LENGTH_PREFIX];
+    r.read_exact(&mut len)?;
+    let n = u32::from_be_bytes(len) as usize;
+    if n > max_frame {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("frame of {n} bytes is over the {max_frame}-byte limit"),
+        ));
+    }
+    let mut body = vec![0u8; n];
+    r.read_exact(&mut body)?;
+    Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lanes_queue_frames_and_add_half_the_rtt() {
+        let link = LinkEmulation {
+            mbps: 8.0,
+            rtt: Duration::from_millis(40),
+        };
+        let t0 = Instant::now();
+        let mut lane = Lane { busy_until: t0 };
+        // 10 kB at 8 Mbps = 10 ms on the wire, then 20 ms of latency.
+        let a = lane.schedule(&link, t0, 10_000);
+        assert_eq!(a - t0, Duration::from_millis(30));
+        // A second frame handed over at once waits for the first to leave the wire.
+        let b = lane.schedule(&link, t0, 10_000);
+        assert_eq!(b - t0, Duration::from_millis(40));
+        // One handed over after the lane is idle again only pays its own time.
+        let c = lane.schedule(&link, t0 + Duration::from_millis(100), 0);
+        assert_eq!(c - t0, Duration::from_millis(120));
+    }
+
+    #[test]
+    fn oversized_length_prefix_is_refused_before_allocating() {
+        let mut bytes: &[u8] = &[0xff, 0xff, 0xff, 0xff, 1, 2, 3];
+        let err = read_frame(&mut bytes, 1024).expect_err("over the limit");
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    }
+}

@@ -1,0 +1,93 @@
+//! The middle submodel as the device sees it: something that takes input-submodel hidden states at a
+//! start position and gives back middle-submodel hidden states. It runs in this process
+//! ([`LocalMiddle`], for `--mode local` and tests) or in the cloud ([`crate::remote::RemoteMiddle`]).
+//! Messages can be submitted before earlier ones are collected, so transfer overlaps device compute.
+
+use std::collections::VecDeque;
+
+use candle_core::Tensor;
+use hat_model::{KvCache, Submodel};
+
+use crate::error::{Result, RuntimeError};
+
+/// Bytes that crossed the network, framing included.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub reconnects: u32,
+}
+
+impl Traffic {
+    pub fn since(&self, earlier: &Traffic) -> Traffic {
+        Traffic {
+            bytes_up: self.bytes_up - earlier.bytes_up,
+            bytes_down: self.bytes_down - earlier.bytes_down,
+            reconnects: self.reconnects - earlier.reconnects,
+        }
+    }
+}
+
+pub trait Middle {
+    /// Queues hidden states for positions `start..start + rows`. The middle first drops any cached
+    /// state at or after `start`, which is how rejected drafts are rolled back.
+    ///
+    /// # Shapes
+    /// states: (1, rows, hidden)
+    fn submit(&mut self, start: usize, states: &Tensor) -> Result<()>;
+
+    /// The middle's output for the oldest submitted message not yet collected.
+    ///
+    /// # Shapes
+    /// -> (1, rows, hidden)
+    fn collect(&mut self) -> Result<Tensor>;
+
+    /// Positions one session may hold.
+    fn max_context(&self) -> usize;
+
+    fn traffic(&self) -> Traffic {
+        Traffic::default()
+    }
+
+    /// One round trip.
+    fn forward(&mut self, start: usize, states: &Tensor) -> Result<Tensor> {
+        self.submit(start, states)?;
+        self.collect()
+    }
+}
+
+/// The middle submodel in this process.
+#[derive(Debug, Clone)]
+pub struct LocalMiddle {
+    middle: Submodel,
+    cache: KvCache,
+    done: VecDeque<Tensor>,
+}
+
+impl LocalMiddle {
+    pub fn new(middle: Submodel) -> Self {
+        Self {
+            cache: middle.new_cache(),
+            middle,
+            done: VecDeque::new(),
+        }
+    }
+}
+
+impl Middle for LocalMiddle {
+    fn submit(&mut self, start: usize, states: &Tensor) -> Result<()> {
+        let out = self.middle.forward_layers(states, start, &mut self.cache)?;
+        self.done.push_back(out);
+        Ok(())
+    }
+
+    fn collect(&mut self) -> Result<Tensor> {
+        self.done
+            .pop_front()
+            .ok_or_else(|| RuntimeError::BadInput("collect() without a submitted message".into()))
+    }
+
+    fn max_context(&self) -> usize {
+        self.middle.config().max_position_embeddings
+    }
+}

@@ -1,0 +1,601 @@
+//! The device-cloud wire protocol. Every frame is a 4-byte big-endian length followed by a body whose
+//! first byte names the message. Hidden states travel by position, so the cloud can roll its KV cache
+//! back to any start. No message has a field for token ids or text: raw tokens cannot leave the
+//! device through this protocol by construction.
+
+use candle_core::{Device, Tensor};
+
+/// Bumped on any incompatible change; the handshake refuses a mismatch.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// First bytes of a hello, so a stray client (or garbage) is told apart from an old hat.
+pub const MAGIC: [u8; 4] = *b"HAT\x00";
+/// Default cap on one frame's body, checked before any buffer is allocated for it.
+pub const DEFAULT_MAX_FRAME: usize = 64 << 20;
+pub const LENGTH_PREFIX: usize = 4;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    #[error("truncated frame: {0}")]
+    Truncated(&'static str),
+    #[error("unknown message kind {0:#04x}")]
+    UnknownKind(u8),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+type PResult<T> = std::result::Result<T, ProtocolError>;
+
+/// Number format of hidden states on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireDType {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl WireDType {
+    pub fn bytes(self) -> usize {
+        match self {
+            WireDType::F32 => 4,
+            WireDType::F16 | WireDType::Bf16 => 2,
+        }
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            WireDType::F32 => 0,
+            WireDType::F16 => 1,
+            WireDType::Bf16 => 2,
+        }
+    }
+
+    fn from_code(c: u8) -> PResult<Self> {
+        match c {
+            0 => Ok(WireDType::F32),
+            1 => Ok(WireDType::F16),
+            2 => Ok(WireDType::Bf16),
+            other => Err(ProtocolError::Invalid(format!(
+                "unknown hidden-state dtype code {other}"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WireDType::F32 => "f32",
+            WireDType::F16 => "f16",
+            WireDType::Bf16 => "bf16",
+        }
+    }
+}
+
+/// How hidden states are encoded; the device chooses, the cloud answers in kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WireFormat {
+    pub dtype: WireDType,
+    pub zstd: bool,
+}
+
+impl Default for WireFormat {
+    fn default() -> Self {
+        Self {
+            dtype: WireDType::F16,
+            zstd: false,
+        }
+    }
+}
+
+/// Error classes a cloud reports; the message says what to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum ErrorCode {
+    BadFrame = 1,
+    Version = 2,
+    Fingerprint = 3,
+    Unauthorized = 4,
+    Busy = 5,
+    BadHidden = 6,
+    Context = 7,
+    Position = 8,
+    NoSession = 9,
+    Internal = 10,
+}
+
+impl ErrorCode {
+    fn from_u16(v: u16) -> Self {
+        use ErrorCode::*;
+        [
+            BadFrame,
+            Version,
+            Fingerprint,
+            Unauthorized,
+            Busy,
+            BadHidden,
+            Context,
+            Position,
+            NoSession,
+        ]
+        .into_iter()
+        .find(|c| *c as u16 == v)
+        .unwrap_or(Internal)
+    }
+
+    /// Errors after which retrying the same request cannot help.
+    pub fn is_fatal(self) -> bool {
+        !matches!(self, ErrorCode::Busy | ErrorCode::Internal)
+    }
+}
+
+/// Hidden states for positions `start..start + rows`, encoded per [`WireFormat`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HiddenFrame {
+    pub start: u32,
+    pub rows: u32,
+    pub hidden: u32,
+    pub format: WireFormat,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientMsg {
+    Hello {
+        version: u16,
+        fingerprint: String,
+        auth_token: Option<String>,
+    },
+    /// Starts a session whose cache may hold up to `max_context` positions.
+    Open {
+        max_context: u32,
+    },
+    Forward(HiddenFrame),
+    Close,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerMsg {
+    Welcome {
+        version: u16,
+        hidden: u32,
+    },
+    /// The session is open with at most `max_context` positions.
+    Opened {
+        session: u64,
+        max_context: u32,
+    },
+    Hidden(HiddenFrame),
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+const K_HELLO: u8 = 1;
+const K_OPEN: u8 = 2;
+const K_FORWARD: u8 = 3;
+const K_CLOSE: u8 = 4;
+const K_WELCOME: u8 = 0x81;
+const K_OPENED: u8 = 0x82;
+const K_HIDDEN: u8 = 0x83;
+const K_ERROR: u8 = 0xff;
+
+/// Little-endian field reader over a frame body.
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, what: &'static str) -> PResult<&'a [u8]> {
+        if self.buf.len() < n {
+            return Err(ProtocolError::Truncated(what));
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+    fn u8(&mut self, what: &'static str) -> PResult<u8> {
+        Ok(self.take(1, what)?[0])
+    }
+    fn u16(&mut self, what: &'static str) -> PResult<u16> {
+        let b = self.take(2, what)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self, what: &'static str) -> PResult<u32> {
+        let b = self.take(4, what)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self, what: &'static str) -> PResult<u64> {
+        let lo = self.u32(what)? as u64;
+        let hi = self.u32(what)? as u64;
+        Ok(lo | hi << 32)
+    }
+    fn string(&mut self, what: &'static str) -> PResult<String> {
+        let n = self.u16(what)? as usize;
+        let b = self.take(n, what)?;
+        String::from_utf8(b.to_vec())
+            .map_err(|_| ProtocolError::Invalid(format!("{what} is not UTF-8")))
+    }
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.buf)
+    }
+    fn end(&self, what: &'static str) -> PResult<()> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(ProtocolError::Invalid(format!(
+                "{} unexpected bytes after {what}",
+                self.buf.len()
+            )))
+        }
+    }
+}
+
+fn put_string(out: &mut Vec<u8>, s: &str) {
+    let bytes = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+    out.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+impl HiddenFrame {
+    fn put(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.start.to_le_bytes());
+        out.extend_from_slice(&self.rows.to_le_bytes());
+        out.extend_from_slice(&self.hidden.to_le_bytes());
+        out.push(self.format.dtype.code());
+        out.push(self.format.zstd as u8);
+        out.extend_from_slice(&self.payload);
+    }
+
+    fn read(r: &mut Reader) -> PResult<Self> {
+        let start = r.u32("start")?;
+        let rows = r.u32("rows")?;
+        let hidden = r.u32("hidden")?;
+        let dtype = WireDType::from_code(r.u8("dtype")?)?;
+        let zstd = match r.u8("compression")? {
+            0 => false,
+            1 => true,
+            other => {
+                return Err(ProtocolError::Invalid(format!(
+                    "unknown compression code {other}"
+                )))
+            }
+        };
+        Ok(Self {
+            start,
+            rows,
+            hidden,
+            format: WireFormat { dtype, zstd },
+            payload: r.rest().to_vec(),
+        })
+    }
+
+    /// Encodes `states` for positions `start..`.
+    ///
+    /// # Shapes
+    /// states: (1, rows, hidden)
+    pub fn encode(states: &Tensor, start: usize, format: WireFormat) -> candle_core::Result<Self> {
+        let (_, rows, hidden) = states.dims3()?;
+        let values = states
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?;
+        let mut raw = Vec::with_capacity(values.len() * format.dtype.bytes());
+        match format.dtype {
+            WireDType::F32 => values
+                .iter()
+                .for_each(|v| raw.extend_from_slice(&v.to_le_bytes())),
+            WireDType::F16 => values
+                .iter()
+                .for_each(|v| raw.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
+            WireDType::Bf16 => values
+                .iter()
+                .for_each(|v| raw.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
+        }
+        let payload = if format.zstd {
+            zstd::bulk::compress(&raw, 1)
+                .map_err(|e| candle_core::Error::Msg(format!("zstd: {e}")))?
+        } else {
+            raw
+        };
+        Ok(Self {
+            start: start as u32,
+            rows: rows as u32,
+            hidden: hidden as u32,
+            format,
+            payload,
+        })
+    }
+
+    /// Decodes and checks the payload against the expected width; never allocates more than the
+    /// declared shape, even for a malicious zstd stream.
+    ///
+    /// # Shapes
+    /// -> (1, rows, hidden) f32
+    pub fn decode(&self, expected_hidden: usize, device: &Device) -> PResult<Tensor> {
+        if self.hidden as usize != expected_hidden {
+            return Err(ProtocolError::Invalid(format!(
+                "hidden size {} does not match the model's {expected_hidden}",
+                self.hidden
+            )));
+        }
+        if self.rows == 0 {
+            return Err(ProtocolError::Invalid(
+                "a hidden-state frame with 0 rows".into(),
+            ));
+        }
+        let n = self.rows as usize * expected_hidden;
+        let raw_len = n * self.format.dtype.bytes();
+        let decompressed;
+        let raw: &[u8] = if self.format.zstd {
+            decompressed = zstd::bulk::decompress(&self.payload, raw_len).map_err(|e| {
+                ProtocolError::Invalid(format!(
+                    "zstd payload does not decompress to {raw_len} bytes: {e}"
+                ))
+            })?;
+            &decompressed
+        } else {
+            &self.payload
+        };
+        if raw.len() != raw_len {
+            return Err(ProtocolError::Invalid(format!(
+                "payload has {} bytes, {} rows x {} x {} need {raw_len}",
+                raw.len(),
+                self.rows,
+                expected_hidden,
+                self.format.dtype.name()
+            )));
+        }
+        let values: Vec<f32> = match self.format.dtype {
+            WireDType::F32 => raw
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            WireDType::F16 => raw
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            WireDType::Bf16 => raw
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+        };
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(ProtocolError::Invalid(
+                "hidden states contain NaN or infinity".into(),
+            ));
+        }
+        Tensor::from_vec(values, (1, self.rows as usize, expected_hidden), device)
+            .map_err(|e| ProtocolError::Invalid(e.to_string()))
+    }
+}
+
+impl ClientMsg {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        match self {
+            ClientMsg::Hello {
+                version,
+                fingerprint,
+                auth_token,
+            } => {
+                out.push(K_HELLO);
+                out.extend_from_slice(&MAGIC);
+                out.extend_from_slice(&version.to_le_bytes());
+                put_string(&mut out, fingerprint);
+                out.push(auth_token.is_some() as u8);
+                put_string(&mut out, auth_token.as_deref().unwrap_or(""));
+            }
+            ClientMsg::Open { max_context } => {
+                out.push(K_OPEN);
+                out.extend_from_slice(&max_context.to_le_bytes());
+            }
+            ClientMsg::Forward(h) => {
+                out.push(K_FORWARD);
+                h.put(&mut out);
+            }
+            ClientMsg::Close => out.push(K_CLOSE),
+        }
+        out
+    }
+
+    pub fn decode(body: &[u8]) -> PResult<Self> {
+        let mut r = Reader { buf: body };
+        let msg = match r.u8("kind")? {
+            K_HELLO => {
+                if r.take(4, "magic")? != MAGIC {
+                    return Err(ProtocolError::Invalid("not a hat hello (bad magic)".into()));
+                }
+                let version = r.u16("version")?;
+                let fingerprint = r.string("fingerprint")?;
+                let has_token = r.u8("auth flag")? != 0;
+                let token = r.string("auth token")?;
+                ClientMsg::Hello {
+                    version,
+                    fingerprint,
+                    auth_token: has_token.then_some(token),
+                }
+            }
+            K_OPEN => ClientMsg::Open {
+                max_context: r.u32("max_context")?,
+            },
+            K_FORWARD => return Ok(ClientMsg::Forward(HiddenFrame::read(&mut r)?)),
+            K_CLOSE => ClientMsg::Close,
+            other => return Err(ProtocolError::UnknownKind(other)),
+        };
+        r.end("the message")?;
+        Ok(msg)
+    }
+}
+
+impl ServerMsg {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        match self {
+            ServerMsg::Welcome { version, hidden } => {
+                out.push(K_WELCOME);
+                out.extend_from_slice(&version.to_le_bytes());
+                out.extend_from_slice(&hidden.to_le_bytes());
+            }
+            ServerMsg::Opened {
+                session,
+                max_context,
+            } => {
+                out.push(K_OPENED);
+                out.extend_from_slice(&(*session as u32).to_le_bytes());
+                out.extend_from_slice(&((*session >> 32) as u32).to_le_bytes());
+                out.extend_from_slice(&max_context.to_le_bytes());
+            }
+            ServerMsg::Hidden(h) => {
+                out.push(K_HIDDEN);
+                h.put(&mut out);
+            }
+            ServerMsg::Error { code, message } => {
+                out.push(K_ERROR);
+                out.extend_from_slice(&(*code as u16).to_le_bytes());
+                put_string(&mut out, message);
+            }
+        }
+        out
+    }
+
+    pub fn decode(body: &[u8]) -> PResult<Self> {
+        let mut r = Reader { buf: body };
+        let msg = match r.u8("kind")? {
+            K_WELCOME => ServerMsg::Welcome {
+                version: r.u16("version")?,
+                hidden: r.u32("hidden")?,
+            },
+            K_OPENED => ServerMsg::Opened {
+                session: r.u64("session")?,
+                max_context: r.u32("max_context")?,
+            },
+            K_HIDDEN => return Ok(ServerMsg::Hidden(HiddenFrame::read(&mut r)?)),
+            K_ERROR => ServerMsg::Error {
+                code: ErrorCode::from_u16(r.u16("code")?),
+                message: r.string("message")?,
+            },
+            other => return Err(ProtocolError::UnknownKind(other)),
+        };
+        r.end("the message")?;
+        Ok(msg)
+    }
+}
+
+/// Prepends the length prefix.
+pub fn frame(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(LENGTH_PREFIX + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn states() -> Tensor {
+        let v: Vec<f32> = (0..24).map(|i| i as f32 * 0.37 - 3.0).collect();
+        Tensor::from_vec(v, (1, 3, 8), &Device::Cpu).expect("tensor")
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        let h = HiddenFrame::encode(
+            &states(),
+            5,
+            WireFormat {
+                dtype: WireDType::F16,
+                zstd: true,
+            },
+        )
+        .expect("encode");
+        let msgs = [
+            ClientMsg::Hello {
+                version: 1,
+                fingerprint: "ab".into(),
+                auth_token: Some("s3cret".into()),
+            },
+            ClientMsg::Hello {
+                version: 1,
+                fingerprint: "ab".into(),
+                auth_token: None,
+            },
+            ClientMsg::Open { max_context: 2048 },
+            ClientMsg::Forward(h.clone()),
+            ClientMsg::Close,
+        ];
+        for m in msgs {
+            assert_eq!(ClientMsg::decode(&m.encode()), Ok(m));
+        }
+        let msgs = [
+            ServerMsg::Welcome {
+                version: 1,
+                hidden: 576,
+            },
+            ServerMsg::Opened {
+                session: (7 << 32) + 3,
+                max_context: 99,
+            },
+            ServerMsg::Hidden(h),
+            ServerMsg::Error {
+                code: ErrorCode::Context,
+                message: "too long".into(),
+            },
+        ];
+        for m in msgs {
+            assert_eq!(ServerMsg::decode(&m.encode()), Ok(m));
+        }
+    }
+
+    #[test]
+    fn hidden_states_survive_every_format() {
+        let x = states();
+        for dtype in [WireDType::F32, WireDType::F16, WireDType::Bf16] {
+            for zstd in [false, true] {
+                let f = HiddenFrame::encode(&x, 0, WireFormat { dtype, zstd }).expect("encode");
+                let y = f.decode(8, &Device::Cpu).expect("decode");
+                let diff = (&x - &y)
+                    .and_then(|d| d.abs())
+                    .and_then(|d| d.flatten_all())
+                    .and_then(|d| d.max(0));
+                let diff = diff.and_then(|d| d.to_scalar::<f32>()).expect("diff");
+                let bound = match dtype {
+                    WireDType::F32 => 0.0,
+                    WireDType::F16 => 4e-3,
+                    WireDType::Bf16 => 3e-2,
+                };
+                assert!(diff <= bound, "{dtype:?} zstd={zstd}: diff {diff}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_payloads_are_refused() {
+        let f = HiddenFrame::encode(
+            &states(),
+            0,
+            WireFormat {
+                dtype: WireDType::F32,
+                zstd: false,
+            },
+        )
+        .expect("encode");
+        assert!(f.decode(16, &Device::Cpu).is_err(), "wrong hidden size");
+        let mut short = f.clone();
+        short.payload.pop();
+        assert!(short.decode(8, &Device::Cpu).is_err(), "short payload");
+        let mut bomb = f.clone();
+        bomb.format.zstd = true;
+        bomb.payload = zstd::bulk::compress(&vec![0u8; 1 << 20], 1).expect("zstd");
+        assert!(
+            bomb.decode(8, &Device::Cpu).is_err(),
+            "oversized zstd stream"
+        );
+        let mut nan = f;
+        nan.payload[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+        assert!(nan.decode(8, &Device::Cpu).is_err(), "NaN");
+        assert!(ClientMsg::decode(&[0x42, 1, 2]).is_err());
+        assert!(ClientMsg::decode(&[]).is_err());
+        assert!(ClientMsg::decode(&[K_OPEN, 1]).is_err(), "truncated");
+        assert!(ClientMsg::decode(&[K_CLOSE, 0]).is_err(), "trailing bytes");
+    }
+}

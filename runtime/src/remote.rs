@@ -1,0 +1,326 @@
+//! The device's client for `hat serve cloud`. It keeps a log of the hidden-state messages that still
+//! shape the cloud's cache, so when the connection drops it reconnects (bounded retries with
+//! backoff), replays the log into a fresh session and carries on: the cloud ends up with the very
+//! cache it had, and the generation gives the tokens it would have given.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::{Device, Tensor};
+
+use crate::error::{Result, RuntimeError};
+use crate::link::{Counters, FramedConn, LinkEmulation};
+use crate::middle::{Middle, Traffic};
+use crate::protocol::{
+    ClientMsg, ErrorCode, HiddenFrame, ServerMsg, WireFormat, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
+};
+
+#[derive(Debug, Clone)]
+pub struct CloudOptions {
+    /// host:port of `hat serve cloud`.
+    pub addr: String,
+    pub auth_token: Option<String>,
+    pub wire: WireFormat,
+    pub link: Option<LinkEmulation>,
+    /// Connection attempts after a failure before giving up.
+    pub retries: u32,
+    /// Wait before the first retry; doubles each time, up to 5 s.
+    pub backoff: Duration,
+    /// How long to wait for one reply before treating the connection as dead.
+    pub reply_timeout: Duration,
+}
+
+impl CloudOptions {
+    pub fn new(addr: impl Into<String>) -> Self {
+        Self {
+            addr: addr.into(),
+            auth_token: None,
+            wire: WireFormat::default(),
+            link: None,
+            retries: 5,
+            backoff: Duration::from_millis(200),
+            reply_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// A message the cloud's cache still depends on.
+#[derive(Debug)]
+struct Sent {
+    start: usize,
+    body: Vec<u8>,
+    collected: bool,
+}
+
+/// Why one connection attempt failed.
+enum Failure {
+    /// Worth retrying: the network or the server went away.
+    Transient(String),
+    /// Retrying cannot help (refused handshake, bad request).
+    Fatal(RuntimeError),
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Failure::Transient(e.to_string())
+    }
+}
+
+#[derive(Debug)]
+pub struct RemoteMiddle {
+    opts: CloudOptions,
+    fingerprint: String,
+    hidden: usize,
+    want_context: usize,
+    granted_context: usize,
+    device: Device,
+    conn: Option<FramedConn>,
+    log: Vec<Sent>,
+    counters: Arc<Counters>,
+    reconnects: u32,
+}
+
+impl RemoteMiddle {
+    /// Connects, shakes hands (protocol version, model fingerprint, auth token) and opens a session
+    /// for up to `max_context` positions.
+    pub fn connect(
+        opts: CloudOptions,
+        fingerprint: &str,
+        hidden: usize,
+        max_context: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut me = Self {
+            opts,
+            fingerprint: fingerprint.to_string(),
+            hidden,
+            want_context: max_context,
+            granted_context: 0,
+            device: device.clone(),
+            conn: None,
+            log: Vec::new(),
+            counters: Arc::new(Counters::default()),
+            reconnects: 0,
+        };
+        me.reconnect(None)?;
+        me.reconnects = 0;
+        Ok(me)
+    }
+
+    fn refused(&self, code: ErrorCode, message: String) -> RuntimeError {
+        RuntimeError::CloudRefused {
+            addr: self.opts.addr.clone(),
+            code: format!("{code:?}"),
+            message,
+        }
+    }
+
+    fn recv_msg(&self, conn: &mut FramedConn) -> std::result::Result<ServerMsg, Failure> {
+        let body = conn.recv(self.opts.reply_timeout)?;
+        ServerMsg::decode(&body).map_err(|e| Failure::Transient(format!("unreadable reply: {e}")))
+    }
+
+    /// Opens a connection and a session, then replays the log: collected messages have their
+    /// replies read and dropped, uncollected ones are left for [`Middle::collect`].
+    fn attempt(&self) -> std::result::Result<(FramedConn, usize), Failure> {
+        let mut conn = FramedConn::connect(
+            &self.opts.addr,
+            self.opts.link,
+            DEFAULT_MAX_FRAME,
+            self.counters.clone(),
+        )?;
+        let hello = ClientMsg::Hello {
+            version: PROTOCOL_VERSION,
+            fingerprint: self.fingerprint.clone(),
+            auth_token: self.opts.auth_token.clone(),
+        };
+        conn.send(&hello.encode())?;
+        match self.recv_msg(&mut conn)? {
+            ServerMsg::Welcome { hidden, .. } if hidden as usize == self.hidden => {}
+            ServerMsg::Welcome { hidden, .. } => {
+                return Err(Failure::Fatal(self.refused(
+                    ErrorCode::BadHidden,
+                    format!(
+                        "the cloud serves hidden size {hidden}, this device package has {}",
+                        self.hidden
+                    ),
+                )))
+            }
+            ServerMsg::Error { code, message } => {
+                return Err(Failure::Fatal(self.refused(code, message)))
+            }
+            other => {
+                return Err(Failure::Transient(format!(
+                    "unexpected reply to hello: {other:?}"
+                )))
+            }
+        }
+        conn.send(
+            &ClientMsg::Open {
+                max_context: self.want_context as u32,
+            }
+            .encode(),
+        )?;
+        let granted = match self.recv_msg(&mut conn)? {
+            ServerMsg::Opened { max_context, .. } => max_context as usize,
+            ServerMsg::Error { code, message } if code.is_fatal() => {
+                return Err(Failure::Fatal(self.refused(code, message)))
+            }
+            ServerMsg::Error { message, .. } => return Err(Failure::Transient(message)),
+            other => {
+                return Err(Failure::Transient(format!(
+                    "unexpected reply to open: {other:?}"
+                )))
+            }
+        };
+        for s in &self.log {
+            conn.send(&s.body)?;
+        }
+        for _ in self.log.iter().filter(|s| s.collected) {
+            match self.recv_msg(&mut conn)? {
+                ServerMsg::Hidden(_) => {}
+                ServerMsg::Error { code, message } => {
+                    return Err(Failure::Fatal(self.refused(code, message)))
+                }
+                other => {
+                    return Err(Failure::Transient(format!(
+                        "unexpected reply during replay: {other:?}"
+                    )))
+                }
+            }
+        }
+        Ok((conn, granted))
+    }
+
+    /// (Re)connects with bounded retries and exponential backoff.
+    fn reconnect(&mut self, cause: Option<String>) -> Result<()> {
+        self.conn = None;
+        let attempts = self.opts.retries + 1;
+        let mut last = cause.unwrap_or_default();
+        for i in 0..attempts {
+            if i > 0 || !last.is_empty() {
+                let wait = self
+                    .opts
+                    .backoff
+                    .saturating_mul(1 << i.min(8))
+                    .min(Duration::from_secs(5));
+                std::thread::sleep(wait);
+            }
+            match self.attempt() {
+                Ok((conn, granted)) => {
+                    if self.granted_context != 0 {
+                        self.reconnects += 1;
+                    }
+                    self.granted_context = granted;
+                    self.conn = Some(conn);
+                    return Ok(());
+                }
+                Err(Failure::Fatal(e)) => return Err(e),
+                Err(Failure::Transient(e)) => last = e,
+            }
+        }
+        Err(RuntimeError::CloudUnreachable {
+            addr: self.opts.addr.clone(),
+            attempts,
+            last,
+        })
+    }
+
+    fn send_logged(&mut self, index: usize) -> Result<()> {
+        let sent = match self.conn.as_mut() {
+            Some(conn) => conn.send(&self.log[index].body).map_err(|e| e.to_string()),
+            None => Err("not connected".to_string()),
+        };
+        // A reconnect replays the whole log, this message included.
+        if let Err(e) = sent {
+            self.reconnect(Some(e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Middle for RemoteMiddle {
+    fn submit(&mut self, start: usize, states: &Tensor) -> Result<()> {
+        // Messages at or after `start` no longer shape the cloud's cache once this one truncates it.
+        if self.log.iter().any(|s| s.start >= start && !s.collected) {
+            return Err(RuntimeError::BadInput(format!(
+                "submit at {start} would discard an uncollected message"
+            )));
+        }
+        self.log.retain(|s| s.start < start);
+        let frame = HiddenFrame::encode(states, start, self.opts.wire)?;
+        self.log.push(Sent {
+            start,
+            body: ClientMsg::Forward(frame).encode(),
+            collected: false,
+        });
+        self.send_logged(self.log.len() - 1)
+    }
+
+    fn collect(&mut self) -> Result<Tensor> {
+        let index = self.log.iter().position(|s| !s.collected).ok_or_else(|| {
+            RuntimeError::BadInput("collect() without a submitted message".into())
+        })?;
+        loop {
+            let got = match self.conn.as_mut() {
+                Some(conn) => conn
+                    .recv(self.opts.reply_timeout)
+                    .map_err(|e| e.to_string()),
+                None => Err("not connected".to_string()),
+            };
+            let body = match got {
+                Ok(b) => b,
+                Err(e) => {
+                    self.reconnect(Some(e))?;
+                    continue;
+                }
+            };
+            match ServerMsg::decode(&body) {
+                Ok(ServerMsg::Hidden(h)) if h.start as usize == self.log[index].start => {
+                    let t = h.decode(self.hidden, &self.device).map_err(|e| {
+                        RuntimeError::CloudProtocol {
+                            addr: self.opts.addr.clone(),
+                            reason: e.to_string(),
+                        }
+                    })?;
+                    self.log[index].collected = true;
+                    return Ok(t);
+                }
+                Ok(ServerMsg::Error { code, message }) => return Err(self.refused(code, message)),
+                Ok(other) => {
+                    return Err(RuntimeError::CloudProtocol {
+                        addr: self.opts.addr.clone(),
+                        reason: format!("unexpected reply {other:?}"),
+                    })
+                }
+                Err(e) => {
+                    return Err(RuntimeError::CloudProtocol {
+                        addr: self.opts.addr.clone(),
+                        reason: e.to_string(),
+                    })
+                }
+            }
+        }
+    }
+
+    fn max_context(&self) -> usize {
+        self.granted_context
+    }
+
+    fn traffic(&self) -> Traffic {
+        use std::sync::atomic::Ordering;
+        Traffic {
+            bytes_up: self.counters.up.load(Ordering::Relaxed),
+            bytes_down: self.counters.down.load(Ordering::Relaxed),
+            reconnects: self.reconnects,
+        }
+    }
+}
+
+impl Drop for RemoteMiddle {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.as_mut() {
+            let _ = conn.send(&ClientMsg::Close.encode());
+        }
+    }
+}

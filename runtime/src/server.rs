@@ -1,0 +1,494 @@
+//! `hat serve cloud`: the middle submodel behind a TCP port. Each device connection is one tokio
+//! task; each open session has its own KV cache, and the model runs on the blocking pool. Every frame
+//! is checked before it is used (size before allocation, then dtype, width, positions, context), and
+//! a bad one gets an error frame: the server never panics on input and keeps serving the others.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use hat_model::{KvCache, Submodel};
+use sha2::{Digest, Sha256};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+use crate::error::{Result, RuntimeError};
+use crate::package::CloudPackage;
+use crate::protocol::{
+    ClientMsg, ErrorCode, HiddenFrame, ServerMsg, DEFAULT_MAX_FRAME, LENGTH_PREFIX,
+    PROTOCOL_VERSION,
+};
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Sessions open at once; more are refused as busy (devices retry).
+    pub max_sessions: usize,
+    /// Positions one session's cache may hold.
+    pub max_context: usize,
+    /// When set, a device must present this token in its hello.
+    pub auth_token: Option<String>,
+    /// Largest frame body accepted.
+    pub max_frame: usize,
+    /// A connection that says nothing for this long is closed.
+    pub idle_timeout: Duration,
+    /// One stderr line per session and per refused connection.
+    pub log: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_sessions: 16,
+            max_context: usize::MAX,
+            auth_token: None,
+            max_frame: DEFAULT_MAX_FRAME,
+            idle_timeout: Duration::from_secs(600),
+            log: true,
+        }
+    }
+}
+
+struct Shared {
+    middle: Arc<Submodel>,
+    fingerprint: String,
+    hidden: usize,
+    max_context: usize,
+    auth_digest: Option<[u8; 32]>,
+    cfg: ServerConfig,
+    sessions: Arc<Semaphore>,
+    next_session: AtomicU64,
+}
+
+impl Shared {
+    fn log(&self, line: std::fmt::Arguments) {
+        if self.cfg.log {
+            eprintln!("hat-cloud: {line}");
+        }
+    }
+}
+
+/// A running cloud server; dropping it (or [`CloudServer::shutdown`]) stops it at once, cutting
+/// every connection as a crash would.
+pub struct CloudServer {
+    runtime: Option<tokio::runtime::Runtime>,
+    addr: SocketAddr,
+}
+
+impl std::fmt::Debug for CloudServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CloudServer({})", self.addr)
+    }
+}
+
+/// KV-cache bytes one position costs in the middle submodel (f32 keys and values).
+pub fn kv_bytes_per_position(middle: &Submodel) -> usize {
+    let c = middle.config();
+    middle.layer_range().len() * 2 * c.num_kv_heads * c.head_dim * 4
+}
+
+impl CloudServer {
+    /// Binds `listen` and starts serving `package`'s middle submodel in the background.
+    pub fn start(package: &CloudPackage, cfg: ServerConfig, listen: &str) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("hat-cloud")
+            .max_blocking_threads(cfg.max_sessions.max(1) + 2)
+            .build()
+            .map_err(|e| RuntimeError::Io {
+                context: "cannot start the server runtime".into(),
+                source: e,
+            })?;
+        let listener =
+            runtime
+                .block_on(TcpListener::bind(listen))
+                .map_err(|e| RuntimeError::Io {
+                    context: format!("cannot listen on {listen}"),
+                    source: e,
+                })?;
+        let addr = listener.local_addr().map_err(|e| RuntimeError::Io {
+            context: "local address".into(),
+            source: e,
+        })?;
+        let model_context = package.middle.config().max_position_embeddings;
+        let shared = Arc::new(Shared {
+            middle: Arc::new(package.middle.clone()),
+            fingerprint: package.manifest.fingerprint.clone(),
+            hidden: package.middle.config().hidden_size,
+            max_context: cfg.max_context.min(model_context),
+            auth_digest: cfg.auth_token.as_deref().map(digest),
+            sessions: Arc::new(Semaphore::new(cfg.max_sessions.max(1))),
+            next_session: AtomicU64::new(1),
+            cfg,
+        });
+        let kv_mb = kv_bytes_per_position(&package.middle) as f64 * shared.max_context as f64 / 1e6;
+        shared.log(format_args!(
+            "serving layers {:?} on {addr}: up to {} sessions x {} positions (KV cache up to {:.0} MB each, 2x while growing), auth {}",
+            package.middle.layer_range(),
+            shared.cfg.max_sessions,
+            shared.max_context,
+            kv_mb,
+            if shared.auth_digest.is_some() { "required" } else { "off" }
+        ));
+        runtime.spawn(accept_loop(listener, shared));
+        Ok(Self {
+            runtime: Some(runtime),
+            addr,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until Ctrl-C.
+    pub fn run_until_ctrl_c(mut self) -> Result<()> {
+        if let Some(rt) = self.runtime.take() {
+            rt.block_on(tokio::signal::ctrl_c())
+                .map_err(|e| RuntimeError::Io {
+                    context: "waiting for Ctrl-C".into(),
+                    source: e,
+                })?;
+            rt.shutdown_background();
+        }
+        Ok(())
+    }
+
+    /// Stops at once, as a crash would: every connection is cut mid-conversation. Returns once the
+    /// listener is closed, so the address can be bound again.
+    pub fn shutdown(mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(Duration::from_secs(2));
+        }
+    }
+}
+
+impl Drop for CloudServer {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(serve_connection(stream, peer, shared.clone()));
+            }
+            Err(e) => {
+                shared.log(format_args!("accept failed: {e}"));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// One open session: its cache and what it has done, for the log line.
+struct Session {
+    id: u64,
+    cache: Option<KvCache>,
+    max_context: usize,
+    messages: u64,
+    positions: u64,
+    opened: Instant,
+    _permit: OwnedSemaphorePermit,
+}
+
+enum Step {
+    Reply(ServerMsg),
+    /// Reply, then drop the connection (handshake refusals, broken framing).
+    ReplyAndClose(ServerMsg),
+    Silent,
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> ServerMsg {
+    ServerMsg::Error {
+        code,
+        message: message.into(),
+    }
+}
+
+struct Connection {
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    greeted: bool,
+    session: Option<Session>,
+}
+
+async fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let codec = LengthDelimitedCodec::builder()
+        .length_field_length(LENGTH_PREFIX)
+        .big_endian()
+        .max_frame_length(shared.cfg.max_frame)
+        .new_codec();
+    let mut framed = Framed::new(stream, codec);
+    let idle = shared.cfg.idle_timeout;
+    let mut conn = Connection {
+        shared,
+        peer,
+        greeted: false,
+        session: None,
+    };
+    let mut end = "device disconnected";
+    loop {
+        let frame = match tokio::time::timeout(idle, framed.next()).await {
+            Err(_) => {
+                let _ = framed
+                    .send(Bytes::from(
+                        error(ErrorCode::BadFrame, "idle timeout").encode(),
+                    ))
+                    .await;
+                end = "idle timeout";
+                break;
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                // Broken framing (an oversized length prefix included): the stream cannot be resynchronised.
+                let _ = framed
+                    .send(Bytes::from(
+                        error(ErrorCode::BadFrame, format!("bad frame: {e}")).encode(),
+                    ))
+                    .await;
+                end = "bad frame";
+                break;
+            }
+            Ok(Some(Ok(body))) => body,
+        };
+        let (reply, close) = match conn.handle(&frame).await {
+            Step::Reply(m) => (Some(m), false),
+            Step::ReplyAndClose(m) => (Some(m), true),
+            Step::Silent => (None, false),
+        };
+        if let Some(m) = reply {
+            if framed.send(Bytes::from(m.encode())).await.is_err() {
+                end = "write failed";
+                break;
+            }
+        }
+        if close {
+            end = "refused";
+            break;
+        }
+    }
+    conn.end_session(end);
+}
+
+impl Connection {
+    async fn handle(&mut self, body: &[u8]) -> Step {
+        let msg = match ClientMsg::decode(body) {
+            Ok(m) => m,
+            Err(e) if !self.greeted => {
+                self.shared.log(format_args!(
+                    "{}: refused: not a hat hello ({e})",
+                    self.peer
+                ));
+                return Step::ReplyAndClose(error(
+                    ErrorCode::BadFrame,
+                    format!("expected a hat hello: {e}"),
+                ));
+            }
+            Err(e) => return Step::Reply(error(ErrorCode::BadFrame, e.to_string())),
+        };
+        match msg {
+            ClientMsg::Hello {
+                version,
+                fingerprint,
+                auth_token,
+            } => self.hello(version, &fingerprint, auth_token.as_deref()),
+            _ if !self.greeted => Step::ReplyAndClose(error(
+                ErrorCode::BadFrame,
+                "the first message must be a hello",
+            )),
+            ClientMsg::Open { max_context } => self.open(max_context as usize),
+            ClientMsg::Forward(h) => self.forward(h).await,
+            ClientMsg::Close => {
+                self.end_session("closed by device");
+                Step::Silent
+            }
+        }
+    }
+
+    fn hello(&mut self, version: u16, fingerprint: &str, token: Option<&str>) -> Step {
+        let refuse = |code, msg: String| {
+            self.shared
+                .log(format_args!("{}: refused: {msg}", self.peer));
+            Step::ReplyAndClose(error(code, msg))
+        };
+        if self.greeted {
+            return Step::Reply(error(ErrorCode::BadFrame, "hello sent twice"));
+        }
+        if version != PROTOCOL_VERSION {
+            return refuse(
+                ErrorCode::Version,
+                format!("protocol version {version} is not supported; this cloud speaks version {PROTOCOL_VERSION} (use the same hat release on both sides)"),
+            );
+        }
+        if fingerprint != self.shared.fingerprint {
+            return refuse(
+                ErrorCode::Fingerprint,
+                format!(
+                    "model fingerprint mismatch: the device package is {fingerprint}, this cloud serves {}; \
+                     use the device and cloud halves of one `hat split` output",
+                    self.shared.fingerprint
+                ),
+            );
+        }
+        if let Some(expected) = &self.shared.auth_digest {
+            // Digests compare in constant time with respect to the secret's content.
+            if token.map(digest).as_ref() != Some(expected) {
+                let what = if token.is_some() { "wrong" } else { "missing" };
+                return refuse(
+                    ErrorCode::Unauthorized,
+                    format!("auth token {what}: pass the cloud's token with --auth-token-file"),
+                );
+            }
+        }
+        self.greeted = true;
+        Step::Reply(ServerMsg::Welcome {
+            version: PROTOCOL_VERSION,
+            hidden: self.shared.hidden as u32,
+        })
+    }
+
+    fn open(&mut self, requested: usize) -> Step {
+        if self.session.is_some() {
+            return Step::Reply(error(
+                ErrorCode::BadFrame,
+                "a session is already open on this connection; close it first",
+            ));
+        }
+        if requested == 0 {
+            return Step::Reply(error(
+                ErrorCode::Context,
+                "a session needs a context of at least 1 position",
+            ));
+        }
+        let permit = match self.shared.sessions.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                self.shared
+                    .log(format_args!("{}: busy, refused a session", self.peer));
+                return Step::Reply(error(
+                    ErrorCode::Busy,
+                    format!(
+                        "the cloud is at its limit of {} sessions; retry later",
+                        self.shared.cfg.max_sessions
+                    ),
+                ));
+            }
+        };
+        let id = self.shared.next_session.fetch_add(1, Ordering::Relaxed);
+        let max_context = requested.min(self.shared.max_context);
+        self.session = Some(Session {
+            id,
+            cache: Some(self.shared.middle.new_cache()),
+            max_context,
+            messages: 0,
+            positions: 0,
+            opened: Instant::now(),
+            _permit: permit,
+        });
+        Step::Reply(ServerMsg::Opened {
+            session: id,
+            max_context: max_context as u32,
+        })
+    }
+
+    async fn forward(&mut self, frame: HiddenFrame) -> Step {
+        let hidden = self.shared.hidden;
+        let Some(session) = self.session.as_mut() else {
+            return Step::Reply(error(ErrorCode::NoSession, "forward before open"));
+        };
+        let Some(mut cache) = session.cache.take() else {
+            return Step::Reply(error(ErrorCode::Internal, "session cache lost"));
+        };
+        let (start, rows) = (frame.start as usize, frame.rows as usize);
+        let check = if start > cache.len() {
+            Err(error(
+                ErrorCode::Position,
+                format!(
+                    "start position {start} skips ahead: the session holds {} positions",
+                    cache.len()
+                ),
+            ))
+        } else if start + rows > session.max_context {
+            Err(error(
+                ErrorCode::Context,
+                format!(
+                    "positions up to {} exceed this session's context of {}",
+                    start + rows,
+                    session.max_context
+                ),
+            ))
+        } else {
+            frame
+                .decode(hidden, &candle_core::Device::Cpu)
+                .map_err(|e| error(ErrorCode::BadHidden, e.to_string()))
+        };
+        let states = match check {
+            Ok(s) => s,
+            Err(e) => {
+                session.cache = Some(cache);
+                return Step::Reply(e);
+            }
+        };
+        let middle = self.shared.middle.clone();
+        let format = frame.format;
+        let joined = tokio::task::spawn_blocking(move || {
+            let out = middle
+                .forward_layers(&states, start, &mut cache)
+                .map_err(|e| e.to_string())
+                .and_then(|h| HiddenFrame::encode(&h, start, format).map_err(|e| e.to_string()));
+            (out, cache)
+        })
+        .await;
+        match joined {
+            Ok((Ok(reply), cache)) => {
+                session.cache = Some(cache);
+                session.messages += 1;
+                session.positions += rows as u64;
+                Step::Reply(ServerMsg::Hidden(reply))
+            }
+            Ok((Err(e), mut cache)) => {
+                // A half-applied forward leaves layers at different lengths: start the cache over.
+                cache.truncate(0);
+                session.cache = Some(cache);
+                Step::Reply(error(
+                    ErrorCode::Internal,
+                    format!("middle forward failed: {e}"),
+                ))
+            }
+            Err(e) => {
+                session.cache = Some(self.shared.middle.new_cache());
+                Step::Reply(error(
+                    ErrorCode::Internal,
+                    format!("middle forward panicked: {e}"),
+                ))
+            }
+        }
+    }
+
+    fn end_session(&mut self, how: &str) {
+        if let Some(s) = self.session.take() {
+            self.shared.log(format_args!(
+                "session {} from {}: {} messages, {} positions computed, {} cached at the end, {:.2} s, {how}",
+                s.id,
+                self.peer,
+                s.messages,
+                s.positions,
+                s.cache.as_ref().map_or(0, KvCache::len),
+                s.opened.elapsed().as_secs_f64()
+            ));
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! HAT decoding: the device drafts with its small model, the middle submodel verifies every draft
+//! in one round trip. One round, at position `pos` of the last accepted token:
+//! 1. the [`Drafter`] proposes k tokens and returns the input states of [last, drafts...];
+//! 2. the middle runs them from `pos` (rolling its cache back to `pos` first);
+//! 3. the output submodel turns the k+1 returned states into logits, and the verifier keeps the
+//!    longest acceptable prefix plus one token of the model's own.
+//!
+//! The prompt's round overlaps the adapter's prefill with the cloud's work.
+
+use crate::draft::Drafter;
+use crate::error::Result;
+use crate::generate::{
+    token_budget, Emitter, GenerateOptions, Generation, SplitPipeline, TokenModel,
+};
+use crate::middle::Middle;
+use crate::sampling::{logits_rows, Sampler};
+use crate::verify::{verify_greedy, verify_sampled};
+
+/// Generates after `prompt` with drafts of up to `draft_len` tokens per round.
+pub fn generate_speculative<M: Middle>(
+    pipeline: &mut SplitPipeline<M>,
+    drafter: &mut Drafter,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    draft_len: usize,
+    on_token: impl FnMut(u32),
+) -> Result<Generation> {
+    let budget = token_budget(prompt, opts, pipeline.context_len())?;
+    let mut sampler = Sampler::new(opts.sampling);
+    let traffic_before = pipeline.traffic();
+    let mut out = Emitter::new(budget, &opts.eos, on_token);
+    let (mut rounds, mut drafted, mut accepted) = (0, 0, 0);
+    if budget == 0 {
+        return Ok(out.finish(
+            prompt.len(),
+            0,
+            0,
+            0,
+            pipeline.traffic().since(&traffic_before),
+        ));
+    }
+
+    let states = pipeline.input_states(prompt, 0)?;
+    pipeline.middle().submit(0, &states)?;
+    drafter.prefill(&states)?;
+    let middle_states = pipeline.middle().collect()?;
+    let logits = pipeline.output_logits_last(&middle_states, 0)?;
+    let mut last = sampler.sample(&logits)?;
+    // `pos` is the position of `last`, the newest token no model has run on yet.
+    let mut pos = prompt.len();
+    let mut going = out.push(last);
+    while going {
+        // Never draft past the budget: a round yields at most k + 1 tokens.
+        let k = draft_len.min(out.remaining() - 1);
+        let draft = drafter.propose(pipeline, last, pos, k, &mut sampler)?;
+        let middle_states = pipeline.middle().forward(pos, &draft.states)?;
+        let target = logits_rows(&pipeline.output_logits(&middle_states, pos)?)?;
+        let verdict = if sampler.is_greedy() {
+            verify_greedy(&draft.tokens, &target)
+        } else {
+            verify_sampled(&draft.tokens, &draft.q, &target, &mut sampler)
+        };
+        rounds += 1;
+        drafted += draft.tokens.len();
+        accepted += verdict.accepted;
+        for t in draft.tokens[..verdict.accepted]
+            .iter()
+            .chain([&verdict.next])
+        {
+            going = out.push(*t);
+            if !going {
+                break;
+            }
+        }
+        drafter.commit(&draft.states, pos, pos + verdict.accepted + 1)?;
+        pos += verdict.accepted + 1;
+        last = verdict.next;
+    }
+    let traffic = pipeline.traffic().since(&traffic_before);
+    Ok(out.finish(prompt.len(), rounds, drafted, accepted, traffic))
+}

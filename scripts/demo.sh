@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The main job end to end on the default model: build hat, fetch SmolLM2-135M-Instruct, split it
+# (2 input layers and 2 output layers on the device), start the cloud side, and generate a reply in
+# HAT mode over TCP on an emulated 50 Mbps / 40 ms link.
+#   scripts/demo.sh ["prompt"]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PROMPT=${1:-"What is the capital of France?"}
+
+cargo build --release
+MODEL=$(scripts/fetch-default-model.sh)
+target/release/hat split --model "$MODEL" --input-layers 2 --output-layers 2 --out artifacts
+
+work=$(mktemp -d)
+target/release/hat serve cloud --package artifacts/cloud --listen 127.0.0.1:0 >"$work/cloud.out" 2>"$work/cloud.log" &
+cloud=$!
+trap 'kill $cloud 2>/dev/null || true; wait $cloud 2>/dev/null || true; cat "$work/cloud.log" >&2; rm -rf "$work"' EXIT
+addr=""
+for _ in $(seq 600); do
+    addr=$(sed -n 's/^listening on //p' "$work/cloud.out")
+    [ -n "$addr" ] && break
+    kill -0 $cloud 2>/dev/null || { echo "hat serve cloud exited early" >&2; exit 1; }
+    sleep 0.1
+done
+[ -n "$addr" ] || { echo "hat serve cloud did not start" >&2; exit 1; }
+
+target/release/hat generate --artifacts artifacts --cloud "$addr" --mode hat --draft-len 4 \
+    --link-mbps 50 --link-rtt-ms 40 --chat --prompt "$PROMPT"
