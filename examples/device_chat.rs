@@ -21,11 +21,7 @@ fn main() -> Result<()> {
     let device = DeviceRuntime::open(device_dir.as_ref())?;
     let mut session = device.connect(CloudOptions::new(cloud))?;
     let ids = device.prompt_ids(&prompt, true)?;
-    let opts = GenerateOptions {
-        max_tokens: 128,
-        eos: device.eos_ids(),
-        ..Default::default()
-    };
+    let opts = GenerateOptions { max_tokens: 128, eos: device.eos_ids(), ..Default::default() };
 
     // Tokens arrive as the cloud verifies each draft; decode the growing reply and print the new part.
     let tokenizer = &device.package.tokenizer;

@@ -8,8 +8,7 @@ use hat_runtime::chat::prompt_ids;
 use hat_runtime::link::LinkEmulation;
 use hat_runtime::package::{default_device, CLOUD_DIR, DEVICE_DIR};
 use hat_runtime::{
-    generate, CloudOptions, CloudPackage, DeviceRuntime, GenerateOptions, Generation,
-    LocalPipeline, SamplingOptions, WireDType, WireFormat,
+    generate, CloudOptions, CloudPackage, DeviceRuntime, GenerateOptions, Generation, LocalPipeline, SamplingOptions, WireDType, WireFormat,
 };
 
 /// Generate a reply with a split model.
@@ -105,15 +104,9 @@ fn check_args(args: &GenerateArgs) -> Result<()> {
         bail!("--draft-len must be at least 1");
     }
     if args.mode != Mode::Local && args.cloud.is_none() {
-        bail!(
-            "--mode {:?} needs --cloud HOST:PORT (start the cloud with `hat serve cloud`)",
-            args.mode
-        );
+        bail!("--mode {:?} needs --cloud HOST:PORT (start the cloud with `hat serve cloud`)", args.mode);
     }
-    for (name, v) in [
-        ("--link-mbps", args.link_mbps),
-        ("--link-rtt-ms", args.link_rtt_ms),
-    ] {
+    for (name, v) in [("--link-mbps", args.link_mbps), ("--link-rtt-ms", args.link_rtt_ms)] {
         if v.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
             bail!("{name} must be a finite number >= 0");
         }
@@ -141,8 +134,7 @@ fn cloud_options(args: &GenerateArgs, addr: &str) -> Result<CloudOptions> {
         });
     }
     if let Some(f) = &args.auth_token_file {
-        let t = std::fs::read_to_string(f)
-            .with_context(|| format!("cannot read --auth-token-file {}", f.display()))?;
+        let t = std::fs::read_to_string(f).with_context(|| format!("cannot read --auth-token-file {}", f.display()))?;
         opts.auth_token = Some(t.trim().to_string());
     }
     opts.retries = args.retries;
@@ -156,11 +148,7 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
     let prompt = prompt_ids(&device.package, &args.prompt, args.chat)?;
     let opts = GenerateOptions {
         max_tokens: args.max_tokens,
-        sampling: SamplingOptions {
-            temperature: args.temperature,
-            top_p: args.top_p,
-            seed: args.seed,
-        },
+        sampling: SamplingOptions { temperature: args.temperature, top_p: args.top_p, seed: args.seed },
         eos: device.eos_ids(),
     };
     let tokenizer = &device.package.tokenizer;
@@ -174,9 +162,7 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
         (mode, Some(addr)) => {
             let mut session = device.connect(cloud_options(&args, addr)?)?;
             let mode = match mode {
-                Mode::Hat => hat_runtime::Mode::Hat {
-                    draft_len: args.draft_len,
-                },
+                Mode::Hat => hat_runtime::Mode::Hat { draft_len: args.draft_len },
                 _ => hat_runtime::Mode::UShape,
             };
             session.generate(&prompt, &opts, mode, |t| stream.push(t))?
@@ -187,17 +173,8 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
     report(&args, &device, &gen, quiet)
 }
 
-fn report(
-    args: &GenerateArgs,
-    device: &DeviceRuntime,
-    gen: &Generation,
-    quiet: bool,
-) -> Result<()> {
-    let text = device
-        .package
-        .tokenizer
-        .decode(&gen.tokens, true)
-        .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+fn report(args: &GenerateArgs, device: &DeviceRuntime, gen: &Generation, quiet: bool) -> Result<()> {
+    let text = device.package.tokenizer.decode(&gen.tokens, true).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
     let mode = format!("{:?}", args.mode).to_lowercase();
     let decode_tokens = gen.tokens.len().saturating_sub(1).max(1) as f64;
     if args.json {
@@ -223,9 +200,7 @@ fn report(
             out["adapter"] = device.adapter().origin.to_string().into();
         }
         if args.mode != Mode::Local {
-            out["wire"] = format!("{:?}{}", args.wire, if args.zstd { "+zstd" } else { "" })
-                .to_lowercase()
-                .into();
+            out["wire"] = format!("{:?}{}", args.wire, if args.zstd { "+zstd" } else { "" }).to_lowercase().into();
         }
         println!("{}", serde_json::to_string(&out)?);
     } else if !quiet {
@@ -264,12 +239,7 @@ struct TextStream<'a> {
 
 impl<'a> TextStream<'a> {
     fn new(tokenizer: &'a tokenizers::Tokenizer, enabled: bool) -> Self {
-        Self {
-            tokenizer,
-            tokens: Vec::new(),
-            printed: 0,
-            enabled,
-        }
+        Self { tokenizer, tokens: Vec::new(), printed: 0, enabled }
     }
 
     fn push(&mut self, token: u32) {
@@ -278,10 +248,7 @@ impl<'a> TextStream<'a> {
         }
         self.tokens.push(token);
         if let Ok(text) = self.tokenizer.decode(&self.tokens, true) {
-            if text.len() > self.printed
-                && !text.ends_with('\u{fffd}')
-                && text.is_char_boundary(self.printed)
-            {
+            if text.len() > self.printed && !text.ends_with('\u{fffd}') && text.is_char_boundary(self.printed) {
                 print!("{}", &text[self.printed..]);
                 let _ = std::io::stdout().flush();
                 self.printed = text.len();

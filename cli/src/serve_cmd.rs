@@ -47,8 +47,7 @@ pub fn run(args: ServeArgs, quiet: bool) -> Result<()> {
     }
     let auth_token = match &args.auth_token_file {
         Some(f) => {
-            let t = std::fs::read_to_string(f)
-                .with_context(|| format!("cannot read --auth-token-file {}", f.display()))?;
+            let t = std::fs::read_to_string(f).with_context(|| format!("cannot read --auth-token-file {}", f.display()))?;
             let t = t.trim().to_string();
             if t.is_empty() {
                 anyhow::bail!("--auth-token-file {} is empty", f.display());

@@ -46,8 +46,7 @@ enum DTypeArg {
 
 pub fn run(args: SplitArgs, quiet: bool) -> Result<()> {
     let source = ModelSource::parse(&args.model)?;
-    let model = load_model(&source, !quiet)
-        .with_context(|| format!("cannot load model `{}`", args.model))?;
+    let model = load_model(&source, !quiet).with_context(|| format!("cannot load model `{}`", args.model))?;
     let dtype = match args.dtype {
         DTypeArg::F32 => DType::F32,
         DTypeArg::F16 => DType::F16,
@@ -82,20 +81,12 @@ pub fn run(args: SplitArgs, quiet: bool) -> Result<()> {
             s.output_range().start,
             s.num_layers
         );
-        println!(
-            "cloud package:  {} (layers {}..{})",
-            report.cloud_dir.display(),
-            s.middle_range().start,
-            s.middle_range().end
-        );
+        println!("cloud package:  {} (layers {}..{})", report.cloud_dir.display(), s.middle_range().start, s.middle_range().end);
         for (f, b) in &report.shards {
             println!("  {f}: {:.1} MB", *b as f64 / 1e6);
         }
         println!("fingerprint: {}", report.fingerprint);
-        println!(
-            "split time (writing): {:.2} s",
-            report.elapsed.as_secs_f64()
-        );
+        println!("split time (writing): {:.2} s", report.elapsed.as_secs_f64());
     }
     Ok(())
 }

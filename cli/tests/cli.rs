@@ -48,15 +48,9 @@ fn assert_nothing_written(parent: &Path, out: &Path) {
     let leftovers: Vec<PathBuf> = std::fs::read_dir(parent)
         .expect("ls")
         .map(|e| e.expect("entry").path())
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with(".hat-split-"))
-        })
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(".hat-split-")))
         .collect();
-    assert!(
-        leftovers.is_empty(),
-        "staging directories left: {leftovers:?}"
-    );
+    assert!(leftovers.is_empty(), "staging directories left: {leftovers:?}");
 }
 
 #[test]
@@ -104,10 +98,7 @@ fn layer_counts_out_of_range_are_refused() {
     // 4 layers: 2 + 2 leaves the cloud nothing; 0 input layers leaves the device no embedding layer.
     assert_one_line_error(&split(&src, &out, 2, 2, &[]), "cloud keeps at least one");
     assert_one_line_error(&split(&src, &out, 0, 1, &[]), "at least 1");
-    assert_one_line_error(
-        &split(&src, &out, 9, 1, &[]),
-        "must be less than the model's 4 layers",
-    );
+    assert_one_line_error(&split(&src, &out, 9, 1, &[]), "must be less than the model's 4 layers");
     assert_nothing_written(tmp.path(), &out);
 }
 
@@ -115,37 +106,21 @@ fn layer_counts_out_of_range_are_refused() {
 fn out_holding_a_different_model_is_left_untouched() {
     let tmp = tempfile::tempdir().expect("tmp");
     let src = TinyLlama::default().write_dir(&tmp.path().join("src"), 1);
-    let other = TinyLlama {
-        seed: 1234,
-        ..TinyLlama::default()
-    }
-    .write_dir(&tmp.path().join("other"), 1);
+    let other = TinyLlama { seed: 1234, ..TinyLlama::default() }.write_dir(&tmp.path().join("other"), 1);
     let out = tmp.path().join("out");
     assert!(split(&src, &out, 1, 1, &[]).status.success());
     let before = std::fs::read_to_string(out.join("device/hat.json")).expect("manifest");
     // Same split again is fine (idempotent).
     assert!(split(&src, &out, 1, 1, &[]).status.success());
     // A different split, or different weights, is refused.
-    assert_one_line_error(
-        &split(&src, &out, 1, 2, &[]),
-        "already holds a different model",
-    );
-    assert_one_line_error(
-        &split(&other, &out, 1, 1, &[]),
-        "already holds a different model",
-    );
-    assert_eq!(
-        std::fs::read_to_string(out.join("device/hat.json")).expect("manifest"),
-        before
-    );
+    assert_one_line_error(&split(&src, &out, 1, 2, &[]), "already holds a different model");
+    assert_one_line_error(&split(&other, &out, 1, 1, &[]), "already holds a different model");
+    assert_eq!(std::fs::read_to_string(out.join("device/hat.json")).expect("manifest"), before);
     // A directory that is not a package at all is refused too.
     let junk = tmp.path().join("junk");
     std::fs::create_dir_all(&junk).expect("mkdir");
     std::fs::write(junk.join("notes.txt"), "mine").expect("write");
-    assert_one_line_error(
-        &split(&src, &junk, 1, 1, &[]),
-        "is not a hat package directory",
-    );
+    assert_one_line_error(&split(&src, &junk, 1, 1, &[]), "is not a hat package directory");
     assert!(junk.join("notes.txt").is_file());
 }
 
@@ -155,21 +130,8 @@ fn offline_hub_model_not_in_cache_is_a_clear_error() {
     let home = tmp.path().join("hf");
     let out = tmp.path().join("out");
     let res = hat(
-        &[
-            "split",
-            "--model",
-            "some-org/not-cached",
-            "--input-layers",
-            "1",
-            "--output-layers",
-            "1",
-            "--out",
-            out.to_str().expect("utf8"),
-        ],
-        &[
-            ("HF_HOME", home.to_str().expect("utf8")),
-            ("HF_HUB_OFFLINE", "1"),
-        ],
+        &["split", "--model", "some-org/not-cached", "--input-layers", "1", "--output-layers", "1", "--out", out.to_str().expect("utf8")],
+        &[("HF_HOME", home.to_str().expect("utf8")), ("HF_HUB_OFFLINE", "1")],
     );
     assert_one_line_error(&res, "HF_HUB_OFFLINE is set");
     assert_nothing_written(tmp.path(), &out);
@@ -181,24 +143,8 @@ fn generate_json_reports_tokens_and_timings() {
     let src = TinyLlama::default().write_dir(&tmp.path().join("src"), 1);
     let art = tmp.path().join("art");
     assert!(split(&src, &art, 1, 1, &[]).status.success());
-    let res = hat(
-        &[
-            "generate",
-            "--artifacts",
-            art.to_str().expect("utf8"),
-            "--prompt",
-            "w5 w9 w17",
-            "--max-tokens",
-            "6",
-            "--json",
-        ],
-        &[],
-    );
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+    let res = hat(&["generate", "--artifacts", art.to_str().expect("utf8"), "--prompt", "w5 w9 w17", "--max-tokens", "6", "--json"], &[]);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
     let v: serde_json::Value = serde_json::from_slice(&res.stdout).expect("one JSON object");
     assert_eq!(v["prompt_tokens"], 3);
     let tokens = v["tokens"].as_array().expect("tokens");
@@ -207,58 +153,71 @@ fn generate_json_reports_tokens_and_timings() {
     assert!(v["ttft_ms"].as_f64().expect("ttft") > 0.0);
     assert!(v["tbt_ms"].as_f64().is_some());
 
-    let chat = hat(
-        &[
-            "generate",
-            "--artifacts",
-            art.to_str().expect("utf8"),
-            "--chat",
-            "--prompt",
-            "w5",
-            "--max-tokens",
-            "3",
-            "--json",
-        ],
-        &[],
-    );
-    assert!(
-        chat.status.success(),
-        "{}",
-        String::from_utf8_lossy(&chat.stderr)
-    );
+    let chat =
+        hat(&["generate", "--artifacts", art.to_str().expect("utf8"), "--chat", "--prompt", "w5", "--max-tokens", "3", "--json"], &[]);
+    assert!(chat.status.success(), "{}", String::from_utf8_lossy(&chat.stderr));
     let v: serde_json::Value = serde_json::from_slice(&chat.stdout).expect("json");
     // <|im_start|> user \n w5 <|im_end|> \n <|im_start|> assistant: the template's specials are whole tokens.
     assert!(v["prompt_tokens"].as_u64().expect("n") >= 4);
 
-    let missing = hat(
-        &[
-            "generate",
-            "--artifacts",
-            tmp.path().join("nope").to_str().expect("utf8"),
-            "--prompt",
-            "x",
-        ],
-        &[],
-    );
+    let missing = hat(&["generate", "--artifacts", tmp.path().join("nope").to_str().expect("utf8"), "--prompt", "x"], &[]);
     assert_one_line_error(&missing, "no such package directory");
 }
 
 #[test]
 fn help_explains_the_commands() {
-    let out = Command::new(env!("CARGO_BIN_EXE_hat"))
-        .arg("--help")
-        .output()
-        .expect("run");
+    let out = Command::new(env!("CARGO_BIN_EXE_hat")).arg("--help").output().expect("run");
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("split") && text.contains("generate"));
-    let out = Command::new(env!("CARGO_BIN_EXE_hat"))
-        .args(["split", "--help"])
-        .output()
-        .expect("run");
+    let out = Command::new(env!("CARGO_BIN_EXE_hat")).args(["split", "--help"]).output().expect("run");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains("--input-layers") && text.contains("HF_HUB_OFFLINE"),
-        "{text}"
-    );
+    assert!(text.contains("--input-layers") && text.contains("HF_HUB_OFFLINE"), "{text}");
+}
+
+/// `hat serve cloud` in the background, `hat generate --mode ushape|hat --cloud` against it.
+#[test]
+fn serve_cloud_and_generate_remotely_report_round_trips_and_bytes() {
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = TinyLlama::default().write_dir(&tmp.path().join("src"), 1);
+    let art = tmp.path().join("art");
+    assert!(split(&src, &art, 1, 1, &[]).status.success());
+    let art_s = art.to_str().expect("utf8");
+    let token = tmp.path().join("token");
+    std::fs::write(&token, "s3cret\n").expect("token");
+    let mut cloud = Command::new(env!("CARGO_BIN_EXE_hat"))
+        .args(["serve", "cloud", "--package", &format!("{art_s}/cloud"), "--listen", "127.0.0.1:0", "--auth-token-file"])
+        .arg(&token)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn cloud");
+    let mut line = String::new();
+    BufReader::new(cloud.stdout.take().expect("stdout")).read_line(&mut line).expect("listening line");
+    let addr = line.trim().strip_prefix("listening on ").expect("listening on ADDR").to_string();
+
+    let local = hat(&["generate", "--artifacts", art_s, "--prompt", "w5 w9 w17", "--max-tokens", "8", "--json"], &[]);
+    let local: serde_json::Value = serde_json::from_slice(&local.stdout).expect("json");
+    for mode in ["ushape", "hat"] {
+        let args =
+            ["generate", "--artifacts", art_s, "--prompt", "w5 w9 w17", "--max-tokens", "8", "--json", "--mode", mode, "--cloud", &addr];
+        let res = hat(&[&args[..], &["--auth-token-file", token.to_str().expect("utf8")]].concat(), &[]);
+        assert!(res.status.success(), "{mode}: {}", String::from_utf8_lossy(&res.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&res.stdout).expect("json");
+        assert_eq!(v["mode"], mode);
+        assert_eq!(v["tokens"], local["tokens"], "{mode} equals --mode local");
+        assert!(v["rounds"].as_u64().expect("rounds") >= 1);
+        assert!(v["accept_len"].as_f64().expect("accept_len") >= 1.0);
+        assert!(v["bytes_up"].as_u64().expect("up") > 0 && v["bytes_down"].as_u64().expect("down") > 0);
+        // Without the token the cloud refuses, and the error says so in one line.
+        let refused = hat(&args, &[]);
+        assert_one_line_error(&refused, "auth token missing");
+    }
+    let no_cloud = hat(&["generate", "--artifacts", art_s, "--prompt", "x", "--mode", "hat"], &[]);
+    assert_one_line_error(&no_cloud, "needs --cloud");
+    cloud.kill().expect("kill cloud");
+    let _ = cloud.wait();
+    let gone = hat(&["generate", "--artifacts", art_s, "--prompt", "x", "--mode", "ushape", "--cloud", &addr, "--retries", "1"], &[]);
+    assert_one_line_error(&gone, &format!("cannot reach the cloud at {addr}"));
 }

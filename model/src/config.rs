@@ -86,60 +86,39 @@ pub struct Config {
 
 impl HfConfig {
     pub fn from_json(text: &str) -> Result<Self> {
-        serde_json::from_str(text)
-            .map_err(|e| ModelError::InvalidConfig(format!("config.json: {e}")))
+        serde_json::from_str(text).map_err(|e| ModelError::InvalidConfig(format!("config.json: {e}")))
     }
 
     /// Checks that this is a Llama-family model hat can run and derives the runtime config.
     pub fn validate(&self) -> Result<Config> {
-        let arch = self
-            .architectures
-            .first()
-            .cloned()
-            .or_else(|| self.model_type.clone());
+        let arch = self.architectures.first().cloned().or_else(|| self.model_type.clone());
         let is_llama = self.architectures.iter().any(|a| a == "LlamaForCausalLM")
             || (self.architectures.is_empty() && self.model_type.as_deref() == Some("llama"));
         if !is_llama {
-            return Err(ModelError::UnsupportedArchitecture(
-                arch.unwrap_or_else(|| "<none given>".into()),
-            ));
+            return Err(ModelError::UnsupportedArchitecture(arch.unwrap_or_else(|| "<none given>".into())));
         }
         if let Some(act) = &self.hidden_act {
             if act != "silu" {
-                return Err(ModelError::InvalidConfig(format!(
-                    "hidden_act `{act}` is not supported (only silu)"
-                )));
+                return Err(ModelError::InvalidConfig(format!("hidden_act `{act}` is not supported (only silu)")));
             }
         }
         let num_kv_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
-        if self.num_attention_heads == 0
-            || num_kv_heads == 0
-            || !self.num_attention_heads.is_multiple_of(num_kv_heads)
-        {
+        if self.num_attention_heads == 0 || num_kv_heads == 0 || !self.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(ModelError::InvalidConfig(format!(
                 "num_attention_heads {} must be a positive multiple of num_key_value_heads {}",
                 self.num_attention_heads, num_kv_heads
             )));
         }
-        let head_dim = self
-            .head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads);
+        let head_dim = self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads);
         if head_dim == 0 || !head_dim.is_multiple_of(2) {
-            return Err(ModelError::InvalidConfig(format!(
-                "head_dim {head_dim} must be even and positive"
-            )));
+            return Err(ModelError::InvalidConfig(format!("head_dim {head_dim} must be even and positive")));
         }
         if self.num_hidden_layers == 0 || self.hidden_size == 0 || self.vocab_size == 0 {
-            return Err(ModelError::InvalidConfig(
-                "hidden_size, num_hidden_layers and vocab_size must be positive".into(),
-            ));
+            return Err(ModelError::InvalidConfig("hidden_size, num_hidden_layers and vocab_size must be positive".into()));
         }
         if let Some(s) = &self.rope_scaling {
             if s.rope_type != "llama3" && s.rope_type != "default" {
-                return Err(ModelError::InvalidConfig(format!(
-                    "rope_scaling type `{}` is not supported (supported: llama3)",
-                    s.rope_type
-                )));
+                return Err(ModelError::InvalidConfig(format!("rope_scaling type `{}` is not supported (supported: llama3)", s.rope_type)));
             }
         }
         Ok(Config {
@@ -152,10 +131,7 @@ impl HfConfig {
             vocab_size: self.vocab_size,
             rms_norm_eps: self.rms_norm_eps,
             rope_theta: self.rope_theta,
-            rope_scaling: self
-                .rope_scaling
-                .clone()
-                .filter(|s| s.rope_type != "default"),
+            rope_scaling: self.rope_scaling.clone().filter(|s| s.rope_type != "default"),
             max_position_embeddings: self.max_position_embeddings,
             tie_word_embeddings: self.tie_word_embeddings,
             attention_bias: self.attention_bias,

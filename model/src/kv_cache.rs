@@ -72,9 +72,7 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
-        Self {
-            layers: vec![LayerCache::default(); num_layers],
-        }
+        Self { layers: vec![LayerCache::default(); num_layers] }
     }
 
     /// Cached sequence length (all layers advance together).

@@ -36,19 +36,9 @@ impl Attention {
 
     /// # Shapes
     /// x: (batch, seq, hidden) -> (batch, seq, hidden)
-    fn forward(
-        &self,
-        x: &Tensor,
-        rope: &Rope,
-        pos: usize,
-        cache: &mut LayerCache,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, rope: &Rope, pos: usize, cache: &mut LayerCache) -> Result<Tensor> {
         let (b, seq, _) = x.dims3()?;
-        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
-            Ok(t.reshape((b, seq, n, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
+        let heads = |t: Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((b, seq, n, self.head_dim))?.transpose(1, 2)?.contiguous()?) };
         let q = heads(self.q_proj.forward(x)?, self.num_heads)?;
         let k = heads(self.k_proj.forward(x)?, self.num_kv_heads)?;
         let v = heads(self.v_proj.forward(x)?, self.num_kv_heads)?;
@@ -69,10 +59,8 @@ impl Attention {
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let out = probs.matmul(&v)?; // (b, kv, rep*seq, d)
-        let out = out
-            .reshape((b, self.num_heads, seq, self.head_dim))?
-            .transpose(1, 2)?
-            .reshape((b, seq, self.num_heads * self.head_dim))?;
+        let out =
+            out.reshape((b, self.num_heads, seq, self.head_dim))?.transpose(1, 2)?.reshape((b, seq, self.num_heads * self.head_dim))?;
         Ok(self.o_proj.forward(&out)?)
     }
 }
@@ -82,13 +70,7 @@ impl Attention {
 ///
 /// # Shapes
 /// -> (rep * seq, pos + seq)
-fn causal_mask(
-    seq: usize,
-    pos: usize,
-    rep: usize,
-    dtype: DType,
-    device: &Device,
-) -> Result<Tensor> {
+fn causal_mask(seq: usize, pos: usize, rep: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let total = pos + seq;
     let mut data = Vec::with_capacity(rep * seq * total);
     for _ in 0..rep {
@@ -120,9 +102,7 @@ impl Mlp {
     /// x: (batch, seq, hidden) -> (batch, seq, hidden)
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        Ok(self
-            .down_proj
-            .forward(&(gate * self.up_proj.forward(x)?)?)?)
+        Ok(self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)?)
     }
 }
 
@@ -139,11 +119,7 @@ impl DecoderLayer {
         Ok(Self {
             input_layernorm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
             self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
-            post_attention_layernorm: rms_norm(
-                cfg.hidden_size,
-                cfg.rms_norm_eps,
-                vb.pp("post_attention_layernorm"),
-            )?,
+            post_attention_layernorm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
             mlp: Mlp::load(vb.pp("mlp"), cfg)?,
         })
     }
@@ -152,20 +128,10 @@ impl DecoderLayer {
     ///
     /// # Shapes
     /// x: (batch, seq, hidden) -> (batch, seq, hidden)
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        rope: &Rope,
-        pos: usize,
-        cache: &mut LayerCache,
-    ) -> Result<Tensor> {
-        let h = self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x)?, rope, pos, cache)?;
+    pub fn forward(&self, x: &Tensor, rope: &Rope, pos: usize, cache: &mut LayerCache) -> Result<Tensor> {
+        let h = self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, pos, cache)?;
         let x = (x + h)?;
-        let h = self
-            .mlp
-            .forward(&self.post_attention_layernorm.forward(&x)?)?;
+        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
         Ok((x + h)?)
     }
 }

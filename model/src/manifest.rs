@@ -33,15 +33,9 @@ pub struct SplitSpec {
 
 impl SplitSpec {
     /// Checks the split leaves at least one layer in each submodel.
-    pub fn new(
-        num_layers: usize,
-        input_layers: usize,
-        output_layers: usize,
-    ) -> std::result::Result<Self, String> {
+    pub fn new(num_layers: usize, input_layers: usize, output_layers: usize) -> std::result::Result<Self, String> {
         if input_layers == 0 || output_layers == 0 {
-            return Err(format!(
-                "--input-layers and --output-layers must each be at least 1 (got {input_layers} and {output_layers})"
-            ));
+            return Err(format!("--input-layers and --output-layers must each be at least 1 (got {input_layers} and {output_layers})"));
         }
         if input_layers + output_layers >= num_layers {
             return Err(format!(
@@ -50,11 +44,7 @@ impl SplitSpec {
                 num_layers.saturating_sub(1)
             ));
         }
-        Ok(Self {
-            num_layers,
-            input_layers,
-            output_layers,
-        })
+        Ok(Self { num_layers, input_layers, output_layers })
     }
 
     pub fn input_range(&self) -> Range<usize> {
@@ -124,22 +114,12 @@ pub struct Manifest {
 impl Manifest {
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|e| {
-            ModelError::io(
-                format!("cannot read package manifest {}", path.display()),
-                e,
-            )
-        })?;
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| ModelError::io(format!("cannot read package manifest {}", path.display()), e))?;
         let manifest: Manifest =
-            serde_json::from_str(&text).map_err(|e| ModelError::InvalidManifest {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
+            serde_json::from_str(&text).map_err(|e| ModelError::InvalidManifest { path: path.clone(), reason: e.to_string() })?;
         if manifest.format != FORMAT_NAME {
-            return Err(ModelError::InvalidManifest {
-                path,
-                reason: format!("format is `{}`, not `{FORMAT_NAME}`", manifest.format),
-            });
+            return Err(ModelError::InvalidManifest { path, reason: format!("format is `{}`, not `{FORMAT_NAME}`", manifest.format) });
         }
         if manifest.format_version != FORMAT_VERSION {
             return Err(ModelError::InvalidManifest {
@@ -154,27 +134,18 @@ impl Manifest {
     }
 
     pub fn to_json(&self) -> Result<String> {
-        serde_json::to_string_pretty(self).map_err(|e| ModelError::Json {
-            context: "serialising manifest".into(),
-            source: e,
-        })
+        serde_json::to_string_pretty(self).map_err(|e| ModelError::Json { context: "serialising manifest".into(), source: e })
     }
 
     pub fn write(&self, dir: &Path) -> Result<()> {
         let path = dir.join(MANIFEST_FILE);
-        std::fs::write(&path, self.to_json()? + "\n")
-            .map_err(|e| ModelError::io(format!("cannot write {}", path.display()), e))
+        std::fs::write(&path, self.to_json()? + "\n").map_err(|e| ModelError::io(format!("cannot write {}", path.display()), e))
     }
 }
 
 /// The fingerprint both manifests of one split share. It changes with the weights (through the shard
 /// hashes), the architecture, the cut points and the dtype.
-pub fn fingerprint(
-    config: &HfConfig,
-    split: &SplitSpec,
-    dtype: &str,
-    shard_hashes: &[(&str, &str)],
-) -> String {
+pub fn fingerprint(config: &HfConfig, split: &SplitSpec, dtype: &str, shard_hashes: &[(&str, &str)]) -> String {
     let mut shards: Vec<_> = shard_hashes.to_vec();
     shards.sort();
     let canonical = serde_json::json!({
@@ -190,14 +161,11 @@ pub fn fingerprint(
 /// Streams a file through sha256.
 pub fn sha256_file(path: &Path) -> Result<String> {
     use std::io::Read;
-    let mut file = std::fs::File::open(path)
-        .map_err(|e| ModelError::io(format!("cannot open {}", path.display()), e))?;
+    let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(format!("cannot open {}", path.display()), e))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = file
-            .read(&mut buf)
-            .map_err(|e| ModelError::io(format!("cannot read {}", path.display()), e))?;
+        let n = file.read(&mut buf).map_err(|e| ModelError::io(format!("cannot read {}", path.display()), e))?;
         if n == 0 {
             break;
         }
@@ -216,10 +184,7 @@ mod tests {
         assert_eq!(s.input_range(), 0..2);
         assert_eq!(s.middle_range(), 2..28);
         assert_eq!(s.output_range(), 28..30);
-        assert!(
-            SplitSpec::new(30, 15, 15).is_err(),
-            "middle must keep a layer"
-        );
+        assert!(SplitSpec::new(30, 15, 15).is_err(), "middle must keep a layer");
         assert!(SplitSpec::new(30, 0, 2).is_err());
         assert!(SplitSpec::new(4, 2, 1).is_ok());
     }

@@ -14,10 +14,7 @@ pub fn layer_index(name: &str) -> Option<usize> {
 
 /// The tensors one decoder layer must have, by their names relative to `model.layers.{i}`.
 pub fn layer_tensor_suffixes(attention_bias: bool, mlp_bias: bool) -> Vec<String> {
-    let mut names = vec![
-        "input_layernorm.weight".to_string(),
-        "post_attention_layernorm.weight".to_string(),
-    ];
+    let mut names = vec!["input_layernorm.weight".to_string(), "post_attention_layernorm.weight".to_string()];
     for p in ["q_proj", "k_proj", "v_proj", "o_proj"] {
         names.push(format!("self_attn.{p}.weight"));
         if attention_bias && p != "o_proj" {
@@ -40,10 +37,7 @@ mod tests {
     #[test]
     fn layer_index_parses_only_layer_tensors() {
         assert_eq!(layer_index("model.layers.7.mlp.up_proj.weight"), Some(7));
-        assert_eq!(
-            layer_index("model.layers.12.input_layernorm.weight"),
-            Some(12)
-        );
+        assert_eq!(layer_index("model.layers.12.input_layernorm.weight"), Some(12));
         assert_eq!(layer_index(EMBED_TOKENS), None);
         assert_eq!(layer_index("model.layersX.1.a"), None);
     }

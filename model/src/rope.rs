@@ -15,9 +15,7 @@ pub struct Rope {
 impl Rope {
     pub fn new(cfg: &Config, dtype: DType, device: &Device) -> Result<Self> {
         let half = cfg.head_dim / 2;
-        let mut inv_freq: Vec<f64> = (0..half)
-            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64))
-            .collect();
+        let mut inv_freq: Vec<f64> = (0..half).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64)).collect();
         if let Some(s) = &cfg.rope_scaling {
             // Llama 3.x frequency-dependent scaling (as in the reference implementation).
             let factor = s.factor.unwrap_or(8.0);
@@ -42,10 +40,7 @@ impl Rope {
             angles.extend(inv_freq.iter().map(|f| (p as f64 * f) as f32));
         }
         let angles = Tensor::from_vec(angles, (max, half), device)?;
-        Ok(Self {
-            cos: angles.cos()?.to_dtype(dtype)?,
-            sin: angles.sin()?.to_dtype(dtype)?,
-        })
+        Ok(Self { cos: angles.cos()?.to_dtype(dtype)?, sin: angles.sin()?.to_dtype(dtype)? })
     }
 
     /// Rotates `x` for positions `pos..pos + seq`.

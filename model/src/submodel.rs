@@ -51,44 +51,21 @@ pub struct Submodel {
 
 impl Submodel {
     /// Loads layers `layer_range` (original indices) and, depending on `kind`, the embedding or head.
-    pub fn load(
-        vb: VarBuilder,
-        cfg: &Config,
-        kind: SubmodelKind,
-        layer_range: Range<usize>,
-    ) -> Result<Self> {
+    pub fn load(vb: VarBuilder, cfg: &Config, kind: SubmodelKind, layer_range: Range<usize>) -> Result<Self> {
         if layer_range.end > cfg.num_layers || layer_range.start > layer_range.end {
             return Err(ModelError::InvalidConfig(format!(
                 "layer range {layer_range:?} does not fit a model of {} layers",
                 cfg.num_layers
             )));
         }
-        let embed_tokens = if kind.has_embedding() {
-            Some(embedding(
-                cfg.vocab_size,
-                cfg.hidden_size,
-                vb.pp("model.embed_tokens"),
-            )?)
-        } else {
-            None
-        };
+        let embed_tokens =
+            if kind.has_embedding() { Some(embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("model.embed_tokens"))?) } else { None };
         let layers_vb = vb.pp(LAYERS_PREFIX);
-        let layers = layer_range
-            .clone()
-            .map(|i| DecoderLayer::load(layers_vb.pp(i), cfg))
-            .collect::<Result<Vec<_>>>()?;
+        let layers = layer_range.clone().map(|i| DecoderLayer::load(layers_vb.pp(i), cfg)).collect::<Result<Vec<_>>>()?;
         let (norm, lm_head) = if kind.has_head() {
             (
-                Some(rms_norm(
-                    cfg.hidden_size,
-                    cfg.rms_norm_eps,
-                    vb.pp("model.norm"),
-                )?),
-                Some(linear_no_bias(
-                    cfg.hidden_size,
-                    cfg.vocab_size,
-                    vb.pp("lm_head"),
-                )?),
+                Some(rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("model.norm"))?),
+                Some(linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?),
             )
         } else {
             (None, None)
@@ -135,10 +112,7 @@ impl Submodel {
     /// # Shapes
     /// ids: (batch, seq) u32 -> (batch, seq, hidden)
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        let e = self
-            .embed_tokens
-            .as_ref()
-            .ok_or_else(|| missing_part(self.kind, "embedding"))?;
+        let e = self.embed_tokens.as_ref().ok_or_else(|| missing_part(self.kind, "embedding"))?;
         Ok(e.forward(ids)?)
     }
 
@@ -147,18 +121,9 @@ impl Submodel {
     ///
     /// # Shapes
     /// hidden: (batch, seq, hidden) -> (batch, seq, hidden)
-    pub fn forward_layers(
-        &self,
-        hidden: &Tensor,
-        pos: usize,
-        cache: &mut KvCache,
-    ) -> Result<Tensor> {
+    pub fn forward_layers(&self, hidden: &Tensor, pos: usize, cache: &mut KvCache) -> Result<Tensor> {
         if cache.num_layers() != self.layers.len() {
-            return Err(ModelError::InvalidConfig(format!(
-                "cache has {} layers, submodel has {}",
-                cache.num_layers(),
-                self.layers.len()
-            )));
+            return Err(ModelError::InvalidConfig(format!("cache has {} layers, submodel has {}", cache.num_layers(), self.layers.len())));
         }
         let seq = hidden.dim(1)?;
         if pos + seq > self.rope.max_positions() {
@@ -170,10 +135,7 @@ impl Submodel {
         }
         cache.truncate(pos);
         if cache.len() != pos {
-            return Err(ModelError::InvalidConfig(format!(
-                "cannot run at position {pos}: the cache holds only {} positions",
-                cache.len()
-            )));
+            return Err(ModelError::InvalidConfig(format!("cannot run at position {pos}: the cache holds only {} positions", cache.len())));
         }
         let mut h = hidden.clone();
         for (i, layer) in self.layers.iter().enumerate() {

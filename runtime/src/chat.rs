@@ -5,27 +5,13 @@ use minijinja::{context, Environment};
 use crate::error::{Result, RuntimeError};
 
 /// One user turn, with the template's own default system prompt if it has one.
-pub fn render_user_prompt(
-    template: &str,
-    user: &str,
-    bos: Option<&str>,
-    eos: Option<&str>,
-) -> Result<String> {
+pub fn render_user_prompt(template: &str, user: &str, bos: Option<&str>, eos: Option<&str>) -> Result<String> {
     let mut env = Environment::new();
-    env.add_function(
-        "raise_exception",
-        |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(
-                minijinja::ErrorKind::InvalidOperation,
-                msg,
-            ))
-        },
-    );
-    env.add_template("chat", template)
-        .map_err(|e| RuntimeError::ChatTemplate(e.to_string()))?;
-    let tmpl = env
-        .get_template("chat")
-        .map_err(|e| RuntimeError::ChatTemplate(e.to_string()))?;
+    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+    });
+    env.add_template("chat", template).map_err(|e| RuntimeError::ChatTemplate(e.to_string()))?;
+    let tmpl = env.get_template("chat").map_err(|e| RuntimeError::ChatTemplate(e.to_string()))?;
     tmpl.render(context! {
         messages => vec![context! { role => "user", content => user }],
         add_generation_prompt => true,
@@ -37,32 +23,19 @@ pub fn render_user_prompt(
 
 /// Token ids of a prompt: the text as is (with the tokenizer's own special tokens), or wrapped in the
 /// model's chat template as one user turn.
-pub fn prompt_ids(
-    package: &crate::package::DevicePackage,
-    text: &str,
-    chat: bool,
-) -> Result<Vec<u32>> {
+pub fn prompt_ids(package: &crate::package::DevicePackage, text: &str, chat: bool) -> Result<Vec<u32>> {
     let info = package.manifest.tokenizer.as_ref();
     let (text, add_special) = if chat {
         let template = info
             .and_then(|t| t.chat_template.as_deref())
-            .ok_or_else(|| {
-                RuntimeError::ChatTemplate("this model has no chat template; drop --chat".into())
-            })?;
-        let bos = info
-            .and_then(|t| t.bos_token.as_ref())
-            .map(|t| t.content.as_str());
-        let eos = info
-            .and_then(|t| t.eos_tokens.first())
-            .map(|t| t.content.as_str());
+            .ok_or_else(|| RuntimeError::ChatTemplate("this model has no chat template; drop --chat".into()))?;
+        let bos = info.and_then(|t| t.bos_token.as_ref()).map(|t| t.content.as_str());
+        let eos = info.and_then(|t| t.eos_tokens.first()).map(|t| t.content.as_str());
         (render_user_prompt(template, text, bos, eos)?, false)
     } else {
         (text.to_string(), true)
     };
-    let encoding = package
-        .tokenizer
-        .encode(text.as_str(), add_special)
-        .map_err(|e| RuntimeError::Tokenizer(e.to_string()))?;
+    let encoding = package.tokenizer.encode(text.as_str(), add_special).map_err(|e| RuntimeError::Tokenizer(e.to_string()))?;
     Ok(encoding.get_ids().to_vec())
 }
 

@@ -59,11 +59,7 @@ impl DeviceRuntime {
         let device = default_device();
         let package = DevicePackage::open(dir, &device)?;
         let adapter = Adapter::load(&package, &device)?;
-        Ok(Self {
-            package,
-            adapter,
-            device,
-        })
+        Ok(Self { package, adapter, device })
     }
 
     /// Replaces the adapter (tests use the middle submodel itself as an oracle).
@@ -87,19 +83,10 @@ impl DeviceRuntime {
     /// Connects to `hat serve cloud` and opens a session (retrying per `opts`).
     pub fn connect(&self, opts: CloudOptions) -> Result<DeviceSession> {
         let cfg = &self.package.config;
-        let middle = RemoteMiddle::connect(
-            opts,
-            &self.package.manifest.fingerprint,
-            cfg.hidden_size,
-            cfg.max_position_embeddings,
-            &self.device,
-        )?;
+        let middle =
+            RemoteMiddle::connect(opts, &self.package.manifest.fingerprint, cfg.hidden_size, cfg.max_position_embeddings, &self.device)?;
         Ok(DeviceSession {
-            pipeline: SplitPipeline::with_middle(
-                self.package.input.clone(),
-                self.package.output.clone(),
-                middle,
-            ),
+            pipeline: SplitPipeline::with_middle(self.package.input.clone(), self.package.output.clone(), middle),
             drafter: Drafter::new(self.adapter.clone()),
         })
     }
@@ -114,26 +101,11 @@ pub struct DeviceSession {
 
 impl DeviceSession {
     /// Generates a reply to `prompt`, calling `on_token` as each token is final.
-    pub fn generate(
-        &mut self,
-        prompt: &[u32],
-        opts: &GenerateOptions,
-        mode: Mode,
-        on_token: impl FnMut(u32),
-    ) -> Result<Generation> {
+    pub fn generate(&mut self, prompt: &[u32], opts: &GenerateOptions, mode: Mode, on_token: impl FnMut(u32)) -> Result<Generation> {
         match mode {
             Mode::UShape => generate(&mut self.pipeline, prompt, opts, on_token),
-            Mode::Hat { draft_len: 0 } => Err(RuntimeError::BadInput(
-                "--draft-len must be at least 1".into(),
-            )),
-            Mode::Hat { draft_len } => generate_speculative(
-                &mut self.pipeline,
-                &mut self.drafter,
-                prompt,
-                opts,
-                draft_len,
-                on_token,
-            ),
+            Mode::Hat { draft_len: 0 } => Err(RuntimeError::BadInput("--draft-len must be at least 1".into())),
+            Mode::Hat { draft_len } => generate_speculative(&mut self.pipeline, &mut self.drafter, prompt, opts, draft_len, on_token),
         }
     }
 }

@@ -58,10 +58,7 @@ impl Adapter {
         let trained = package.dir.join(TRAINED_ADAPTER);
         if trained.is_file() {
             let layers = load_layers(&trained, &package.config, device, package.input.dtype())?;
-            return Ok(Self {
-                layers,
-                origin: AdapterOrigin::Trained(trained),
-            });
+            return Ok(Self { layers, origin: AdapterOrigin::Trained(trained) });
         }
         let init = package.dir.join(INIT_ADAPTER);
         if !init.is_file() {
@@ -72,10 +69,7 @@ impl Adapter {
         }
         let layers = load_layers(&init, &package.config, device, package.input.dtype())?;
         let first = layers.layer_range().start;
-        Ok(Self {
-            layers,
-            origin: AdapterOrigin::MiddleLayer(first),
-        })
+        Ok(Self { layers, origin: AdapterOrigin::MiddleLayer(first) })
     }
 
     /// Any run of decoder layers as the adapter; the middle submodel itself is the oracle adapter.
@@ -87,10 +81,7 @@ impl Adapter {
     pub fn zeros(cfg: &Config, device: &Device) -> Result<Self> {
         let vb = VarBuilder::zeros(candle_core::DType::F32, device);
         let layers = Submodel::load(vb, cfg, SubmodelKind::Middle, 0..1)?;
-        Ok(Self {
-            layers,
-            origin: AdapterOrigin::Custom("zeros"),
-        })
+        Ok(Self { layers, origin: AdapterOrigin::Custom("zeros") })
     }
 
     pub fn num_layers(&self) -> usize {
@@ -99,26 +90,15 @@ impl Adapter {
 }
 
 /// Loads `model.layers.{i}.*` tensors from an adapter file; the file decides how many layers.
-fn load_layers(
-    path: &Path,
-    cfg: &Config,
-    device: &Device,
-    dtype: candle_core::DType,
-) -> Result<Submodel> {
+fn load_layers(path: &Path, cfg: &Config, device: &Device, dtype: candle_core::DType) -> Result<Submodel> {
     let bad = |reason: String| RuntimeError::Adapter(format!("{}: {reason}", path.display()));
     let tensors = candle_core::safetensors::load(path, device).map_err(|e| bad(e.to_string()))?;
-    let indices: Vec<usize> = tensors
-        .keys()
-        .filter_map(|n| names::layer_index(n))
-        .collect();
+    let indices: Vec<usize> = tensors.keys().filter_map(|n| names::layer_index(n)).collect();
     let (Some(lo), Some(hi)) = (indices.iter().min(), indices.iter().max()) else {
         return Err(bad("holds no decoder layer".into()));
     };
     if *hi >= cfg.num_layers {
-        return Err(bad(format!(
-            "layer {hi} is past the model's {} layers",
-            cfg.num_layers
-        )));
+        return Err(bad(format!("layer {hi} is past the model's {} layers", cfg.num_layers)));
     }
     let vb = VarBuilder::from_tensors(tensors, dtype, device);
     Submodel::load(vb, cfg, SubmodelKind::Middle, *lo..*hi + 1).map_err(|e| bad(e.to_string()))
@@ -148,11 +128,7 @@ pub struct Drafter {
 
 impl Drafter {
     pub fn new(adapter: Adapter) -> Self {
-        Self {
-            cache: adapter.layers.new_cache(),
-            adapter,
-            unseen: None,
-        }
+        Self { cache: adapter.layers.new_cache(), adapter, unseen: None }
     }
 
     pub fn adapter(&self) -> &Adapter {
@@ -165,9 +141,7 @@ impl Drafter {
     /// input_states: (1, prompt, hidden)
     pub fn prefill(&mut self, input_states: &Tensor) -> Result<()> {
         self.unseen = None;
-        self.adapter
-            .layers
-            .forward_layers(input_states, 0, &mut self.cache)?;
+        self.adapter.layers.forward_layers(input_states, 0, &mut self.cache)?;
         Ok(())
     }
 
@@ -194,10 +168,7 @@ impl Drafter {
                 Some(u) => (Tensor::cat(&[&u, &h], 1)?, self.cache.len()),
                 None => (h, pos + j),
             };
-            let a = self
-                .adapter
-                .layers
-                .forward_layers(&a_in, a_pos, &mut self.cache)?;
+            let a = self.adapter.layers.forward_layers(&a_in, a_pos, &mut self.cache)?;
             let a_last = a.narrow(1, a.dim(1)? - 1, 1)?;
             let logits = logits_rows(&pipeline.output_logits_last(&a_last, pos + j)?)?;
             token = if sampler.is_greedy() {
@@ -210,11 +181,7 @@ impl Drafter {
             };
             tokens.push(token);
         }
-        Ok(Draft {
-            tokens,
-            q,
-            states: Tensor::cat(&states, 1)?,
-        })
+        Ok(Draft { tokens, q, states: Tensor::cat(&states, 1)? })
     }
 
     /// After verification: positions `..committed` are final. `states` are the draft's input states,
@@ -232,10 +199,7 @@ impl Drafter {
         let mut parts = Vec::new();
         if have < start {
             // Only a draft of length 0 leaves earlier states unseen; they precede this round's.
-            let earlier = self
-                .unseen
-                .take()
-                .ok_or_else(|| RuntimeError::BadInput("adapter cache fell behind".into()))?;
+            let earlier = self.unseen.take().ok_or_else(|| RuntimeError::BadInput("adapter cache fell behind".into()))?;
             parts.push(earlier);
         }
         let from = have.max(start);

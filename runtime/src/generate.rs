@@ -78,11 +78,7 @@ pub type LocalPipeline = SplitPipeline<LocalMiddle>;
 impl LocalPipeline {
     pub fn new(device: &DevicePackage, cloud: &CloudPackage) -> Result<Self> {
         device.check_pair(&cloud.manifest, &cloud.dir)?;
-        Ok(Self::from_submodels(
-            device.input.clone(),
-            cloud.middle.clone(),
-            device.output.clone(),
-        ))
+        Ok(Self::from_submodels(device.input.clone(), cloud.middle.clone(), device.output.clone()))
     }
 
     pub fn from_submodels(input: Submodel, middle: Submodel, output: Submodel) -> Self {
@@ -92,13 +88,7 @@ impl LocalPipeline {
 
 impl<M: Middle> SplitPipeline<M> {
     pub fn with_middle(input: Submodel, output: Submodel, middle: M) -> Self {
-        Self {
-            input_cache: input.new_cache(),
-            output_cache: output.new_cache(),
-            input,
-            output,
-            middle,
-        }
+        Self { input_cache: input.new_cache(), output_cache: output.new_cache(), input, output, middle }
     }
 
     /// Runs the input submodel on `ids` at positions `pos..`.
@@ -115,9 +105,7 @@ impl<M: Middle> SplitPipeline<M> {
     /// # Shapes
     /// middle_states: (1, seq, hidden) -> (seq, vocab)
     pub fn output_logits(&mut self, middle_states: &Tensor, pos: usize) -> Result<Tensor> {
-        let h = self
-            .output
-            .forward_layers(middle_states, pos, &mut self.output_cache)?;
+        let h = self.output.forward_layers(middle_states, pos, &mut self.output_cache)?;
         Ok(self.output.head(&h)?.squeeze(0)?)
     }
 
@@ -126,9 +114,7 @@ impl<M: Middle> SplitPipeline<M> {
     /// # Shapes
     /// middle_states: (1, seq, hidden) -> (vocab,)
     pub fn output_logits_last(&mut self, middle_states: &Tensor, pos: usize) -> Result<Tensor> {
-        let h = self
-            .output
-            .forward_layers(middle_states, pos, &mut self.output_cache)?;
+        let h = self.output.forward_layers(middle_states, pos, &mut self.output_cache)?;
         let last = h.narrow(1, h.dim(1)? - 1, 1)?;
         Ok(self.output.head(&last)?.squeeze(0)?.squeeze(0)?)
     }
@@ -150,9 +136,7 @@ impl<M: Middle> TokenModel for SplitPipeline<M> {
     fn hidden(&mut self, ids: &[u32], pos: usize) -> Result<Tensor> {
         let h = self.input_states(ids, pos)?;
         let h = self.middle.forward(pos, &h)?;
-        Ok(self
-            .output
-            .forward_layers(&h, pos, &mut self.output_cache)?)
+        Ok(self.output.forward_layers(&h, pos, &mut self.output_cache)?)
     }
 
     fn head(&self, hidden: &Tensor) -> Result<Tensor> {
@@ -160,10 +144,7 @@ impl<M: Middle> TokenModel for SplitPipeline<M> {
     }
 
     fn context_len(&self) -> usize {
-        self.input
-            .config()
-            .max_position_embeddings
-            .min(self.middle.max_context())
+        self.input.config().max_position_embeddings.min(self.middle.max_context())
     }
 
     fn device(&self) -> &Device {
@@ -184,10 +165,7 @@ pub struct UnsplitModel {
 
 impl UnsplitModel {
     pub fn new(full: Submodel) -> Self {
-        Self {
-            cache: full.new_cache(),
-            full,
-        }
+        Self { cache: full.new_cache(), full }
     }
 }
 
@@ -220,11 +198,7 @@ pub struct GenerateOptions {
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        Self {
-            max_tokens: 128,
-            sampling: SamplingOptions::default(),
-            eos: Vec::new(),
-        }
+        Self { max_tokens: 128, sampling: SamplingOptions::default(), eos: Vec::new() }
     }
 }
 
@@ -268,20 +242,12 @@ impl Generation {
 }
 
 /// Checks the prompt against the context and returns how many tokens may be generated.
-pub(crate) fn token_budget(
-    prompt: &[u32],
-    opts: &GenerateOptions,
-    context: usize,
-) -> Result<usize> {
+pub(crate) fn token_budget(prompt: &[u32], opts: &GenerateOptions, context: usize) -> Result<usize> {
     if prompt.is_empty() {
         return Err(RuntimeError::BadInput("the prompt is empty".into()));
     }
     if prompt.len() >= context {
-        return Err(RuntimeError::ContextOverflow {
-            prompt: prompt.len(),
-            max_new: opts.max_tokens,
-            context,
-        });
+        return Err(RuntimeError::ContextOverflow { prompt: prompt.len(), max_new: opts.max_tokens, context });
     }
     Ok(opts.max_tokens.min(context - prompt.len()))
 }
@@ -302,16 +268,7 @@ pub(crate) struct Emitter<'a, F> {
 impl<'a, F: FnMut(u32)> Emitter<'a, F> {
     pub(crate) fn new(budget: usize, eos: &'a [u32], on_token: F) -> Self {
         let now = Instant::now();
-        Self {
-            tokens: Vec::with_capacity(budget),
-            budget,
-            eos,
-            start: now,
-            first_at: None,
-            last_at: now,
-            stopped_by_eos: false,
-            on_token,
-        }
+        Self { tokens: Vec::with_capacity(budget), budget, eos, start: now, first_at: None, last_at: now, stopped_by_eos: false, on_token }
     }
 
     /// Tokens still allowed.
@@ -343,21 +300,10 @@ impl<'a, F: FnMut(u32)> Emitter<'a, F> {
         self.remaining() > 0
     }
 
-    pub(crate) fn finish(
-        self,
-        prompt_tokens: usize,
-        rounds: usize,
-        drafted: usize,
-        accepted: usize,
-        traffic: Traffic,
-    ) -> Generation {
+    pub(crate) fn finish(self, prompt_tokens: usize, rounds: usize, drafted: usize, accepted: usize, traffic: Traffic) -> Generation {
         let first_at = self.first_at.unwrap_or(self.start);
         let n = self.tokens.len();
-        let tbt = if n > 1 {
-            (self.last_at - first_at) / (n as u32 - 1)
-        } else {
-            Duration::ZERO
-        };
+        let tbt = if n > 1 { (self.last_at - first_at) / (n as u32 - 1) } else { Duration::ZERO };
         Generation {
             tokens: self.tokens,
             prompt_tokens,
@@ -374,12 +320,7 @@ impl<'a, F: FnMut(u32)> Emitter<'a, F> {
 
 /// Generates up to `max_tokens` after `prompt`, one token per step, calling `on_token` as each token
 /// is chosen.
-pub fn generate(
-    model: &mut impl TokenModel,
-    prompt: &[u32],
-    opts: &GenerateOptions,
-    on_token: impl FnMut(u32),
-) -> Result<Generation> {
+pub fn generate(model: &mut impl TokenModel, prompt: &[u32], opts: &GenerateOptions, on_token: impl FnMut(u32)) -> Result<Generation> {
     let budget = token_budget(prompt, opts, model.context_len())?;
     let mut sampler = Sampler::new(opts.sampling);
     let traffic_before = model.traffic();
@@ -388,10 +329,7 @@ pub fn generate(
     if budget > 0 {
         let mut logits = model.logits_last(prompt, 0)?;
         while out.push(sampler.sample(&logits)?) {
-            logits = model.logits_last(
-                &[out.tokens[out.count() - 1]],
-                prompt.len() + out.count() - 1,
-            )?;
+            logits = model.logits_last(&[out.tokens[out.count() - 1]], prompt.len() + out.count() - 1)?;
             rounds += 1;
         }
     }

@@ -19,9 +19,7 @@ pub mod verify;
 pub use device::{DeviceRuntime, DeviceSession, Mode};
 pub use draft::{Adapter, AdapterOrigin, Drafter};
 pub use error::{Result, RuntimeError};
-pub use generate::{
-    generate, GenerateOptions, Generation, LocalPipeline, SplitPipeline, TokenModel, UnsplitModel,
-};
+pub use generate::{generate, GenerateOptions, Generation, LocalPipeline, SplitPipeline, TokenModel, UnsplitModel};
 pub use middle::{LocalMiddle, Middle, Traffic};
 pub use package::{CloudPackage, DevicePackage};
 pub use protocol::{WireDType, WireFormat};

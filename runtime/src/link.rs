@@ -74,12 +74,7 @@ fn broken(msg: &str) -> std::io::Error {
 
 impl FramedConn {
     /// Connects (trying each resolved address) and starts the writer and reader threads.
-    pub fn connect(
-        addr: &str,
-        link: Option<LinkEmulation>,
-        max_frame: usize,
-        counters: Arc<Counters>,
-    ) -> std::io::Result<Self> {
+    pub fn connect(addr: &str, link: Option<LinkEmulation>, max_frame: usize, counters: Arc<Counters>) -> std::io::Result<Self> {
         let mut last = None;
         let mut stream = None;
         for a in addr.to_socket_addrs()? {
@@ -91,46 +86,38 @@ impl FramedConn {
                 Err(e) => last = Some(e),
             }
         }
-        let stream = stream.ok_or_else(|| {
-            last.unwrap_or_else(|| std::io::Error::other("the address resolved to nothing"))
-        })?;
+        let stream = stream.ok_or_else(|| last.unwrap_or_else(|| std::io::Error::other("the address resolved to nothing")))?;
         stream.set_nodelay(true)?;
 
         let (to_writer, writer_rx) = mpsc::channel::<(Vec<u8>, Instant)>();
         let mut w = stream.try_clone()?;
         let wc = counters.clone();
-        std::thread::Builder::new()
-            .name("hat-link-writer".into())
-            .spawn(move || {
-                for (bytes, release) in writer_rx {
-                    let now = Instant::now();
-                    if release > now {
-                        std::thread::sleep(release - now);
-                    }
-                    if w.write_all(&bytes).is_err() {
-                        let _ = w.shutdown(Shutdown::Both);
-                        return;
-                    }
-                    wc.up.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        std::thread::Builder::new().name("hat-link-writer".into()).spawn(move || {
+            for (bytes, release) in writer_rx {
+                let now = Instant::now();
+                if release > now {
+                    std::thread::sleep(release - now);
                 }
-            })?;
+                if w.write_all(&bytes).is_err() {
+                    let _ = w.shutdown(Shutdown::Both);
+                    return;
+                }
+                wc.up.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            }
+        })?;
 
         let (reader_tx, from_reader) = mpsc::channel::<Incoming>();
         let mut r = stream.try_clone()?;
-        std::thread::Builder::new()
-            .name("hat-link-reader".into())
-            .spawn(move || loop {
-                let got = read_frame(&mut r, max_frame).map(|body| {
-                    counters
-                        .down
-                        .fetch_add((LENGTH_PREFIX + body.len()) as u64, Ordering::Relaxed);
-                    (body, Instant::now())
-                });
-                let failed = got.is_err();
-                if reader_tx.send(got).is_err() || failed {
-                    return;
-                }
-            })?;
+        std::thread::Builder::new().name("hat-link-reader".into()).spawn(move || loop {
+            let got = read_frame(&mut r, max_frame).map(|body| {
+                counters.down.fetch_add((LENGTH_PREFIX + body.len()) as u64, Ordering::Relaxed);
+                (body, Instant::now())
+            });
+            let failed = got.is_err();
+            if reader_tx.send(got).is_err() || failed {
+                return;
+            }
+        })?;
 
         let now = Instant::now();
         Ok(Self {
@@ -151,12 +138,8 @@ impl FramedConn {
             Some(l) => self.up_lane.schedule(l, now, bytes.len()),
             None => now,
         };
-        let tx = self
-            .to_writer
-            .as_ref()
-            .ok_or_else(|| broken("connection closed"))?;
-        tx.send((bytes, release))
-            .map_err(|_| broken("the connection to the cloud is closed"))
+        let tx = self.to_writer.as_ref().ok_or_else(|| broken("connection closed"))?;
+        tx.send((bytes, release)).map_err(|_| broken("the connection to the cloud is closed"))
     }
 
     /// The next frame body, after the emulated link would have delivered it.
@@ -164,19 +147,12 @@ impl FramedConn {
         let (body, arrived) = match self.from_reader.recv_timeout(timeout) {
             Ok(got) => got?,
             Err(RecvTimeoutError::Timeout) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no reply within {timeout:?}"),
-                ))
+                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no reply within {timeout:?}")))
             }
-            Err(RecvTimeoutError::Disconnected) => {
-                return Err(broken("the connection to the cloud is closed"))
-            }
+            Err(RecvTimeoutError::Disconnected) => return Err(broken("the connection to the cloud is closed")),
         };
         if let Some(l) = &self.link {
-            let deliver = self
-                .down_lane
-                .schedule(l, arrived, LENGTH_PREFIX + body.len());
+            let deliver = self.down_lane.schedule(l, arrived, LENGTH_PREFIX + body.len());
             let now = Instant::now();
             if deliver > now {
                 std::thread::sleep(deliver - now);
@@ -201,10 +177,7 @@ pub fn read_frame(r: &mut impl Read, max_frame: usize) -> std::io::Result<Vec<u8
     r.read_exact(&mut len)?;
     let n = u32::from_be_bytes(len) as usize;
     if n > max_frame {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("frame of {n} bytes is over the {max_frame}-byte limit"),
-        ));
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("frame of {n} bytes is over the {max_frame}-byte limit")));
     }
     let mut body = vec![0u8; n];
     r.read_exact(&mut body)?;
@@ -217,10 +190,7 @@ mod tests {
 
     #[test]
     fn lanes_queue_frames_and_add_half_the_rtt() {
-        let link = LinkEmulation {
-            mbps: 8.0,
-            rtt: Duration::from_millis(40),
-        };
+        let link = LinkEmulation { mbps: 8.0, rtt: Duration::from_millis(40) };
         let t0 = Instant::now();
         let mut lane = Lane { busy_until: t0 };
         // 10 kB at 8 Mbps = 10 ms on the wire, then 20 ms of latency.

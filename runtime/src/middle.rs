@@ -66,11 +66,7 @@ pub struct LocalMiddle {
 
 impl LocalMiddle {
     pub fn new(middle: Submodel) -> Self {
-        Self {
-            cache: middle.new_cache(),
-            middle,
-            done: VecDeque::new(),
-        }
+        Self { cache: middle.new_cache(), middle, done: VecDeque::new() }
     }
 }
 
@@ -82,9 +78,7 @@ impl Middle for LocalMiddle {
     }
 
     fn collect(&mut self) -> Result<Tensor> {
-        self.done
-            .pop_front()
-            .ok_or_else(|| RuntimeError::BadInput("collect() without a submitted message".into()))
+        self.done.pop_front().ok_or_else(|| RuntimeError::BadInput("collect() without a submitted message".into()))
     }
 
     fn max_context(&self) -> usize {

@@ -26,60 +26,32 @@ fn open_manifest(dir: &Path, expected: Role) -> Result<Manifest> {
     }
     let m = Manifest::read(dir)?;
     if m.role != expected {
-        return Err(RuntimeError::WrongRole {
-            path: dir.to_path_buf(),
-            expected: role_name(expected),
-            found: role_name(m.role),
-        });
+        return Err(RuntimeError::WrongRole { path: dir.to_path_buf(), expected: role_name(expected), found: role_name(m.role) });
     }
     Ok(m)
 }
 
 /// Loads one shard after checking it is the file the manifest describes.
-fn load_shard(
-    dir: &Path,
-    manifest: &Manifest,
-    file: &str,
-    kind: SubmodelKind,
-    device: &Device,
-    dtype: DType,
-) -> Result<Submodel> {
+fn load_shard(dir: &Path, manifest: &Manifest, file: &str, kind: SubmodelKind, device: &Device, dtype: DType) -> Result<Submodel> {
     let info: &ShardInfo = manifest
         .shards
         .iter()
         .find(|s| s.file == file)
-        .ok_or_else(|| RuntimeError::DamagedShard {
-            path: dir.join(file),
-            reason: "not listed in hat.json".into(),
-        })?;
+        .ok_or_else(|| RuntimeError::DamagedShard { path: dir.join(file), reason: "not listed in hat.json".into() })?;
     let path = dir.join(file);
-    let damaged = |reason: String| RuntimeError::DamagedShard {
-        path: path.clone(),
-        reason,
-    };
-    let len = std::fs::metadata(&path)
-        .map_err(|e| damaged(e.to_string()))?
-        .len();
+    let damaged = |reason: String| RuntimeError::DamagedShard { path: path.clone(), reason };
+    let len = std::fs::metadata(&path).map_err(|e| damaged(e.to_string()))?.len();
     if len != info.bytes {
-        return Err(damaged(format!(
-            "{len} bytes, the manifest says {}",
-            info.bytes
-        )));
+        return Err(damaged(format!("{len} bytes, the manifest says {}", info.bytes)));
     }
     let hash = sha256_file(&path)?;
     if hash != info.sha256 {
         return Err(damaged("sha256 does not match the manifest".into()));
     }
-    let tensors =
-        candle_core::safetensors::load(&path, device).map_err(|e| damaged(e.to_string()))?;
+    let tensors = candle_core::safetensors::load(&path, device).map_err(|e| damaged(e.to_string()))?;
     let cfg = manifest.config.validate()?;
     let vb = VarBuilder::from_tensors(tensors, dtype, device);
-    Ok(Submodel::load(
-        vb,
-        &cfg,
-        kind,
-        info.layers[0]..info.layers[1],
-    )?)
+    Ok(Submodel::load(vb, &cfg, kind, info.layers[0]..info.layers[1])?)
 }
 
 /// CPU matmuls are fastest in f32 whatever the package dtype; other devices run the stored dtype.
@@ -109,46 +81,19 @@ impl DevicePackage {
     pub fn open(dir: &Path, device: &Device) -> Result<Self> {
         let manifest = open_manifest(dir, Role::Device)?;
         let dtype = compute_dtype(&manifest, device);
-        let input = load_shard(
-            dir,
-            &manifest,
-            "input.safetensors",
-            SubmodelKind::Input,
-            device,
-            dtype,
-        )?;
-        let output = load_shard(
-            dir,
-            &manifest,
-            "output.safetensors",
-            SubmodelKind::Output,
-            device,
-            dtype,
-        )?;
-        let info = manifest.tokenizer.as_ref().ok_or_else(|| {
-            RuntimeError::Tokenizer(format!("{} has no tokenizer entry", dir.display()))
-        })?;
-        let tokenizer = tokenizers::Tokenizer::from_file(dir.join(&info.file)).map_err(|e| {
-            RuntimeError::Tokenizer(format!("{}: {e}", dir.join(&info.file).display()))
-        })?;
+        let input = load_shard(dir, &manifest, "input.safetensors", SubmodelKind::Input, device, dtype)?;
+        let output = load_shard(dir, &manifest, "output.safetensors", SubmodelKind::Output, device, dtype)?;
+        let info =
+            manifest.tokenizer.as_ref().ok_or_else(|| RuntimeError::Tokenizer(format!("{} has no tokenizer entry", dir.display())))?;
+        let tokenizer = tokenizers::Tokenizer::from_file(dir.join(&info.file))
+            .map_err(|e| RuntimeError::Tokenizer(format!("{}: {e}", dir.join(&info.file).display())))?;
         let config = manifest.config.validate()?;
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            manifest,
-            config,
-            input,
-            output,
-            tokenizer,
-        })
+        Ok(Self { dir: dir.to_path_buf(), manifest, config, input, output, tokenizer })
     }
 
     /// Token ids that end a reply.
     pub fn eos_ids(&self) -> Vec<u32> {
-        self.manifest
-            .tokenizer
-            .as_ref()
-            .map(|t| t.eos_tokens.iter().map(|s| s.id).collect())
-            .unwrap_or_default()
+        self.manifest.tokenizer.as_ref().map(|t| t.eos_tokens.iter().map(|s| s.id).collect()).unwrap_or_default()
     }
 
     /// Refuses a cloud package from another model or split.
@@ -177,19 +122,8 @@ impl CloudPackage {
     pub fn open(dir: &Path, device: &Device) -> Result<Self> {
         let manifest = Self::read_manifest(dir)?;
         let dtype = compute_dtype(&manifest, device);
-        let middle = load_shard(
-            dir,
-            &manifest,
-            "middle.safetensors",
-            SubmodelKind::Middle,
-            device,
-            dtype,
-        )?;
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            manifest,
-            middle,
-        })
+        let middle = load_shard(dir, &manifest, "middle.safetensors", SubmodelKind::Middle, device, dtype)?;
+        Ok(Self { dir: dir.to_path_buf(), manifest, middle })
     }
 
     pub fn read_manifest(dir: &Path) -> Result<Manifest> {

@@ -54,9 +54,7 @@ impl WireDType {
             0 => Ok(WireDType::F32),
             1 => Ok(WireDType::F16),
             2 => Ok(WireDType::Bf16),
-            other => Err(ProtocolError::Invalid(format!(
-                "unknown hidden-state dtype code {other}"
-            ))),
+            other => Err(ProtocolError::Invalid(format!("unknown hidden-state dtype code {other}"))),
         }
     }
 
@@ -78,10 +76,7 @@ pub struct WireFormat {
 
 impl Default for WireFormat {
     fn default() -> Self {
-        Self {
-            dtype: WireDType::F16,
-            zstd: false,
-        }
+        Self { dtype: WireDType::F16, zstd: false }
     }
 }
 
@@ -104,20 +99,10 @@ pub enum ErrorCode {
 impl ErrorCode {
     fn from_u16(v: u16) -> Self {
         use ErrorCode::*;
-        [
-            BadFrame,
-            Version,
-            Fingerprint,
-            Unauthorized,
-            Busy,
-            BadHidden,
-            Context,
-            Position,
-            NoSession,
-        ]
-        .into_iter()
-        .find(|c| *c as u16 == v)
-        .unwrap_or(Internal)
+        [BadFrame, Version, Fingerprint, Unauthorized, Busy, BadHidden, Context, Position, NoSession]
+            .into_iter()
+            .find(|c| *c as u16 == v)
+            .unwrap_or(Internal)
     }
 
     /// Errors after which retrying the same request cannot help.
@@ -211,8 +196,7 @@ impl<'a> Reader<'a> {
     fn string(&mut self, what: &'static str) -> PResult<String> {
         let n = self.u16(what)? as usize;
         let b = self.take(n, what)?;
-        String::from_utf8(b.to_vec())
-            .map_err(|_| ProtocolError::Invalid(format!("{what} is not UTF-8")))
+        String::from_utf8(b.to_vec()).map_err(|_| ProtocolError::Invalid(format!("{what} is not UTF-8")))
     }
     fn rest(&mut self) -> &'a [u8] {
         std::mem::take(&mut self.buf)
@@ -221,10 +205,7 @@ impl<'a> Reader<'a> {
         if self.buf.is_empty() {
             Ok(())
         } else {
-            Err(ProtocolError::Invalid(format!(
-                "{} unexpected bytes after {what}",
-                self.buf.len()
-            )))
+            Err(ProtocolError::Invalid(format!("{} unexpected bytes after {what}", self.buf.len())))
         }
     }
 }
@@ -253,19 +234,9 @@ impl HiddenFrame {
         let zstd = match r.u8("compression")? {
             0 => false,
             1 => true,
-            other => {
-                return Err(ProtocolError::Invalid(format!(
-                    "unknown compression code {other}"
-                )))
-            }
+            other => return Err(ProtocolError::Invalid(format!("unknown compression code {other}"))),
         };
-        Ok(Self {
-            start,
-            rows,
-            hidden,
-            format: WireFormat { dtype, zstd },
-            payload: r.rest().to_vec(),
-        })
+        Ok(Self { start, rows, hidden, format: WireFormat { dtype, zstd }, payload: r.rest().to_vec() })
     }
 
     /// Encodes `states` for positions `start..`.
@@ -274,35 +245,16 @@ impl HiddenFrame {
     /// states: (1, rows, hidden)
     pub fn encode(states: &Tensor, start: usize, format: WireFormat) -> candle_core::Result<Self> {
         let (_, rows, hidden) = states.dims3()?;
-        let values = states
-            .flatten_all()?
-            .to_dtype(candle_core::DType::F32)?
-            .to_vec1::<f32>()?;
+        let values = states.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
         let mut raw = Vec::with_capacity(values.len() * format.dtype.bytes());
         match format.dtype {
-            WireDType::F32 => values
-                .iter()
-                .for_each(|v| raw.extend_from_slice(&v.to_le_bytes())),
-            WireDType::F16 => values
-                .iter()
-                .for_each(|v| raw.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
-            WireDType::Bf16 => values
-                .iter()
-                .for_each(|v| raw.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
+            WireDType::F32 => values.iter().for_each(|v| raw.extend_from_slice(&v.to_le_bytes())),
+            WireDType::F16 => values.iter().for_each(|v| raw.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
+            WireDType::Bf16 => values.iter().for_each(|v| raw.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
         }
-        let payload = if format.zstd {
-            zstd::bulk::compress(&raw, 1)
-                .map_err(|e| candle_core::Error::Msg(format!("zstd: {e}")))?
-        } else {
-            raw
-        };
-        Ok(Self {
-            start: start as u32,
-            rows: rows as u32,
-            hidden: hidden as u32,
-            format,
-            payload,
-        })
+        let payload =
+            if format.zstd { zstd::bulk::compress(&raw, 1).map_err(|e| candle_core::Error::Msg(format!("zstd: {e}")))? } else { raw };
+        Ok(Self { start: start as u32, rows: rows as u32, hidden: hidden as u32, format, payload })
     }
 
     /// Decodes and checks the payload against the expected width; never allocates more than the
@@ -312,25 +264,17 @@ impl HiddenFrame {
     /// -> (1, rows, hidden) f32
     pub fn decode(&self, expected_hidden: usize, device: &Device) -> PResult<Tensor> {
         if self.hidden as usize != expected_hidden {
-            return Err(ProtocolError::Invalid(format!(
-                "hidden size {} does not match the model's {expected_hidden}",
-                self.hidden
-            )));
+            return Err(ProtocolError::Invalid(format!("hidden size {} does not match the model's {expected_hidden}", self.hidden)));
         }
         if self.rows == 0 {
-            return Err(ProtocolError::Invalid(
-                "a hidden-state frame with 0 rows".into(),
-            ));
+            return Err(ProtocolError::Invalid("a hidden-state frame with 0 rows".into()));
         }
         let n = self.rows as usize * expected_hidden;
         let raw_len = n * self.format.dtype.bytes();
         let decompressed;
         let raw: &[u8] = if self.format.zstd {
-            decompressed = zstd::bulk::decompress(&self.payload, raw_len).map_err(|e| {
-                ProtocolError::Invalid(format!(
-                    "zstd payload does not decompress to {raw_len} bytes: {e}"
-                ))
-            })?;
+            decompressed = zstd::bulk::decompress(&self.payload, raw_len)
+                .map_err(|e| ProtocolError::Invalid(format!("zstd payload does not decompress to {raw_len} bytes: {e}")))?;
             &decompressed
         } else {
             &self.payload
@@ -345,26 +289,14 @@ impl HiddenFrame {
             )));
         }
         let values: Vec<f32> = match self.format.dtype {
-            WireDType::F32 => raw
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            WireDType::F16 => raw
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            WireDType::Bf16 => raw
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
+            WireDType::F32 => raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            WireDType::F16 => raw.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            WireDType::Bf16 => raw.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
         };
         if values.iter().any(|v| !v.is_finite()) {
-            return Err(ProtocolError::Invalid(
-                "hidden states contain NaN or infinity".into(),
-            ));
+            return Err(ProtocolError::Invalid("hidden states contain NaN or infinity".into()));
         }
-        Tensor::from_vec(values, (1, self.rows as usize, expected_hidden), device)
-            .map_err(|e| ProtocolError::Invalid(e.to_string()))
+        Tensor::from_vec(values, (1, self.rows as usize, expected_hidden), device).map_err(|e| ProtocolError::Invalid(e.to_string()))
     }
 }
 
@@ -372,11 +304,7 @@ impl ClientMsg {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         match self {
-            ClientMsg::Hello {
-                version,
-                fingerprint,
-                auth_token,
-            } => {
+            ClientMsg::Hello { version, fingerprint, auth_token } => {
                 out.push(K_HELLO);
                 out.extend_from_slice(&MAGIC);
                 out.extend_from_slice(&version.to_le_bytes());
@@ -408,15 +336,9 @@ impl ClientMsg {
                 let fingerprint = r.string("fingerprint")?;
                 let has_token = r.u8("auth flag")? != 0;
                 let token = r.string("auth token")?;
-                ClientMsg::Hello {
-                    version,
-                    fingerprint,
-                    auth_token: has_token.then_some(token),
-                }
+                ClientMsg::Hello { version, fingerprint, auth_token: has_token.then_some(token) }
             }
-            K_OPEN => ClientMsg::Open {
-                max_context: r.u32("max_context")?,
-            },
+            K_OPEN => ClientMsg::Open { max_context: r.u32("max_context")? },
             K_FORWARD => return Ok(ClientMsg::Forward(HiddenFrame::read(&mut r)?)),
             K_CLOSE => ClientMsg::Close,
             other => return Err(ProtocolError::UnknownKind(other)),
@@ -435,10 +357,7 @@ impl ServerMsg {
                 out.extend_from_slice(&version.to_le_bytes());
                 out.extend_from_slice(&hidden.to_le_bytes());
             }
-            ServerMsg::Opened {
-                session,
-                max_context,
-            } => {
+            ServerMsg::Opened { session, max_context } => {
                 out.push(K_OPENED);
                 out.extend_from_slice(&(*session as u32).to_le_bytes());
                 out.extend_from_slice(&((*session >> 32) as u32).to_le_bytes());
@@ -460,19 +379,10 @@ impl ServerMsg {
     pub fn decode(body: &[u8]) -> PResult<Self> {
         let mut r = Reader { buf: body };
         let msg = match r.u8("kind")? {
-            K_WELCOME => ServerMsg::Welcome {
-                version: r.u16("version")?,
-                hidden: r.u32("hidden")?,
-            },
-            K_OPENED => ServerMsg::Opened {
-                session: r.u64("session")?,
-                max_context: r.u32("max_context")?,
-            },
+            K_WELCOME => ServerMsg::Welcome { version: r.u16("version")?, hidden: r.u32("hidden")? },
+            K_OPENED => ServerMsg::Opened { session: r.u64("session")?, max_context: r.u32("max_context")? },
             K_HIDDEN => return Ok(ServerMsg::Hidden(HiddenFrame::read(&mut r)?)),
-            K_ERROR => ServerMsg::Error {
-                code: ErrorCode::from_u16(r.u16("code")?),
-                message: r.string("message")?,
-            },
+            K_ERROR => ServerMsg::Error { code: ErrorCode::from_u16(r.u16("code")?), message: r.string("message")? },
             other => return Err(ProtocolError::UnknownKind(other)),
         };
         r.end("the message")?;
@@ -499,26 +409,10 @@ mod tests {
 
     #[test]
     fn messages_round_trip() {
-        let h = HiddenFrame::encode(
-            &states(),
-            5,
-            WireFormat {
-                dtype: WireDType::F16,
-                zstd: true,
-            },
-        )
-        .expect("encode");
+        let h = HiddenFrame::encode(&states(), 5, WireFormat { dtype: WireDType::F16, zstd: true }).expect("encode");
         let msgs = [
-            ClientMsg::Hello {
-                version: 1,
-                fingerprint: "ab".into(),
-                auth_token: Some("s3cret".into()),
-            },
-            ClientMsg::Hello {
-                version: 1,
-                fingerprint: "ab".into(),
-                auth_token: None,
-            },
+            ClientMsg::Hello { version: 1, fingerprint: "ab".into(), auth_token: Some("s3cret".into()) },
+            ClientMsg::Hello { version: 1, fingerprint: "ab".into(), auth_token: None },
             ClientMsg::Open { max_context: 2048 },
             ClientMsg::Forward(h.clone()),
             ClientMsg::Close,
@@ -527,19 +421,10 @@ mod tests {
             assert_eq!(ClientMsg::decode(&m.encode()), Ok(m));
         }
         let msgs = [
-            ServerMsg::Welcome {
-                version: 1,
-                hidden: 576,
-            },
-            ServerMsg::Opened {
-                session: (7 << 32) + 3,
-                max_context: 99,
-            },
+            ServerMsg::Welcome { version: 1, hidden: 576 },
+            ServerMsg::Opened { session: (7 << 32) + 3, max_context: 99 },
             ServerMsg::Hidden(h),
-            ServerMsg::Error {
-                code: ErrorCode::Context,
-                message: "too long".into(),
-            },
+            ServerMsg::Error { code: ErrorCode::Context, message: "too long".into() },
         ];
         for m in msgs {
             assert_eq!(ServerMsg::decode(&m.encode()), Ok(m));
@@ -553,10 +438,7 @@ mod tests {
             for zstd in [false, true] {
                 let f = HiddenFrame::encode(&x, 0, WireFormat { dtype, zstd }).expect("encode");
                 let y = f.decode(8, &Device::Cpu).expect("decode");
-                let diff = (&x - &y)
-                    .and_then(|d| d.abs())
-                    .and_then(|d| d.flatten_all())
-                    .and_then(|d| d.max(0));
+                let diff = (&x - &y).and_then(|d| d.abs()).and_then(|d| d.flatten_all()).and_then(|d| d.max(0));
                 let diff = diff.and_then(|d| d.to_scalar::<f32>()).expect("diff");
                 let bound = match dtype {
                     WireDType::F32 => 0.0,
@@ -570,15 +452,7 @@ mod tests {
 
     #[test]
     fn bad_payloads_are_refused() {
-        let f = HiddenFrame::encode(
-            &states(),
-            0,
-            WireFormat {
-                dtype: WireDType::F32,
-                zstd: false,
-            },
-        )
-        .expect("encode");
+        let f = HiddenFrame::encode(&states(), 0, WireFormat { dtype: WireDType::F32, zstd: false }).expect("encode");
         assert!(f.decode(16, &Device::Cpu).is_err(), "wrong hidden size");
         let mut short = f.clone();
         short.payload.pop();
@@ -586,10 +460,7 @@ mod tests {
         let mut bomb = f.clone();
         bomb.format.zstd = true;
         bomb.payload = zstd::bulk::compress(&vec![0u8; 1 << 20], 1).expect("zstd");
-        assert!(
-            bomb.decode(8, &Device::Cpu).is_err(),
-            "oversized zstd stream"
-        );
+        assert!(bomb.decode(8, &Device::Cpu).is_err(), "oversized zstd stream");
         let mut nan = f;
         nan.payload[..4].copy_from_slice(&f32::NAN.to_le_bytes());
         assert!(nan.decode(8, &Device::Cpu).is_err(), "NaN");

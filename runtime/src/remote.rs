@@ -11,9 +11,7 @@ use candle_core::{Device, Tensor};
 use crate::error::{Result, RuntimeError};
 use crate::link::{Counters, FramedConn, LinkEmulation};
 use crate::middle::{Middle, Traffic};
-use crate::protocol::{
-    ClientMsg, ErrorCode, HiddenFrame, ServerMsg, WireFormat, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
-};
+use crate::protocol::{ClientMsg, ErrorCode, HiddenFrame, ServerMsg, WireFormat, DEFAULT_MAX_FRAME, PROTOCOL_VERSION};
 
 #[derive(Debug, Clone)]
 pub struct CloudOptions {
@@ -83,13 +81,7 @@ pub struct RemoteMiddle {
 impl RemoteMiddle {
     /// Connects, shakes hands (protocol version, model fingerprint, auth token) and opens a session
     /// for up to `max_context` positions.
-    pub fn connect(
-        opts: CloudOptions,
-        fingerprint: &str,
-        hidden: usize,
-        max_context: usize,
-        device: &Device,
-    ) -> Result<Self> {
+    pub fn connect(opts: CloudOptions, fingerprint: &str, hidden: usize, max_context: usize, device: &Device) -> Result<Self> {
         let mut me = Self {
             opts,
             fingerprint: fingerprint.to_string(),
@@ -108,11 +100,7 @@ impl RemoteMiddle {
     }
 
     fn refused(&self, code: ErrorCode, message: String) -> RuntimeError {
-        RuntimeError::CloudRefused {
-            addr: self.opts.addr.clone(),
-            code: format!("{code:?}"),
-            message,
-        }
+        RuntimeError::CloudRefused { addr: self.opts.addr.clone(), code: format!("{code:?}"), message }
     }
 
     fn recv_msg(&self, conn: &mut FramedConn) -> std::result::Result<ServerMsg, Failure> {
@@ -123,55 +111,27 @@ impl RemoteMiddle {
     /// Opens a connection and a session, then replays the log: collected messages have their
     /// replies read and dropped, uncollected ones are left for [`Middle::collect`].
     fn attempt(&self) -> std::result::Result<(FramedConn, usize), Failure> {
-        let mut conn = FramedConn::connect(
-            &self.opts.addr,
-            self.opts.link,
-            DEFAULT_MAX_FRAME,
-            self.counters.clone(),
-        )?;
-        let hello = ClientMsg::Hello {
-            version: PROTOCOL_VERSION,
-            fingerprint: self.fingerprint.clone(),
-            auth_token: self.opts.auth_token.clone(),
-        };
+        let mut conn = FramedConn::connect(&self.opts.addr, self.opts.link, DEFAULT_MAX_FRAME, self.counters.clone())?;
+        let hello =
+            ClientMsg::Hello { version: PROTOCOL_VERSION, fingerprint: self.fingerprint.clone(), auth_token: self.opts.auth_token.clone() };
         conn.send(&hello.encode())?;
         match self.recv_msg(&mut conn)? {
             ServerMsg::Welcome { hidden, .. } if hidden as usize == self.hidden => {}
             ServerMsg::Welcome { hidden, .. } => {
                 return Err(Failure::Fatal(self.refused(
                     ErrorCode::BadHidden,
-                    format!(
-                        "the cloud serves hidden size {hidden}, this device package has {}",
-                        self.hidden
-                    ),
+                    format!("the cloud serves hidden size {hidden}, this device package has {}", self.hidden),
                 )))
             }
-            ServerMsg::Error { code, message } => {
-                return Err(Failure::Fatal(self.refused(code, message)))
-            }
-            other => {
-                return Err(Failure::Transient(format!(
-                    "unexpected reply to hello: {other:?}"
-                )))
-            }
+            ServerMsg::Error { code, message } => return Err(Failure::Fatal(self.refused(code, message))),
+            other => return Err(Failure::Transient(format!("unexpected reply to hello: {other:?}"))),
         }
-        conn.send(
-            &ClientMsg::Open {
-                max_context: self.want_context as u32,
-            }
-            .encode(),
-        )?;
+        conn.send(&ClientMsg::Open { max_context: self.want_context as u32 }.encode())?;
         let granted = match self.recv_msg(&mut conn)? {
             ServerMsg::Opened { max_context, .. } => max_context as usize,
-            ServerMsg::Error { code, message } if code.is_fatal() => {
-                return Err(Failure::Fatal(self.refused(code, message)))
-            }
+            ServerMsg::Error { code, message } if code.is_fatal() => return Err(Failure::Fatal(self.refused(code, message))),
             ServerMsg::Error { message, .. } => return Err(Failure::Transient(message)),
-            other => {
-                return Err(Failure::Transient(format!(
-                    "unexpected reply to open: {other:?}"
-                )))
-            }
+            other => return Err(Failure::Transient(format!("unexpected reply to open: {other:?}"))),
         };
         for s in &self.log {
             conn.send(&s.body)?;
@@ -179,14 +139,8 @@ impl RemoteMiddle {
         for _ in self.log.iter().filter(|s| s.collected) {
             match self.recv_msg(&mut conn)? {
                 ServerMsg::Hidden(_) => {}
-                ServerMsg::Error { code, message } => {
-                    return Err(Failure::Fatal(self.refused(code, message)))
-                }
-                other => {
-                    return Err(Failure::Transient(format!(
-                        "unexpected reply during replay: {other:?}"
-                    )))
-                }
+                ServerMsg::Error { code, message } => return Err(Failure::Fatal(self.refused(code, message))),
+                other => return Err(Failure::Transient(format!("unexpected reply during replay: {other:?}"))),
             }
         }
         Ok((conn, granted))
@@ -199,11 +153,7 @@ impl RemoteMiddle {
         let mut last = cause.unwrap_or_default();
         for i in 0..attempts {
             if i > 0 || !last.is_empty() {
-                let wait = self
-                    .opts
-                    .backoff
-                    .saturating_mul(1 << i.min(8))
-                    .min(Duration::from_secs(5));
+                let wait = self.opts.backoff.saturating_mul(1 << i.min(8)).min(Duration::from_secs(5));
                 std::thread::sleep(wait);
             }
             match self.attempt() {
@@ -219,11 +169,7 @@ impl RemoteMiddle {
                 Err(Failure::Transient(e)) => last = e,
             }
         }
-        Err(RuntimeError::CloudUnreachable {
-            addr: self.opts.addr.clone(),
-            attempts,
-            last,
-        })
+        Err(RuntimeError::CloudUnreachable { addr: self.opts.addr.clone(), attempts, last })
     }
 
     fn send_logged(&mut self, index: usize) -> Result<()> {
@@ -243,29 +189,23 @@ impl Middle for RemoteMiddle {
     fn submit(&mut self, start: usize, states: &Tensor) -> Result<()> {
         // Messages at or after `start` no longer shape the cloud's cache once this one truncates it.
         if self.log.iter().any(|s| s.start >= start && !s.collected) {
-            return Err(RuntimeError::BadInput(format!(
-                "submit at {start} would discard an uncollected message"
-            )));
+            return Err(RuntimeError::BadInput(format!("submit at {start} would discard an uncollected message")));
         }
         self.log.retain(|s| s.start < start);
         let frame = HiddenFrame::encode(states, start, self.opts.wire)?;
-        self.log.push(Sent {
-            start,
-            body: ClientMsg::Forward(frame).encode(),
-            collected: false,
-        });
+        self.log.push(Sent { start, body: ClientMsg::Forward(frame).encode(), collected: false });
         self.send_logged(self.log.len() - 1)
     }
 
     fn collect(&mut self) -> Result<Tensor> {
-        let index = self.log.iter().position(|s| !s.collected).ok_or_else(|| {
-            RuntimeError::BadInput("collect() without a submitted message".into())
-        })?;
+        let index = self
+            .log
+            .iter()
+            .position(|s| !s.collected)
+            .ok_or_else(|| RuntimeError::BadInput("collect() without a submitted message".into()))?;
         loop {
             let got = match self.conn.as_mut() {
-                Some(conn) => conn
-                    .recv(self.opts.reply_timeout)
-                    .map_err(|e| e.to_string()),
+                Some(conn) => conn.recv(self.opts.reply_timeout).map_err(|e| e.to_string()),
                 None => Err("not connected".to_string()),
             };
             let body = match got {
@@ -277,28 +217,17 @@ impl Middle for RemoteMiddle {
             };
             match ServerMsg::decode(&body) {
                 Ok(ServerMsg::Hidden(h)) if h.start as usize == self.log[index].start => {
-                    let t = h.decode(self.hidden, &self.device).map_err(|e| {
-                        RuntimeError::CloudProtocol {
-                            addr: self.opts.addr.clone(),
-                            reason: e.to_string(),
-                        }
-                    })?;
+                    let t = h
+                        .decode(self.hidden, &self.device)
+                        .map_err(|e| RuntimeError::CloudProtocol { addr: self.opts.addr.clone(), reason: e.to_string() })?;
                     self.log[index].collected = true;
                     return Ok(t);
                 }
                 Ok(ServerMsg::Error { code, message }) => return Err(self.refused(code, message)),
                 Ok(other) => {
-                    return Err(RuntimeError::CloudProtocol {
-                        addr: self.opts.addr.clone(),
-                        reason: format!("unexpected reply {other:?}"),
-                    })
+                    return Err(RuntimeError::CloudProtocol { addr: self.opts.addr.clone(), reason: format!("unexpected reply {other:?}") })
                 }
-                Err(e) => {
-                    return Err(RuntimeError::CloudProtocol {
-                        addr: self.opts.addr.clone(),
-                        reason: e.to_string(),
-                    })
-                }
+                Err(e) => return Err(RuntimeError::CloudProtocol { addr: self.opts.addr.clone(), reason: e.to_string() }),
             }
         }
     }

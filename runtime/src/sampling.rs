@@ -18,11 +18,7 @@ pub struct SamplingOptions {
 
 impl Default for SamplingOptions {
     fn default() -> Self {
-        Self {
-            temperature: 0.0,
-            top_p: None,
-            seed: 299_792_458,
-        }
+        Self { temperature: 0.0, top_p: None, seed: 299_792_458 }
     }
 }
 
@@ -61,10 +57,7 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(opts: SamplingOptions) -> Self {
-        Self {
-            opts,
-            rng: StdRng::seed_from_u64(opts.seed),
-        }
+        Self { opts, rng: StdRng::seed_from_u64(opts.seed) }
     }
 
     pub fn is_greedy(&self) -> bool {
@@ -149,33 +142,17 @@ mod tests {
 
     #[test]
     fn top_p_keeps_the_nucleus() {
-        let s = Sampler::new(SamplingOptions {
-            temperature: 1.0,
-            top_p: Some(0.7),
-            seed: 1,
-        });
-        let logits = [
-            2.0f32.ln(),
-            1.0f32.ln(),
-            1.0f32.ln(),
-            0.0f32.ln().max(-50.0),
-        ];
+        let s = Sampler::new(SamplingOptions { temperature: 1.0, top_p: Some(0.7), seed: 1 });
+        let logits = [2.0f32.ln(), 1.0f32.ln(), 1.0f32.ln(), 0.0f32.ln().max(-50.0)];
         let p = s.distribution(&logits);
         // 0.5 + 0.25 >= 0.7: two tokens kept, renormalised.
-        assert!(
-            (p[0] - 2.0 / 3.0).abs() < 1e-5 && (p[1] - 1.0 / 3.0).abs() < 1e-5,
-            "{p:?}"
-        );
+        assert!((p[0] - 2.0 / 3.0).abs() < 1e-5 && (p[1] - 1.0 / 3.0).abs() < 1e-5, "{p:?}");
         assert_eq!(p[2], 0.0);
     }
 
     #[test]
     fn draws_follow_the_distribution() {
-        let mut s = Sampler::new(SamplingOptions {
-            temperature: 1.0,
-            top_p: None,
-            seed: 3,
-        });
+        let mut s = Sampler::new(SamplingOptions { temperature: 1.0, top_p: None, seed: 3 });
         let p = [0.1f32, 0.6, 0.3];
         let mut counts = [0usize; 3];
         let n = 20_000;

@@ -18,10 +18,7 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use crate::error::{Result, RuntimeError};
 use crate::package::CloudPackage;
-use crate::protocol::{
-    ClientMsg, ErrorCode, HiddenFrame, ServerMsg, DEFAULT_MAX_FRAME, LENGTH_PREFIX,
-    PROTOCOL_VERSION,
-};
+use crate::protocol::{ClientMsg, ErrorCode, HiddenFrame, ServerMsg, DEFAULT_MAX_FRAME, LENGTH_PREFIX, PROTOCOL_VERSION};
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -98,21 +95,11 @@ impl CloudServer {
             .thread_name("hat-cloud")
             .max_blocking_threads(cfg.max_sessions.max(1) + 2)
             .build()
-            .map_err(|e| RuntimeError::Io {
-                context: "cannot start the server runtime".into(),
-                source: e,
-            })?;
-        let listener =
-            runtime
-                .block_on(TcpListener::bind(listen))
-                .map_err(|e| RuntimeError::Io {
-                    context: format!("cannot listen on {listen}"),
-                    source: e,
-                })?;
-        let addr = listener.local_addr().map_err(|e| RuntimeError::Io {
-            context: "local address".into(),
-            source: e,
-        })?;
+            .map_err(|e| RuntimeError::Io { context: "cannot start the server runtime".into(), source: e })?;
+        let listener = runtime
+            .block_on(TcpListener::bind(listen))
+            .map_err(|e| RuntimeError::Io { context: format!("cannot listen on {listen}"), source: e })?;
+        let addr = listener.local_addr().map_err(|e| RuntimeError::Io { context: "local address".into(), source: e })?;
         let model_context = package.middle.config().max_position_embeddings;
         let shared = Arc::new(Shared {
             middle: Arc::new(package.middle.clone()),
@@ -134,10 +121,7 @@ impl CloudServer {
             if shared.auth_digest.is_some() { "required" } else { "off" }
         ));
         runtime.spawn(accept_loop(listener, shared));
-        Ok(Self {
-            runtime: Some(runtime),
-            addr,
-        })
+        Ok(Self { runtime: Some(runtime), addr })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -147,11 +131,7 @@ impl CloudServer {
     /// Serves until Ctrl-C.
     pub fn run_until_ctrl_c(mut self) -> Result<()> {
         if let Some(rt) = self.runtime.take() {
-            rt.block_on(tokio::signal::ctrl_c())
-                .map_err(|e| RuntimeError::Io {
-                    context: "waiting for Ctrl-C".into(),
-                    source: e,
-                })?;
+            rt.block_on(tokio::signal::ctrl_c()).map_err(|e| RuntimeError::Io { context: "waiting for Ctrl-C".into(), source: e })?;
             rt.shutdown_background();
         }
         Ok(())
@@ -212,10 +192,7 @@ enum Step {
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> ServerMsg {
-    ServerMsg::Error {
-        code,
-        message: message.into(),
-    }
+    ServerMsg::Error { code, message: message.into() }
 }
 
 struct Connection {
@@ -226,39 +203,23 @@ struct Connection {
 }
 
 async fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
-    let codec = LengthDelimitedCodec::builder()
-        .length_field_length(LENGTH_PREFIX)
-        .big_endian()
-        .max_frame_length(shared.cfg.max_frame)
-        .new_codec();
+    let codec =
+        LengthDelimitedCodec::builder().length_field_length(LENGTH_PREFIX).big_endian().max_frame_length(shared.cfg.max_frame).new_codec();
     let mut framed = Framed::new(stream, codec);
     let idle = shared.cfg.idle_timeout;
-    let mut conn = Connection {
-        shared,
-        peer,
-        greeted: false,
-        session: None,
-    };
+    let mut conn = Connection { shared, peer, greeted: false, session: None };
     let mut end = "device disconnected";
     loop {
         let frame = match tokio::time::timeout(idle, framed.next()).await {
             Err(_) => {
-                let _ = framed
-                    .send(Bytes::from(
-                        error(ErrorCode::BadFrame, "idle timeout").encode(),
-                    ))
-                    .await;
+                let _ = framed.send(Bytes::from(error(ErrorCode::BadFrame, "idle timeout").encode())).await;
                 end = "idle timeout";
                 break;
             }
             Ok(None) => break,
             Ok(Some(Err(e))) => {
                 // Broken framing (an oversized length prefix included): the stream cannot be resynchronised.
-                let _ = framed
-                    .send(Bytes::from(
-                        error(ErrorCode::BadFrame, format!("bad frame: {e}")).encode(),
-                    ))
-                    .await;
+                let _ = framed.send(Bytes::from(error(ErrorCode::BadFrame, format!("bad frame: {e}")).encode())).await;
                 end = "bad frame";
                 break;
             }
@@ -288,27 +249,14 @@ impl Connection {
         let msg = match ClientMsg::decode(body) {
             Ok(m) => m,
             Err(e) if !self.greeted => {
-                self.shared.log(format_args!(
-                    "{}: refused: not a hat hello ({e})",
-                    self.peer
-                ));
-                return Step::ReplyAndClose(error(
-                    ErrorCode::BadFrame,
-                    format!("expected a hat hello: {e}"),
-                ));
+                self.shared.log(format_args!("{}: refused: not a hat hello ({e})", self.peer));
+                return Step::ReplyAndClose(error(ErrorCode::BadFrame, format!("expected a hat hello: {e}")));
             }
             Err(e) => return Step::Reply(error(ErrorCode::BadFrame, e.to_string())),
         };
         match msg {
-            ClientMsg::Hello {
-                version,
-                fingerprint,
-                auth_token,
-            } => self.hello(version, &fingerprint, auth_token.as_deref()),
-            _ if !self.greeted => Step::ReplyAndClose(error(
-                ErrorCode::BadFrame,
-                "the first message must be a hello",
-            )),
+            ClientMsg::Hello { version, fingerprint, auth_token } => self.hello(version, &fingerprint, auth_token.as_deref()),
+            _ if !self.greeted => Step::ReplyAndClose(error(ErrorCode::BadFrame, "the first message must be a hello")),
             ClientMsg::Open { max_context } => self.open(max_context as usize),
             ClientMsg::Forward(h) => self.forward(h).await,
             ClientMsg::Close => {
@@ -320,8 +268,7 @@ impl Connection {
 
     fn hello(&mut self, version: u16, fingerprint: &str, token: Option<&str>) -> Step {
         let refuse = |code, msg: String| {
-            self.shared
-                .log(format_args!("{}: refused: {msg}", self.peer));
+            self.shared.log(format_args!("{}: refused: {msg}", self.peer));
             Step::ReplyAndClose(error(code, msg))
         };
         if self.greeted {
@@ -347,43 +294,27 @@ impl Connection {
             // Digests compare in constant time with respect to the secret's content.
             if token.map(digest).as_ref() != Some(expected) {
                 let what = if token.is_some() { "wrong" } else { "missing" };
-                return refuse(
-                    ErrorCode::Unauthorized,
-                    format!("auth token {what}: pass the cloud's token with --auth-token-file"),
-                );
+                return refuse(ErrorCode::Unauthorized, format!("auth token {what}: pass the cloud's token with --auth-token-file"));
             }
         }
         self.greeted = true;
-        Step::Reply(ServerMsg::Welcome {
-            version: PROTOCOL_VERSION,
-            hidden: self.shared.hidden as u32,
-        })
+        Step::Reply(ServerMsg::Welcome { version: PROTOCOL_VERSION, hidden: self.shared.hidden as u32 })
     }
 
     fn open(&mut self, requested: usize) -> Step {
         if self.session.is_some() {
-            return Step::Reply(error(
-                ErrorCode::BadFrame,
-                "a session is already open on this connection; close it first",
-            ));
+            return Step::Reply(error(ErrorCode::BadFrame, "a session is already open on this connection; close it first"));
         }
         if requested == 0 {
-            return Step::Reply(error(
-                ErrorCode::Context,
-                "a session needs a context of at least 1 position",
-            ));
+            return Step::Reply(error(ErrorCode::Context, "a session needs a context of at least 1 position"));
         }
         let permit = match self.shared.sessions.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
-                self.shared
-                    .log(format_args!("{}: busy, refused a session", self.peer));
+                self.shared.log(format_args!("{}: busy, refused a session", self.peer));
                 return Step::Reply(error(
                     ErrorCode::Busy,
-                    format!(
-                        "the cloud is at its limit of {} sessions; retry later",
-                        self.shared.cfg.max_sessions
-                    ),
+                    format!("the cloud is at its limit of {} sessions; retry later", self.shared.cfg.max_sessions),
                 ));
             }
         };
@@ -398,10 +329,7 @@ impl Connection {
             opened: Instant::now(),
             _permit: permit,
         });
-        Step::Reply(ServerMsg::Opened {
-            session: id,
-            max_context: max_context as u32,
-        })
+        Step::Reply(ServerMsg::Opened { session: id, max_context: max_context as u32 })
     }
 
     async fn forward(&mut self, frame: HiddenFrame) -> Step {
@@ -414,26 +342,14 @@ impl Connection {
         };
         let (start, rows) = (frame.start as usize, frame.rows as usize);
         let check = if start > cache.len() {
-            Err(error(
-                ErrorCode::Position,
-                format!(
-                    "start position {start} skips ahead: the session holds {} positions",
-                    cache.len()
-                ),
-            ))
+            Err(error(ErrorCode::Position, format!("start position {start} skips ahead: the session holds {} positions", cache.len())))
         } else if start + rows > session.max_context {
             Err(error(
                 ErrorCode::Context,
-                format!(
-                    "positions up to {} exceed this session's context of {}",
-                    start + rows,
-                    session.max_context
-                ),
+                format!("positions up to {} exceed this session's context of {}", start + rows, session.max_context),
             ))
         } else {
-            frame
-                .decode(hidden, &candle_core::Device::Cpu)
-                .map_err(|e| error(ErrorCode::BadHidden, e.to_string()))
+            frame.decode(hidden, &candle_core::Device::Cpu).map_err(|e| error(ErrorCode::BadHidden, e.to_string()))
         };
         let states = match check {
             Ok(s) => s,
@@ -463,17 +379,11 @@ impl Connection {
                 // A half-applied forward leaves layers at different lengths: start the cache over.
                 cache.truncate(0);
                 session.cache = Some(cache);
-                Step::Reply(error(
-                    ErrorCode::Internal,
-                    format!("middle forward failed: {e}"),
-                ))
+                Step::Reply(error(ErrorCode::Internal, format!("middle forward failed: {e}")))
             }
             Err(e) => {
                 session.cache = Some(self.shared.middle.new_cache());
-                Step::Reply(error(
-                    ErrorCode::Internal,
-                    format!("middle forward panicked: {e}"),
-                ))
+                Step::Reply(error(ErrorCode::Internal, format!("middle forward panicked: {e}")))
             }
         }
     }

@@ -9,9 +9,7 @@
 
 use crate::draft::Drafter;
 use crate::error::Result;
-use crate::generate::{
-    token_budget, Emitter, GenerateOptions, Generation, SplitPipeline, TokenModel,
-};
+use crate::generate::{token_budget, Emitter, GenerateOptions, Generation, SplitPipeline, TokenModel};
 use crate::middle::Middle;
 use crate::sampling::{logits_rows, Sampler};
 use crate::verify::{verify_greedy, verify_sampled};
@@ -31,13 +29,7 @@ pub fn generate_speculative<M: Middle>(
     let mut out = Emitter::new(budget, &opts.eos, on_token);
     let (mut rounds, mut drafted, mut accepted) = (0, 0, 0);
     if budget == 0 {
-        return Ok(out.finish(
-            prompt.len(),
-            0,
-            0,
-            0,
-            pipeline.traffic().since(&traffic_before),
-        ));
+        return Ok(out.finish(prompt.len(), 0, 0, 0, pipeline.traffic().since(&traffic_before)));
     }
 
     let states = pipeline.input_states(prompt, 0)?;
@@ -63,10 +55,7 @@ pub fn generate_speculative<M: Middle>(
         rounds += 1;
         drafted += draft.tokens.len();
         accepted += verdict.accepted;
-        for t in draft.tokens[..verdict.accepted]
-            .iter()
-            .chain([&verdict.next])
-        {
+        for t in draft.tokens[..verdict.accepted].iter().chain([&verdict.next]) {
             going = out.push(*t);
             if !going {
                 break;

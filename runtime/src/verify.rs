@@ -21,27 +21,16 @@ pub fn verify_greedy(drafts: &[u32], target: &[Vec<f32>]) -> Verdict {
     for (j, d) in drafts.iter().enumerate() {
         let t = argmax(&target[j]);
         if t != *d {
-            return Verdict {
-                accepted: j,
-                next: t,
-            };
+            return Verdict { accepted: j, next: t };
         }
     }
-    Verdict {
-        accepted: drafts.len(),
-        next: argmax(&target[drafts.len()]),
-    }
+    Verdict { accepted: drafts.len(), next: argmax(&target[drafts.len()]) }
 }
 
 /// Speculative sampling. `q[j]` is the distribution draft `j` was drawn from; the target rows are
 /// turned into distributions with the sampler's own temperature and top-p. Draft `j` is kept with
 /// probability min(1, p/q); on the first rejection the token is drawn from norm(max(0, p - q)).
-pub fn verify_sampled(
-    drafts: &[u32],
-    q: &[Vec<f32>],
-    target: &[Vec<f32>],
-    sampler: &mut Sampler,
-) -> Verdict {
+pub fn verify_sampled(drafts: &[u32], q: &[Vec<f32>], target: &[Vec<f32>], sampler: &mut Sampler) -> Verdict {
     debug_assert_eq!(target.len(), drafts.len() + 1);
     debug_assert_eq!(q.len(), drafts.len());
     for (j, d) in drafts.iter().enumerate() {
@@ -51,18 +40,11 @@ pub fn verify_sampled(
             continue;
         }
         let residual: Vec<f32> = p.iter().zip(&q[j]).map(|(a, b)| (a - b).max(0.0)).collect();
-        let next = if residual.iter().sum::<f32>() > 0.0 {
-            sampler.draw(&residual)
-        } else {
-            sampler.draw(&p)
-        };
+        let next = if residual.iter().sum::<f32>() > 0.0 { sampler.draw(&residual) } else { sampler.draw(&p) };
         return Verdict { accepted: j, next };
     }
     let p = sampler.distribution(&target[drafts.len()]);
-    Verdict {
-        accepted: drafts.len(),
-        next: sampler.draw(&p),
-    }
+    Verdict { accepted: drafts.len(), next: sampler.draw(&p) }
 }
 
 #[cfg(test)]
@@ -72,50 +54,18 @@ mod tests {
 
     #[test]
     fn greedy_keeps_the_matching_prefix_and_adds_a_token() {
-        let rows = |ids: &[usize]| {
-            ids.iter()
-                .map(|i| (0..5).map(|v| if v == *i { 1.0 } else { 0.0 }).collect())
-                .collect::<Vec<Vec<f32>>>()
-        };
-        assert_eq!(
-            verify_greedy(&[1, 2, 3], &rows(&[1, 2, 3, 4])),
-            Verdict {
-                accepted: 3,
-                next: 4
-            }
-        );
-        assert_eq!(
-            verify_greedy(&[1, 2, 3], &rows(&[1, 0, 3, 4])),
-            Verdict {
-                accepted: 1,
-                next: 0
-            }
-        );
-        assert_eq!(
-            verify_greedy(&[1], &rows(&[2, 4])),
-            Verdict {
-                accepted: 0,
-                next: 2
-            }
-        );
-        assert_eq!(
-            verify_greedy(&[], &rows(&[3])),
-            Verdict {
-                accepted: 0,
-                next: 3
-            }
-        );
+        let rows = |ids: &[usize]| ids.iter().map(|i| (0..5).map(|v| if v == *i { 1.0 } else { 0.0 }).collect()).collect::<Vec<Vec<f32>>>();
+        assert_eq!(verify_greedy(&[1, 2, 3], &rows(&[1, 2, 3, 4])), Verdict { accepted: 3, next: 4 });
+        assert_eq!(verify_greedy(&[1, 2, 3], &rows(&[1, 0, 3, 4])), Verdict { accepted: 1, next: 0 });
+        assert_eq!(verify_greedy(&[1], &rows(&[2, 4])), Verdict { accepted: 0, next: 2 });
+        assert_eq!(verify_greedy(&[], &rows(&[3])), Verdict { accepted: 0, next: 3 });
     }
 
     /// The first emitted token must follow p whatever the draft distribution q is.
     #[test]
     fn rejection_sampling_reproduces_the_target_distribution() {
         let logits: Vec<f32> = vec![0.1, 1.3, -0.4, 0.9, 0.0, 2.0];
-        let mut s = Sampler::new(SamplingOptions {
-            temperature: 0.8,
-            top_p: None,
-            seed: 11,
-        });
+        let mut s = Sampler::new(SamplingOptions { temperature: 0.8, top_p: None, seed: 11 });
         let p = s.distribution(&logits);
         // A draft model that disagrees with the target: it favours token 0 and knows nothing of 5.
         let q: Vec<f32> = vec![0.5, 0.1, 0.2, 0.1, 0.1, 0.0];
@@ -123,24 +73,11 @@ mod tests {
         let mut counts = vec![0usize; p.len()];
         for _ in 0..n {
             let d = s.draw(&q);
-            let v = verify_sampled(
-                &[d],
-                std::slice::from_ref(&q),
-                &[logits.clone(), logits.clone()],
-                &mut s,
-            );
+            let v = verify_sampled(&[d], std::slice::from_ref(&q), &[logits.clone(), logits.clone()], &mut s);
             let first = if v.accepted == 1 { d } else { v.next };
             counts[first as usize] += 1;
         }
-        let tv: f32 = counts
-            .iter()
-            .zip(&p)
-            .map(|(c, p)| (*c as f32 / n as f32 - p).abs())
-            .sum::<f32>()
-            / 2.0;
-        assert!(
-            tv < 0.01,
-            "total variation {tv}, counts {counts:?}, p {p:?}"
-        );
+        let tv: f32 = counts.iter().zip(&p).map(|(c, p)| (*c as f32 / n as f32 - p).abs()).sum::<f32>() / 2.0;
+        assert!(tv < 0.01, "total variation {tv}, counts {counts:?}, p {p:?}");
     }
 }

@@ -7,11 +7,7 @@ pub enum SplitError {
     #[error("{0}: no such file or directory")]
     MissingPath(PathBuf),
     #[error("{path} is not a valid {kind} file: {reason}")]
-    Corrupt {
-        path: PathBuf,
-        kind: &'static str,
-        reason: String,
-    },
+    Corrupt { path: PathBuf, kind: &'static str, reason: String },
     #[error("{0}")]
     BadInput(String),
     #[error("invalid split: {0}")]
@@ -20,11 +16,7 @@ pub enum SplitError {
         "{out} already holds a different model (fingerprint {existing}, from `{existing_source}`); \
          pass a new --out or delete that directory"
     )]
-    OutHoldsOtherModel {
-        out: PathBuf,
-        existing: String,
-        existing_source: String,
-    },
+    OutHoldsOtherModel { out: PathBuf, existing: String, existing_source: String },
     #[error("{0} exists and is not a hat package directory; pass a new or empty --out")]
     OutNotPackage(PathBuf),
     #[error(
@@ -33,38 +25,22 @@ pub enum SplitError {
     )]
     HubOffline { model: String, cache: PathBuf },
     #[error("cannot fetch `{file}` of `{model}` from the Hugging Face hub: {reason}")]
-    Hub {
-        model: String,
-        file: String,
-        reason: String,
-    },
+    Hub { model: String, file: String, reason: String },
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error("{context}: {source}")]
-    Io {
-        context: String,
-        source: std::io::Error,
-    },
+    Io { context: String, source: std::io::Error },
     #[error("{context}: {source}")]
-    Candle {
-        context: String,
-        source: candle_core::Error,
-    },
+    Candle { context: String, source: candle_core::Error },
 }
 
 pub type Result<T> = std::result::Result<T, SplitError>;
 
 impl SplitError {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        SplitError::Io {
-            context: context.into(),
-            source,
-        }
+        SplitError::Io { context: context.into(), source }
     }
     pub fn candle(context: impl Into<String>, source: candle_core::Error) -> Self {
-        SplitError::Candle {
-            context: context.into(),
-            source,
-        }
+        SplitError::Candle { context: context.into(), source }
     }
 }

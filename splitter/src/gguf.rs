@@ -14,22 +14,13 @@ use crate::error::{Result, SplitError};
 use crate::source::{normalise_tensors, LoadedModel};
 
 pub fn load(path: &Path, progress: bool) -> Result<LoadedModel> {
-    let corrupt = |reason: String| SplitError::Corrupt {
-        path: path.to_path_buf(),
-        kind: "GGUF",
-        reason,
-    };
+    let corrupt = |reason: String| SplitError::Corrupt { path: path.to_path_buf(), kind: "GGUF", reason };
     let layout = crate::gguf_check::check(path).map_err(corrupt)?;
-    let file = std::fs::File::open(path)
-        .map_err(|e| SplitError::io(format!("cannot open {}", path.display()), e))?;
+    let file = std::fs::File::open(path).map_err(|e| SplitError::io(format!("cannot open {}", path.display()), e))?;
     let mut reader = BufReader::new(file);
     let content = Content::read(&mut reader).map_err(|e| corrupt(e.to_string()))?;
-    if content.tensor_data_offset != layout.data_offset
-        || content.tensor_infos.len() != layout.tensors.len()
-    {
-        return Err(corrupt(
-            "header layout is ambiguous (reader and validator disagree)".into(),
-        ));
+    if content.tensor_data_offset != layout.data_offset || content.tensor_infos.len() != layout.tensors.len() {
+        return Err(corrupt("header layout is ambiguous (reader and validator disagree)".into()));
     }
     let md = Metadata(&content.metadata);
 
@@ -44,15 +35,10 @@ pub fn load(path: &Path, progress: bool) -> Result<LoadedModel> {
                 .into(),
         ));
     }
-    let tokens_len = md
-        .get("tokenizer.ggml.tokens")
-        .and_then(|v| v.to_vec().ok())
-        .map(Vec::len);
+    let tokens_len = md.get("tokenizer.ggml.tokens").and_then(|v| v.to_vec().ok()).map(Vec::len);
     let num_heads = md.usize("llama.attention.head_count")?;
     let hidden_size = md.usize("llama.embedding_length")?;
-    let head_dim = md
-        .opt_usize("llama.attention.key_length")?
-        .unwrap_or(hidden_size / num_heads.max(1));
+    let head_dim = md.opt_usize("llama.attention.key_length")?.unwrap_or(hidden_size / num_heads.max(1));
     if let Some(rope_dim) = md.opt_usize("llama.rope.dimension_count")? {
         if rope_dim != head_dim {
             return Err(SplitError::BadInput(format!(
@@ -67,19 +53,13 @@ pub fn load(path: &Path, progress: bool) -> Result<LoadedModel> {
         intermediate_size: md.usize("llama.feed_forward_length")?,
         num_hidden_layers: md.usize("llama.block_count")?,
         num_attention_heads: num_heads,
-        num_key_value_heads: Some(
-            md.opt_usize("llama.attention.head_count_kv")?
-                .unwrap_or(num_heads),
-        ),
+        num_key_value_heads: Some(md.opt_usize("llama.attention.head_count_kv")?.unwrap_or(num_heads)),
         head_dim: Some(head_dim),
         vocab_size: match md.opt_usize("llama.vocab_size")? {
             Some(v) => v,
-            None => tokens_len
-                .ok_or_else(|| corrupt("no llama.vocab_size and no tokenizer tokens".into()))?,
+            None => tokens_len.ok_or_else(|| corrupt("no llama.vocab_size and no tokenizer tokens".into()))?,
         },
-        rms_norm_eps: md
-            .float("llama.attention.layer_norm_rms_epsilon")?
-            .unwrap_or(1e-5),
+        rms_norm_eps: md.float("llama.attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5),
         rope_theta: md.float("llama.rope.freq_base")?.unwrap_or(10_000.0),
         rope_scaling: None,
         max_position_embeddings: md.opt_usize("llama.context_length")?.unwrap_or(4096),
@@ -90,34 +70,18 @@ pub fn load(path: &Path, progress: bool) -> Result<LoadedModel> {
     };
     let config = hf_config.validate()?;
 
-    let bar = crate::package::progress_bar(
-        progress,
-        content.tensor_infos.len() as u64,
-        "dequantizing GGUF tensors",
-    );
+    let bar = crate::package::progress_bar(progress, content.tensor_infos.len() as u64, "dequantizing GGUF tensors");
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     let mut tensors = HashMap::with_capacity(names.len());
     for gguf_name in names {
-        let hf_name = hf_name(gguf_name).ok_or_else(|| {
-            SplitError::BadInput(format!(
-                "{}: unexpected tensor `{gguf_name}` for a llama GGUF",
-                path.display()
-            ))
-        })?;
-        let qtensor = content
-            .tensor(&mut reader, gguf_name, &Device::Cpu)
-            .map_err(|e| corrupt(format!("tensor `{gguf_name}`: {e}")))?;
-        let mut t = qtensor
-            .dequantize(&Device::Cpu)
-            .map_err(|e| SplitError::candle(format!("dequantizing `{gguf_name}`"), e))?;
-        if hf_name.ends_with("self_attn.q_proj.weight")
-            || hf_name.ends_with("self_attn.q_proj.bias")
-        {
+        let hf_name = hf_name(gguf_name)
+            .ok_or_else(|| SplitError::BadInput(format!("{}: unexpected tensor `{gguf_name}` for a llama GGUF", path.display())))?;
+        let qtensor = content.tensor(&mut reader, gguf_name, &Device::Cpu).map_err(|e| corrupt(format!("tensor `{gguf_name}`: {e}")))?;
+        let mut t = qtensor.dequantize(&Device::Cpu).map_err(|e| SplitError::candle(format!("dequantizing `{gguf_name}`"), e))?;
+        if hf_name.ends_with("self_attn.q_proj.weight") || hf_name.ends_with("self_attn.q_proj.bias") {
             t = unpermute_rope_rows(&t, config.num_heads)?;
-        } else if hf_name.ends_with("self_attn.k_proj.weight")
-            || hf_name.ends_with("self_attn.k_proj.bias")
-        {
+        } else if hf_name.ends_with("self_attn.k_proj.weight") || hf_name.ends_with("self_attn.k_proj.bias") {
             t = unpermute_rope_rows(&t, config.num_kv_heads)?;
         }
         tensors.insert(hf_name, t);
@@ -126,16 +90,8 @@ pub fn load(path: &Path, progress: bool) -> Result<LoadedModel> {
     bar.finish_and_clear();
     let source = path.display().to_string();
     normalise_tensors(&mut tensors, &config, &source)?;
-    let (tokenizer_json, tokenizer) =
-        crate::gguf_tokenizer::build(&content.metadata).map_err(corrupt)?;
-    Ok(LoadedModel {
-        source,
-        hf_config,
-        config,
-        tensors,
-        tokenizer_json,
-        tokenizer,
-    })
+    let (tokenizer_json, tokenizer) = crate::gguf_tokenizer::build(&content.metadata).map_err(corrupt)?;
+    Ok(LoadedModel { source, hf_config, config, tensors, tokenizer_json, tokenizer })
 }
 
 /// llama.cpp's converter reorders each head's rows from [first half, second half] to interleaved
@@ -158,11 +114,7 @@ fn reorder_rope_rows(t: &Tensor, heads: usize, to_interleaved: bool) -> Result<T
     let dims = t.dims().to_vec();
     let rest: usize = dims[1..].iter().product();
     let half = dims[0] / heads / 2;
-    let grid = if to_interleaved {
-        (heads, 2, half, rest)
-    } else {
-        (heads, half, 2, rest)
-    };
+    let grid = if to_interleaved { (heads, 2, half, rest) } else { (heads, half, 2, rest) };
     t.reshape(grid)
         .and_then(|x| x.transpose(1, 2))
         .and_then(|x| x.contiguous())
@@ -207,14 +159,10 @@ impl Metadata<'_> {
         self.0.get(key)
     }
     fn bad(key: &str, v: &Value) -> SplitError {
-        SplitError::BadInput(format!(
-            "GGUF metadata `{key}` has an unexpected value {v:?}"
-        ))
+        SplitError::BadInput(format!("GGUF metadata `{key}` has an unexpected value {v:?}"))
     }
     fn string(&self, key: &str) -> Result<String> {
-        let v = self
-            .get(key)
-            .ok_or_else(|| SplitError::BadInput(format!("GGUF metadata `{key}` is missing")))?;
+        let v = self.get(key).ok_or_else(|| SplitError::BadInput(format!("GGUF metadata `{key}` is missing")))?;
         v.to_string().cloned().map_err(|_| Self::bad(key, v))
     }
     fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
@@ -223,16 +171,12 @@ impl Metadata<'_> {
             Some(v) => match v {
                 Value::I32(i) if *i >= 0 => Ok(Some(*i as usize)),
                 Value::I64(i) if *i >= 0 => Ok(Some(*i as usize)),
-                v => v
-                    .to_u64()
-                    .map(|n| Some(n as usize))
-                    .map_err(|_| Self::bad(key, v)),
+                v => v.to_u64().map(|n| Some(n as usize)).map_err(|_| Self::bad(key, v)),
             },
         }
     }
     fn usize(&self, key: &str) -> Result<usize> {
-        self.opt_usize(key)?
-            .ok_or_else(|| SplitError::BadInput(format!("GGUF metadata `{key}` is missing")))
+        self.opt_usize(key)?.ok_or_else(|| SplitError::BadInput(format!("GGUF metadata `{key}` is missing")))
     }
     /// f32 metadata read back as the decimal it was written from (1e-5, not 9.99999974e-6).
     fn float(&self, key: &str) -> Result<Option<f64>> {
@@ -251,37 +195,21 @@ mod tests {
 
     #[test]
     fn names_map_to_hugging_face() {
-        assert_eq!(
-            hf_name("blk.3.attn_q.weight").as_deref(),
-            Some("model.layers.3.self_attn.q_proj.weight")
-        );
-        assert_eq!(
-            hf_name("blk.29.ffn_norm.weight").as_deref(),
-            Some("model.layers.29.post_attention_layernorm.weight")
-        );
-        assert_eq!(
-            hf_name("token_embd.weight").as_deref(),
-            Some("model.embed_tokens.weight")
-        );
+        assert_eq!(hf_name("blk.3.attn_q.weight").as_deref(), Some("model.layers.3.self_attn.q_proj.weight"));
+        assert_eq!(hf_name("blk.29.ffn_norm.weight").as_deref(), Some("model.layers.29.post_attention_layernorm.weight"));
+        assert_eq!(hf_name("token_embd.weight").as_deref(), Some("model.embed_tokens.weight"));
         assert_eq!(hf_name("blk.1.unknown.weight"), None);
     }
 
     #[test]
     fn unpermute_inverts_permute() -> Result<()> {
-        let t = Tensor::arange(0f32, 4.0 * 8.0 * 3.0, &Device::Cpu)
-            .and_then(|t| t.reshape((32, 3)))
-            .map_err(|e| SplitError::candle("t", e))?;
+        let t =
+            Tensor::arange(0f32, 4.0 * 8.0 * 3.0, &Device::Cpu).and_then(|t| t.reshape((32, 3))).map_err(|e| SplitError::candle("t", e))?;
         let back = unpermute_rope_rows(&permute_rope_rows(&t, 4)?, 4)?;
-        let diff = (back - &t)
-            .and_then(|d| d.abs())
-            .and_then(|d| d.sum_all())
-            .and_then(|d| d.to_scalar::<f32>());
+        let diff = (back - &t).and_then(|d| d.abs()).and_then(|d| d.sum_all()).and_then(|d| d.to_scalar::<f32>());
         assert_eq!(diff.map_err(|e| SplitError::candle("d", e))?, 0.0);
         // The permutation interleaves halves: row 1 of head 0 comes from row head_dim/2.
-        let p = permute_rope_rows(&t, 4)?
-            .get(1)
-            .and_then(|r| r.to_vec1::<f32>())
-            .map_err(|e| SplitError::candle("p", e))?;
+        let p = permute_rope_rows(&t, 4)?.get(1).and_then(|r| r.to_vec1::<f32>()).map_err(|e| SplitError::candle("p", e))?;
         assert_eq!(p, vec![12.0, 13.0, 14.0]);
         Ok(())
     }

@@ -63,15 +63,10 @@ impl<R: Read> Walker<R> {
 
     fn bytes(&mut self, n: u64, what: &str) -> Result<Vec<u8>, String> {
         if n > self.remaining() {
-            return Err(format!(
-                "{what} needs {n} bytes at offset {} but the file ends at {} (truncated?)",
-                self.pos, self.len
-            ));
+            return Err(format!("{what} needs {n} bytes at offset {} but the file ends at {} (truncated?)", self.pos, self.len));
         }
         let mut buf = vec![0u8; n as usize];
-        self.r
-            .read_exact(&mut buf)
-            .map_err(|e| format!("read failed at offset {}: {e}", self.pos))?;
+        self.r.read_exact(&mut buf).map_err(|e| format!("read failed at offset {}: {e}", self.pos))?;
         self.pos += n;
         Ok(buf)
     }
@@ -116,9 +111,7 @@ impl<R: Read> Walker<R> {
                 let count = self.u64(what)?;
                 // Every element takes at least one byte, so a count past the file's end is corrupt.
                 if count > self.remaining() {
-                    return Err(format!(
-                        "{what}: array of {count} elements cannot fit in the file"
-                    ));
+                    return Err(format!("{what}: array of {count} elements cannot fit in the file"));
                 }
                 for _ in 0..count {
                     self.value(elem, what, depth + 1)?;
@@ -134,11 +127,7 @@ impl<R: Read> Walker<R> {
 pub fn check(path: &Path) -> Result<GgufLayout, String> {
     let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let len = file.metadata().map_err(|e| e.to_string())?.len();
-    let mut w = Walker {
-        r: BufReader::new(file),
-        pos: 0,
-        len,
-    };
+    let mut w = Walker { r: BufReader::new(file), pos: 0, len };
     if w.bytes(4, "magic")?.as_slice() != MAGIC {
         return Err("missing GGUF magic bytes".into());
     }
@@ -162,9 +151,7 @@ pub fn check(path: &Path) -> Result<GgufLayout, String> {
                 _ => return Err("general.alignment must be an integer".into()),
             };
             if alignment == 0 || !alignment.is_power_of_two() {
-                return Err(format!(
-                    "general.alignment = {alignment} must be a non-zero power of two"
-                ));
+                return Err(format!("general.alignment = {alignment} must be a non-zero power of two"));
             }
         }
     }
@@ -177,59 +164,29 @@ pub fn check(path: &Path) -> Result<GgufLayout, String> {
         }
         let n_dims = w.u32(&name)?;
         if n_dims == 0 || n_dims > MAX_DIMS {
-            return Err(format!(
-                "tensor `{name}` has {n_dims} dimensions (1 to {MAX_DIMS} allowed)"
-            ));
+            return Err(format!("tensor `{name}` has {n_dims} dimensions (1 to {MAX_DIMS} allowed)"));
         }
-        let dims = (0..n_dims)
-            .map(|_| w.u64(&name))
-            .collect::<Result<Vec<_>, _>>()?;
+        let dims = (0..n_dims).map(|_| w.u64(&name)).collect::<Result<Vec<_>, _>>()?;
         let ggml_type = w.u32(&name)?;
         let offset = w.u64(&name)?;
-        let (block, block_bytes) = block_layout(ggml_type)
-            .ok_or_else(|| format!("tensor `{name}` has unsupported ggml type {ggml_type}"))?;
-        let elems = dims
-            .iter()
-            .try_fold(1u64, |a, &d| a.checked_mul(d))
-            .ok_or_else(|| format!("tensor `{name}` is too large"))?;
+        let (block, block_bytes) =
+            block_layout(ggml_type).ok_or_else(|| format!("tensor `{name}` has unsupported ggml type {ggml_type}"))?;
+        let elems = dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).ok_or_else(|| format!("tensor `{name}` is too large"))?;
         if dims[0] % block != 0 {
-            return Err(format!(
-                "tensor `{name}`: first dimension {} is not a multiple of the block size {block}",
-                dims[0]
-            ));
+            return Err(format!("tensor `{name}`: first dimension {} is not a multiple of the block size {block}", dims[0]));
         }
-        let bytes = (elems / block)
-            .checked_mul(block_bytes)
-            .ok_or_else(|| format!("tensor `{name}` is too large"))?;
+        let bytes = (elems / block).checked_mul(block_bytes).ok_or_else(|| format!("tensor `{name}` is too large"))?;
         if offset % alignment != 0 {
-            return Err(format!(
-                "tensor `{name}` offset {offset} is not aligned to {alignment}"
-            ));
+            return Err(format!("tensor `{name}` offset {offset} is not aligned to {alignment}"));
         }
-        tensors.push(TensorEntry {
-            name,
-            dims,
-            ggml_type,
-            offset,
-            bytes,
-        });
+        tensors.push(TensorEntry { name, dims, ggml_type, offset, bytes });
     }
     let data_offset = w.pos.div_ceil(alignment) * alignment;
     for t in &tensors {
-        let end = data_offset
-            .checked_add(t.offset)
-            .and_then(|s| s.checked_add(t.bytes));
+        let end = data_offset.checked_add(t.offset).and_then(|s| s.checked_add(t.bytes));
         if end.is_none_or(|e| e > len) {
-            return Err(format!(
-                "tensor `{}` data ends past the end of the file ({} bytes): truncated?",
-                t.name, len
-            ));
+            return Err(format!("tensor `{}` data ends past the end of the file ({} bytes): truncated?", t.name, len));
         }
     }
-    Ok(GgufLayout {
-        version,
-        alignment,
-        data_offset,
-        tensors,
-    })
+    Ok(GgufLayout { version, alignment, data_offset, tensors })
 }

@@ -12,11 +12,7 @@ const TOKEN_TYPE_CONTROL: i64 = 3;
 const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
 pub fn build(md: &HashMap<String, Value>) -> Result<(String, TokenizerInfo), String> {
-    let model = md
-        .get("tokenizer.ggml.model")
-        .and_then(|v| v.to_string().ok())
-        .map(String::as_str)
-        .unwrap_or("");
+    let model = md.get("tokenizer.ggml.model").and_then(|v| v.to_string().ok()).map(String::as_str).unwrap_or("");
     if model != "gpt2" {
         return Err(format!(
             "GGUF tokenizer model `{model}` is not supported (only byte-level BPE, `gpt2`); \
@@ -28,47 +24,24 @@ pub fn build(md: &HashMap<String, Value>) -> Result<(String, TokenizerInfo), Str
         .and_then(|v| v.to_vec().ok())
         .ok_or("GGUF has no tokenizer.ggml.tokens")?
         .iter()
-        .map(|v| {
-            v.to_string()
-                .cloned()
-                .map_err(|_| "tokenizer.ggml.tokens holds a non-string".to_string())
-        })
+        .map(|v| v.to_string().cloned().map_err(|_| "tokenizer.ggml.tokens holds a non-string".to_string()))
         .collect::<Result<_, _>>()?;
-    let types: Vec<i64> = match md
-        .get("tokenizer.ggml.token_type")
-        .and_then(|v| v.to_vec().ok())
-    {
-        Some(list) => list
-            .iter()
-            .map(as_i64)
-            .collect::<Option<_>>()
-            .ok_or("tokenizer.ggml.token_type holds a non-integer")?,
+    let types: Vec<i64> = match md.get("tokenizer.ggml.token_type").and_then(|v| v.to_vec().ok()) {
+        Some(list) => list.iter().map(as_i64).collect::<Option<_>>().ok_or("tokenizer.ggml.token_type holds a non-integer")?,
         None => vec![1; tokens.len()],
     };
     if types.len() != tokens.len() {
-        return Err(format!(
-            "{} token types for {} tokens",
-            types.len(),
-            tokens.len()
-        ));
+        return Err(format!("{} token types for {} tokens", types.len(), tokens.len()));
     }
     let merges: Vec<String> = md
         .get("tokenizer.ggml.merges")
         .and_then(|v| v.to_vec().ok())
         .ok_or("GGUF has no tokenizer.ggml.merges")?
         .iter()
-        .map(|v| {
-            v.to_string()
-                .cloned()
-                .map_err(|_| "tokenizer.ggml.merges holds a non-string".to_string())
-        })
+        .map(|v| v.to_string().cloned().map_err(|_| "tokenizer.ggml.merges holds a non-string".to_string()))
         .collect::<Result<_, _>>()?;
 
-    let vocab: serde_json::Map<String, Json> = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.clone(), json!(i)))
-        .collect();
+    let vocab: serde_json::Map<String, Json> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
     let added: Vec<Json> = tokens
         .iter()
         .zip(&types)
@@ -82,11 +55,7 @@ pub fn build(md: &HashMap<String, Value>) -> Result<(String, TokenizerInfo), Str
         })
         .collect();
 
-    let pre = md
-        .get("tokenizer.ggml.pre")
-        .and_then(|v| v.to_string().ok())
-        .map(String::as_str)
-        .unwrap_or("default");
+    let pre = md.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).map(String::as_str).unwrap_or("default");
     let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
     // llama.cpp's `smollm`/`starcoder` pre-tokenizers split every digit on its own before GPT-2's regex.
     let pre_tokenizer = match pre {
@@ -95,29 +64,14 @@ pub fn build(md: &HashMap<String, Value>) -> Result<(String, TokenizerInfo), Str
             "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level],
         }),
         "gpt2" | "default" => byte_level.clone(),
-        other => return Err(format!(
-            "GGUF pre-tokenizer `{other}` is not supported (supported: smollm, starcoder, gpt2)"
-        )),
+        other => return Err(format!("GGUF pre-tokenizer `{other}` is not supported (supported: smollm, starcoder, gpt2)")),
     };
-    let id_of = |key: &str| {
-        md.get(key)
-            .and_then(as_i64)
-            .and_then(|i| usize::try_from(i).ok())
-            .filter(|&i| i < tokens.len())
-    };
-    let special = |i: usize| SpecialToken {
-        id: i as u32,
-        content: tokens[i].clone(),
-    };
-    let add_bos = md
-        .get("tokenizer.ggml.add_bos_token")
-        .and_then(|v| v.to_bool().ok())
-        .unwrap_or(false);
+    let id_of = |key: &str| md.get(key).and_then(as_i64).and_then(|i| usize::try_from(i).ok()).filter(|&i| i < tokens.len());
+    let special = |i: usize| SpecialToken { id: i as u32, content: tokens[i].clone() };
+    let add_bos = md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
     let bos = id_of("tokenizer.ggml.bos_token_id").map(special);
 
-    let mut post = vec![
-        json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true}),
-    ];
+    let mut post = vec![json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true})];
     if let (true, Some(b)) = (add_bos, &bos) {
         post.push(json!({
             "type": "TemplateProcessing",
@@ -144,19 +98,12 @@ pub fn build(md: &HashMap<String, Value>) -> Result<(String, TokenizerInfo), Str
     });
     let text = serde_json::to_string(&tokenizer).map_err(|e| e.to_string())?;
     // Prove the result loads before anything is written.
-    tokenizers::Tokenizer::from_bytes(text.as_bytes())
-        .map_err(|e| format!("rebuilt tokenizer does not load: {e}"))?;
+    tokenizers::Tokenizer::from_bytes(text.as_bytes()).map_err(|e| format!("rebuilt tokenizer does not load: {e}"))?;
     let info = TokenizerInfo {
         file: "tokenizer.json".into(),
-        chat_template: md
-            .get("tokenizer.chat_template")
-            .and_then(|v| v.to_string().ok())
-            .cloned(),
+        chat_template: md.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned(),
         bos_token: bos,
-        eos_tokens: id_of("tokenizer.ggml.eos_token_id")
-            .map(special)
-            .into_iter()
-            .collect(),
+        eos_tokens: id_of("tokenizer.ggml.eos_token_id").map(special).into_iter().collect(),
         pad_token: id_of("tokenizer.ggml.padding_token_id").map(special),
     };
     Ok((text, info))

@@ -26,12 +26,10 @@ pub fn load(dir: &Path, source: &str) -> Result<LoadedModel> {
 
     let tokenizer_path = dir.join("tokenizer.json");
     let tokenizer_json = read_text(&tokenizer_path)?;
-    let tokenizer = tokenizers::Tokenizer::from_bytes(tokenizer_json.as_bytes()).map_err(|e| {
-        SplitError::Corrupt {
-            path: tokenizer_path.clone(),
-            kind: "tokenizer.json",
-            reason: e.to_string(),
-        }
+    let tokenizer = tokenizers::Tokenizer::from_bytes(tokenizer_json.as_bytes()).map_err(|e| SplitError::Corrupt {
+        path: tokenizer_path.clone(),
+        kind: "tokenizer.json",
+        reason: e.to_string(),
     })?;
     let info = tokenizer_info(dir, &tokenizer)?;
 
@@ -40,34 +38,23 @@ pub fn load(dir: &Path, source: &str) -> Result<LoadedModel> {
         tensors.extend(read_safetensors(&file)?);
     }
     normalise_tensors(&mut tensors, &config, source)?;
-    Ok(LoadedModel {
-        source: source.to_string(),
-        hf_config,
-        config,
-        tensors,
-        tokenizer_json,
-        tokenizer: info,
-    })
+    Ok(LoadedModel { source: source.to_string(), hf_config, config, tensors, tokenizer_json, tokenizer: info })
 }
 
 /// The safetensors files to read: the index's shards, or every `*.safetensors` in the directory.
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join(SAFETENSORS_INDEX);
     if index.exists() {
-        let v: Value =
-            serde_json::from_str(&read_text(&index)?).map_err(|e| SplitError::Corrupt {
-                path: index.clone(),
-                kind: "safetensors index",
-                reason: e.to_string(),
-            })?;
-        let map = v
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .ok_or_else(|| SplitError::Corrupt {
-                path: index.clone(),
-                kind: "safetensors index",
-                reason: "no `weight_map` object".into(),
-            })?;
+        let v: Value = serde_json::from_str(&read_text(&index)?).map_err(|e| SplitError::Corrupt {
+            path: index.clone(),
+            kind: "safetensors index",
+            reason: e.to_string(),
+        })?;
+        let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| SplitError::Corrupt {
+            path: index.clone(),
+            kind: "safetensors index",
+            reason: "no `weight_map` object".into(),
+        })?;
         let files: BTreeSet<&str> = map.values().filter_map(Value::as_str).collect();
         return files
             .into_iter()
@@ -88,18 +75,14 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect();
     files.sort();
     if files.is_empty() {
-        return Err(SplitError::BadInput(format!(
-            "{} has no *.safetensors weights",
-            dir.display()
-        )));
+        return Err(SplitError::BadInput(format!("{} has no *.safetensors weights", dir.display())));
     }
     Ok(files)
 }
 
 /// Reads one safetensors file, validating its header and data layout before any tensor is built.
 pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| SplitError::io(format!("cannot read {}", path.display()), e))?;
+    let bytes = std::fs::read(path).map_err(|e| SplitError::io(format!("cannot read {}", path.display()), e))?;
     safetensors::SafeTensors::deserialize(&bytes).map_err(|e| SplitError::Corrupt {
         path: path.to_path_buf(),
         kind: "safetensors",
@@ -116,8 +99,7 @@ fn read_text(path: &Path) -> Result<String> {
     if !path.exists() {
         return Err(SplitError::MissingPath(path.to_path_buf()));
     }
-    std::fs::read_to_string(path)
-        .map_err(|e| SplitError::io(format!("cannot read {}", path.display()), e))
+    std::fs::read_to_string(path).map_err(|e| SplitError::io(format!("cannot read {}", path.display()), e))
 }
 
 /// Chat template and special tokens from `tokenizer_config.json` and `generation_config.json`.
@@ -127,28 +109,13 @@ fn tokenizer_info(dir: &Path, tokenizer: &tokenizers::Tokenizer) -> Result<Token
         if !p.exists() {
             return Ok(None);
         }
-        serde_json::from_str(&read_text(&p)?)
-            .map(Some)
-            .map_err(|e| SplitError::Corrupt {
-                path: p,
-                kind: "JSON",
-                reason: e.to_string(),
-            })
+        serde_json::from_str(&read_text(&p)?).map(Some).map_err(|e| SplitError::Corrupt { path: p, kind: "JSON", reason: e.to_string() })
     };
     let tok_cfg = read_json("tokenizer_config.json")?.unwrap_or(Value::Null);
     let gen_cfg = read_json("generation_config.json")?.unwrap_or(Value::Null);
 
-    let special = |content: &str| {
-        tokenizer.token_to_id(content).map(|id| SpecialToken {
-            id,
-            content: content.to_string(),
-        })
-    };
-    let by_id = |id: u32| {
-        tokenizer
-            .id_to_token(id)
-            .map(|content| SpecialToken { id, content })
-    };
+    let special = |content: &str| tokenizer.token_to_id(content).map(|id| SpecialToken { id, content: content.to_string() });
+    let by_id = |id: u32| tokenizer.id_to_token(id).map(|content| SpecialToken { id, content });
     let token_field = |key: &str| -> Option<SpecialToken> {
         match tok_cfg.get(key)? {
             Value::String(s) => special(s),
@@ -169,11 +136,7 @@ fn tokenizer_info(dir: &Path, tokenizer: &tokenizers::Tokenizer) -> Result<Token
     let mut eos_tokens: Vec<SpecialToken> = token_field("eos_token").into_iter().collect();
     let gen_eos: Vec<u32> = match gen_cfg.get("eos_token_id") {
         Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(Value::as_u64)
-            .map(|n| n as u32)
-            .collect(),
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|n| n as u32).collect(),
         _ => vec![],
     };
     for id in gen_eos {

@@ -13,14 +13,7 @@ const REQUIRED: [&str; 2] = ["config.json", "tokenizer.json"];
 const OPTIONAL: [&str; 2] = ["tokenizer_config.json", "generation_config.json"];
 
 pub fn offline() -> bool {
-    std::env::var("HF_HUB_OFFLINE")
-        .map(|v| {
-            matches!(
-                v.trim().to_ascii_lowercase().as_str(),
-                "1" | "true" | "yes" | "on"
-            )
-        })
-        .unwrap_or(false)
+    std::env::var("HF_HUB_OFFLINE").map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")).unwrap_or(false)
 }
 
 /// Makes every file of `model_id` that hat needs present in one snapshot directory and returns it.
@@ -29,10 +22,7 @@ pub fn fetch(model_id: &str, progress: bool) -> Result<PathBuf> {
     if offline() {
         return from_cache(&cache, model_id);
     }
-    let api = ApiBuilder::from_env()
-        .with_progress(progress)
-        .build()
-        .map_err(|e| hub_error(model_id, "<api>", e))?;
+    let api = ApiBuilder::from_env().with_progress(progress).build().map_err(|e| hub_error(model_id, "<api>", e))?;
     let repo = api.repo(Repo::model(model_id.to_string()));
     let get = |file: &str| repo.get(file).map_err(|e| hub_error(model_id, file, e));
 
@@ -57,10 +47,7 @@ pub fn fetch(model_id: &str, progress: bool) -> Result<PathBuf> {
 
 fn from_cache(cache: &Cache, model_id: &str) -> Result<PathBuf> {
     let repo = cache.model(model_id.to_string());
-    let not_cached = || SplitError::HubOffline {
-        model: model_id.to_string(),
-        cache: cache.path().clone(),
-    };
+    let not_cached = || SplitError::HubOffline { model: model_id.to_string(), cache: cache.path().clone() };
     let config = repo.get(REQUIRED[0]).ok_or_else(not_cached)?;
     repo.get(REQUIRED[1]).ok_or_else(not_cached)?;
     if let Some(index) = repo.get(SAFETENSORS_INDEX) {
@@ -74,8 +61,7 @@ fn from_cache(cache: &Cache, model_id: &str) -> Result<PathBuf> {
 }
 
 fn index_shards(index: &std::path::Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(index)
-        .map_err(|e| SplitError::io(format!("cannot read {}", index.display()), e))?;
+    let text = std::fs::read_to_string(index).map_err(|e| SplitError::io(format!("cannot read {}", index.display()), e))?;
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| SplitError::Corrupt {
         path: index.to_path_buf(),
         kind: "safetensors index",
@@ -84,11 +70,7 @@ fn index_shards(index: &std::path::Path) -> Result<Vec<String>> {
     let mut shards: Vec<String> = v
         .get("weight_map")
         .and_then(|m| m.as_object())
-        .map(|m| {
-            m.values()
-                .filter_map(|f| f.as_str().map(str::to_string))
-                .collect()
-        })
+        .map(|m| m.values().filter_map(|f| f.as_str().map(str::to_string)).collect())
         .unwrap_or_default();
     shards.sort();
     shards.dedup();
@@ -96,9 +78,5 @@ fn index_shards(index: &std::path::Path) -> Result<Vec<String>> {
 }
 
 fn hub_error(model: &str, file: &str, e: impl std::fmt::Display) -> SplitError {
-    SplitError::Hub {
-        model: model.to_string(),
-        file: file.to_string(),
-        reason: e.to_string(),
-    }
+    SplitError::Hub { model: model.to_string(), file: file.to_string(), reason: e.to_string() }
 }

@@ -8,10 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Tensor};
-use hat_model::manifest::{
-    fingerprint, sha256_file, Manifest, Role, ShardInfo, SplitSpec, FORMAT_NAME, FORMAT_VERSION,
-    MANIFEST_FILE,
-};
+use hat_model::manifest::{fingerprint, sha256_file, Manifest, Role, ShardInfo, SplitSpec, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE};
 use hat_model::names;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -48,14 +45,7 @@ pub struct SplitOptions {
 impl SplitOptions {
     /// f32, no progress bar, the default adapter layer.
     pub fn new(input_layers: usize, output_layers: usize, out: impl Into<PathBuf>) -> Self {
-        Self {
-            input_layers,
-            output_layers,
-            dtype: DType::F32,
-            out: out.into(),
-            progress: false,
-            adapter_init_layer: None,
-        }
+        Self { input_layers, output_layers, dtype: DType::F32, out: out.into(), progress: false, adapter_init_layer: None }
     }
 }
 
@@ -75,9 +65,7 @@ pub fn dtype_name(dtype: DType) -> Result<&'static str> {
         DType::F32 => Ok("f32"),
         DType::F16 => Ok("f16"),
         DType::BF16 => Ok("bf16"),
-        other => Err(SplitError::BadInput(format!(
-            "dtype {other:?} is not supported (f32, f16, bf16)"
-        ))),
+        other => Err(SplitError::BadInput(format!("dtype {other:?} is not supported (f32, f16, bf16)"))),
     }
 }
 
@@ -103,26 +91,17 @@ fn shard_of(name: &str, split: &SplitSpec) -> Option<&'static str> {
         return Some(OUTPUT_SHARD);
     }
     let layer = names::layer_index(name)?;
-    [
-        (split.input_range(), INPUT_SHARD),
-        (split.middle_range(), MIDDLE_SHARD),
-        (split.output_range(), OUTPUT_SHARD),
-    ]
-    .into_iter()
-    .find(|(range, _)| range.contains(&layer))
-    .map(|(_, shard)| shard)
+    [(split.input_range(), INPUT_SHARD), (split.middle_range(), MIDDLE_SHARD), (split.output_range(), OUTPUT_SHARD)]
+        .into_iter()
+        .find(|(range, _)| range.contains(&layer))
+        .map(|(_, shard)| shard)
 }
 
 /// Groups tensor names by shard; fails if a tensor fits none.
-pub fn partition(
-    names: impl IntoIterator<Item = String>,
-    split: &SplitSpec,
-) -> Result<HashMap<&'static str, Vec<String>>> {
+pub fn partition(names: impl IntoIterator<Item = String>, split: &SplitSpec) -> Result<HashMap<&'static str, Vec<String>>> {
     let mut groups: HashMap<&'static str, Vec<String>> = HashMap::new();
     for name in names {
-        let shard = shard_of(&name, split).ok_or_else(|| {
-            SplitError::BadInput(format!("tensor `{name}` belongs to no submodel"))
-        })?;
+        let shard = shard_of(&name, split).ok_or_else(|| SplitError::BadInput(format!("tensor `{name}` belongs to no submodel")))?;
         groups.entry(shard).or_default().push(name);
     }
     for list in groups.values_mut() {
@@ -133,16 +112,9 @@ pub fn partition(
 
 pub fn split_model(model: &LoadedModel, opts: &SplitOptions) -> Result<SplitReport> {
     let start = Instant::now();
-    let split = SplitSpec::new(
-        model.config.num_layers,
-        opts.input_layers,
-        opts.output_layers,
-    )
-    .map_err(SplitError::BadSplit)?;
+    let split = SplitSpec::new(model.config.num_layers, opts.input_layers, opts.output_layers).map_err(SplitError::BadSplit)?;
     let dtype = dtype_name(opts.dtype)?;
-    let adapter_layer = opts
-        .adapter_init_layer
-        .unwrap_or_else(|| default_adapter_layer(&split));
+    let adapter_layer = opts.adapter_init_layer.unwrap_or_else(|| default_adapter_layer(&split));
     if !split.middle_range().contains(&adapter_layer) {
         return Err(SplitError::BadInput(format!(
             "--adapter-init-layer {adapter_layer} is not a middle layer; choose one of {}..={}",
@@ -164,22 +136,15 @@ pub fn split_model(model: &LoadedModel, opts: &SplitOptions) -> Result<SplitRepo
     }
 
     let parent = absolute_parent(&opts.out)?;
-    std::fs::create_dir_all(&parent)
-        .map_err(|e| SplitError::io(format!("cannot create {}", parent.display()), e))?;
+    std::fs::create_dir_all(&parent).map_err(|e| SplitError::io(format!("cannot create {}", parent.display()), e))?;
     let staging = tempfile::Builder::new()
         .prefix(".hat-split-")
         .tempdir_in(&parent)
-        .map_err(|e| {
-            SplitError::io(
-                format!("cannot create a staging directory in {}", parent.display()),
-                e,
-            )
-        })?;
+        .map_err(|e| SplitError::io(format!("cannot create a staging directory in {}", parent.display()), e))?;
     let device_dir = staging.path().join(DEVICE_DIR);
     let cloud_dir = staging.path().join(CLOUD_DIR);
     for d in [&device_dir, &cloud_dir] {
-        std::fs::create_dir_all(d)
-            .map_err(|e| SplitError::io(format!("cannot create {}", d.display()), e))?;
+        std::fs::create_dir_all(d).map_err(|e| SplitError::io(format!("cannot create {}", d.display()), e))?;
     }
 
     let groups = partition(model.tensors.keys().cloned(), &split)?;
@@ -194,19 +159,15 @@ pub fn split_model(model: &LoadedModel, opts: &SplitOptions) -> Result<SplitRepo
         let names = groups.get(file).cloned().unwrap_or_default();
         let mut converted: HashMap<String, Tensor> = HashMap::with_capacity(names.len());
         for name in &names {
-            let t = model.tensors[name]
-                .to_dtype(opts.dtype)
-                .map_err(|e| SplitError::candle(format!("converting `{name}` to {dtype}"), e))?;
+            let t =
+                model.tensors[name].to_dtype(opts.dtype).map_err(|e| SplitError::candle(format!("converting `{name}` to {dtype}"), e))?;
             converted.insert(name.clone(), t);
             bar.inc(1);
         }
         let path = dir.join(file);
-        candle_core::safetensors::save(&converted, &path)
-            .map_err(|e| SplitError::candle(format!("writing {}", path.display()), e))?;
+        candle_core::safetensors::save(&converted, &path).map_err(|e| SplitError::candle(format!("writing {}", path.display()), e))?;
         drop(converted);
-        let bytes = std::fs::metadata(&path)
-            .map_err(|e| SplitError::io(format!("cannot stat {}", path.display()), e))?
-            .len();
+        let bytes = std::fs::metadata(&path).map_err(|e| SplitError::io(format!("cannot stat {}", path.display()), e))?.len();
         shards.push(ShardInfo {
             file: file.to_string(),
             sha256: sha256_file(&path)?,
@@ -219,18 +180,9 @@ pub fn split_model(model: &LoadedModel, opts: &SplitOptions) -> Result<SplitRepo
 
     // The fingerprint covers what device and cloud must agree on; the adapter is the device's own
     // business, so it is hashed for integrity but kept out of the fingerprint.
-    let hashes: Vec<(&str, &str)> = shards
-        .iter()
-        .map(|s| (s.file.as_str(), s.sha256.as_str()))
-        .collect();
+    let hashes: Vec<(&str, &str)> = shards.iter().map(|s| (s.file.as_str(), s.sha256.as_str())).collect();
     let fp = fingerprint(&model.hf_config, &split, dtype, &hashes);
-    shards.push(write_adapter_init(
-        model,
-        &split,
-        adapter_layer,
-        opts.dtype,
-        &device_dir,
-    )?);
+    shards.push(write_adapter_init(model, &split, adapter_layer, opts.dtype, &device_dir)?);
     let manifest = |role: Role, files: &[&str]| Manifest {
         format: FORMAT_NAME.into(),
         format_version: FORMAT_VERSION,
@@ -240,45 +192,29 @@ pub fn split_model(model: &LoadedModel, opts: &SplitOptions) -> Result<SplitRepo
         dtype: dtype.into(),
         config: model.hf_config.clone(),
         split,
-        shards: shards
-            .iter()
-            .filter(|s| files.contains(&s.file.as_str()))
-            .cloned()
-            .collect(),
+        shards: shards.iter().filter(|s| files.contains(&s.file.as_str())).cloned().collect(),
         tokenizer: (role == Role::Device).then(|| model.tokenizer.clone()),
         adapter_init_layer: (role == Role::Device).then_some(adapter_layer),
     };
     let tokenizer_path = device_dir.join(&model.tokenizer.file);
     std::fs::write(&tokenizer_path, &model.tokenizer_json)
         .map_err(|e| SplitError::io(format!("cannot write {}", tokenizer_path.display()), e))?;
-    manifest(
-        Role::Device,
-        &[INPUT_SHARD, OUTPUT_SHARD, ADAPTER_INIT_SHARD],
-    )
-    .write(&device_dir)?;
+    manifest(Role::Device, &[INPUT_SHARD, OUTPUT_SHARD, ADAPTER_INIT_SHARD]).write(&device_dir)?;
     manifest(Role::Cloud, &[MIDDLE_SHARD]).write(&cloud_dir)?;
 
     if let Some(old) = existing {
         if old.fingerprint != fp {
-            return Err(SplitError::OutHoldsOtherModel {
-                out: opts.out.clone(),
-                existing: old.fingerprint,
-                existing_source: old.source,
-            });
+            return Err(SplitError::OutHoldsOtherModel { out: opts.out.clone(), existing: old.fingerprint, existing_source: old.source });
         }
     }
     // Same model (or an empty directory): replace it.
     if opts.out.exists() {
-        std::fs::remove_dir_all(&opts.out)
-            .map_err(|e| SplitError::io(format!("cannot replace {}", opts.out.display()), e))?;
+        std::fs::remove_dir_all(&opts.out).map_err(|e| SplitError::io(format!("cannot replace {}", opts.out.display()), e))?;
     }
     let staged = staging.keep();
     std::fs::rename(&staged, &opts.out).map_err(|e| {
         let _ = std::fs::remove_dir_all(&staged);
-        SplitError::io(
-            format!("cannot move the package into {}", opts.out.display()),
-            e,
-        )
+        SplitError::io(format!("cannot move the package into {}", opts.out.display()), e)
     })?;
     Ok(SplitReport {
         fingerprint: fp,
@@ -291,29 +227,18 @@ pub fn split_model(model: &LoadedModel, opts: &SplitOptions) -> Result<SplitRepo
 }
 
 /// Copies middle layer `layer` into the device package, keeping its tensor names.
-fn write_adapter_init(
-    model: &LoadedModel,
-    split: &SplitSpec,
-    layer: usize,
-    dtype: DType,
-    device_dir: &Path,
-) -> Result<ShardInfo> {
+fn write_adapter_init(model: &LoadedModel, split: &SplitSpec, layer: usize, dtype: DType, device_dir: &Path) -> Result<ShardInfo> {
     debug_assert!(split.middle_range().contains(&layer));
     let mut tensors = HashMap::new();
     for (name, t) in &model.tensors {
         if names::layer_index(name) == Some(layer) {
-            let t = t
-                .to_dtype(dtype)
-                .map_err(|e| SplitError::candle(format!("converting `{name}`"), e))?;
+            let t = t.to_dtype(dtype).map_err(|e| SplitError::candle(format!("converting `{name}`"), e))?;
             tensors.insert(name.clone(), t);
         }
     }
     let path = device_dir.join(ADAPTER_INIT_SHARD);
-    candle_core::safetensors::save(&tensors, &path)
-        .map_err(|e| SplitError::candle(format!("writing {}", path.display()), e))?;
-    let bytes = std::fs::metadata(&path)
-        .map_err(|e| SplitError::io(format!("cannot stat {}", path.display()), e))?
-        .len();
+    candle_core::safetensors::save(&tensors, &path).map_err(|e| SplitError::candle(format!("writing {}", path.display()), e))?;
+    let bytes = std::fs::metadata(&path).map_err(|e| SplitError::io(format!("cannot stat {}", path.display()), e))?.len();
     Ok(ShardInfo {
         file: ADAPTER_INIT_SHARD.into(),
         sha256: sha256_file(&path)?,
@@ -331,17 +256,14 @@ fn existing_package(out: &Path) -> Result<Option<Manifest>> {
     if !out.is_dir() {
         return Err(SplitError::OutNotPackage(out.to_path_buf()));
     }
-    let mut entries = std::fs::read_dir(out)
-        .map_err(|e| SplitError::io(format!("cannot list {}", out.display()), e))?;
+    let mut entries = std::fs::read_dir(out).map_err(|e| SplitError::io(format!("cannot list {}", out.display()), e))?;
     if entries.next().is_none() {
         return Ok(None);
     }
     for side in [DEVICE_DIR, CLOUD_DIR] {
         let dir = out.join(side);
         if dir.join(MANIFEST_FILE).is_file() {
-            return Manifest::read(&dir)
-                .map(Some)
-                .map_err(|_| SplitError::OutNotPackage(out.to_path_buf()));
+            return Manifest::read(&dir).map(Some).map_err(|_| SplitError::OutNotPackage(out.to_path_buf()));
         }
     }
     Err(SplitError::OutNotPackage(out.to_path_buf()))
@@ -351,12 +273,7 @@ fn absolute_parent(out: &Path) -> Result<PathBuf> {
     let abs = if out.is_absolute() {
         out.to_path_buf()
     } else {
-        std::env::current_dir()
-            .map_err(|e| SplitError::io("cannot read the current directory", e))?
-            .join(out)
+        std::env::current_dir().map_err(|e| SplitError::io("cannot read the current directory", e))?.join(out)
     };
-    Ok(abs
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("/")))
+    Ok(abs.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/")))
 }

@@ -40,12 +40,7 @@ impl ModelSource {
 fn looks_like_hub_id(arg: &str) -> bool {
     let parts: Vec<&str> = arg.split('/').collect();
     parts.len() == 2
-        && parts.iter().all(|p| {
-            !p.is_empty()
-                && !p.starts_with('.')
-                && p.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        })
+        && parts.iter().all(|p| !p.is_empty() && !p.starts_with('.') && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
         && !arg.ends_with(".gguf")
 }
 
@@ -74,16 +69,9 @@ pub fn load_model(source: &ModelSource, progress: bool) -> Result<LoadedModel> {
 /// Makes the tensor set complete and uniform: a tied LM head becomes a real `lm_head.weight`, tensors
 /// hat does not use are dropped, and every tensor the architecture needs is checked for presence and
 /// shape, naming the tensor and the source when one is wrong.
-pub fn normalise_tensors(
-    tensors: &mut HashMap<String, Tensor>,
-    cfg: &Config,
-    source: &str,
-) -> Result<()> {
+pub fn normalise_tensors(tensors: &mut HashMap<String, Tensor>, cfg: &Config, source: &str) -> Result<()> {
     if !tensors.contains_key(names::LM_HEAD) {
-        let embed = tensors
-            .get(names::EMBED_TOKENS)
-            .cloned()
-            .ok_or_else(|| missing(names::EMBED_TOKENS, source))?;
+        let embed = tensors.get(names::EMBED_TOKENS).cloned().ok_or_else(|| missing(names::EMBED_TOKENS, source))?;
         tensors.insert(names::LM_HEAD.to_string(), embed);
     }
     tensors.retain(|name, _| !name.ends_with("rotary_emb.inv_freq"));
@@ -116,41 +104,25 @@ pub fn normalise_tensors(
     for (name, shape) in &expected {
         let t = tensors.get(name).ok_or_else(|| missing(name, source))?;
         if t.dims() != shape.as_slice() {
-            return Err(hat_model::ModelError::ShapeMismatch {
-                name: name.clone(),
-                actual: t.dims().to_vec(),
-                expected: shape.clone(),
-            }
-            .into());
+            return Err(
+                hat_model::ModelError::ShapeMismatch { name: name.clone(), actual: t.dims().to_vec(), expected: shape.clone() }.into()
+            );
         }
     }
     if tensors.len() != expected.len() {
-        let known: std::collections::HashSet<&str> =
-            expected.iter().map(|(n, _)| n.as_str()).collect();
-        let mut extra: Vec<&String> = tensors
-            .keys()
-            .filter(|n| !known.contains(n.as_str()))
-            .collect();
+        let known: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+        let mut extra: Vec<&String> = tensors.keys().filter(|n| !known.contains(n.as_str())).collect();
         extra.sort();
         return Err(SplitError::BadInput(format!(
             "{source} has tensors a Llama model of this config does not use: {}",
-            extra
-                .iter()
-                .take(5)
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
+            extra.iter().take(5).map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
         )));
     }
     Ok(())
 }
 
 fn missing(name: &str, source: &str) -> SplitError {
-    hat_model::ModelError::MissingTensor {
-        name: name.to_string(),
-        source_desc: source.to_string(),
-    }
-    .into()
+    hat_model::ModelError::MissingTensor { name: name.to_string(), source_desc: source.to_string() }.into()
 }
 
 #[cfg(test)]
@@ -164,9 +136,6 @@ mod tests {
         assert!(!looks_like_hub_id("/abs/path"));
         assert!(!looks_like_hub_id("a/b/c"));
         assert!(!looks_like_hub_id("dir/model.gguf"));
-        assert!(matches!(
-            ModelSource::parse("/definitely/not/here"),
-            Err(SplitError::MissingPath(_))
-        ));
+        assert!(matches!(ModelSource::parse("/definitely/not/here"), Err(SplitError::MissingPath(_))));
     }
 }

@@ -9,10 +9,7 @@
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use hat_model::{Submodel, SubmodelKind};
-use hat_runtime::{
-    generate_speculative, Adapter, AdapterOrigin, CloudPackage, DevicePackage, Drafter,
-    GenerateOptions, LocalPipeline,
-};
+use hat_runtime::{generate_speculative, Adapter, AdapterOrigin, CloudPackage, DevicePackage, Drafter, GenerateOptions, LocalPipeline};
 use hat_splitter::{load_model, split_model, ModelSource, SplitOptions};
 use hat_tests::default_model_gguf;
 
@@ -23,10 +20,7 @@ const PROMPTS: [&str; 3] = [
 ];
 
 fn main() {
-    let tokens: usize = std::env::var("HAT_BENCH_TOKENS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(24);
+    let tokens: usize = std::env::var("HAT_BENCH_TOKENS").ok().and_then(|v| v.parse().ok()).unwrap_or(24);
     let dir = tempfile::tempdir().expect("tmp");
     let out = dir.path().join("artifacts");
     let model = load_model(&ModelSource::Gguf(default_model_gguf()), false).expect("load");
@@ -36,21 +30,8 @@ fn main() {
     let dev = Device::Cpu;
     let device = DevicePackage::open(&out.join("device"), &dev).expect("device");
     let cloud = CloudPackage::open(&out.join("cloud"), &dev).expect("cloud");
-    let prompts: Vec<Vec<u32>> = PROMPTS
-        .iter()
-        .map(|p| {
-            device
-                .tokenizer
-                .encode(*p, false)
-                .expect("encode")
-                .get_ids()
-                .to_vec()
-        })
-        .collect();
-    let opts = GenerateOptions {
-        max_tokens: tokens,
-        ..Default::default()
-    };
+    let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|p| device.tokenizer.encode(*p, false).expect("encode").get_ids().to_vec()).collect();
+    let opts = GenerateOptions { max_tokens: tokens, ..Default::default() };
 
     let mut candidates = vec![Adapter::zeros(&cfg, &dev).expect("zeros")];
     for l in middle_range.clone() {
@@ -58,16 +39,10 @@ fn main() {
         let layer = Submodel::load(vb, &cfg, SubmodelKind::Middle, l..l + 1).expect("layer");
         candidates.push(Adapter::from_submodel(layer, AdapterOrigin::MiddleLayer(l)));
     }
-    candidates.push(Adapter::from_submodel(
-        cloud.middle.clone(),
-        AdapterOrigin::Custom("oracle (the middle submodel)"),
-    ));
+    candidates.push(Adapter::from_submodel(cloud.middle.clone(), AdapterOrigin::Custom("oracle (the middle submodel)")));
     drop(model);
 
-    println!(
-        "draft-len 4, {tokens} tokens, {} prompts; accept_len = tokens per round",
-        prompts.len()
-    );
+    println!("draft-len 4, {tokens} tokens, {} prompts; accept_len = tokens per round", prompts.len());
     let mut best = (0.0, String::new());
     for adapter in candidates {
         let name = adapter.origin.to_string();
@@ -75,15 +50,13 @@ fn main() {
         let (mut gained, mut rounds) = (0usize, 0usize);
         for p in &prompts {
             let mut pipeline = LocalPipeline::new(&device, &cloud).expect("pipeline");
-            let g = generate_speculative(&mut pipeline, &mut drafter, p, &opts, 4, |_| {})
-                .expect("generate");
+            let g = generate_speculative(&mut pipeline, &mut drafter, p, &opts, 4, |_| {}).expect("generate");
             gained += g.tokens.len() - 1;
             rounds += g.rounds;
         }
         let accept_len = gained as f64 / rounds as f64;
         println!("{name:40} accept_len {accept_len:.3}");
-        if matches!(drafter.adapter().origin, AdapterOrigin::MiddleLayer(_)) && accept_len > best.0
-        {
+        if matches!(drafter.adapter().origin, AdapterOrigin::MiddleLayer(_)) && accept_len > best.0 {
             best = (accept_len, name);
         }
     }

@@ -7,17 +7,12 @@
 use std::time::Instant;
 
 use candle_core::Device;
-use hat_runtime::{
-    generate, CloudPackage, DevicePackage, GenerateOptions, LocalPipeline, SamplingOptions,
-};
+use hat_runtime::{generate, CloudPackage, DevicePackage, GenerateOptions, LocalPipeline, SamplingOptions};
 use hat_splitter::{load_model, split_model, ModelSource, SplitOptions};
 use hat_tests::{default_model_gguf, CandleLlama};
 
 fn env_usize(key: &str, default: usize) -> usize {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -39,38 +34,19 @@ fn main() {
     let report = split_model(&model, &opts).expect("split");
     let split_s = t.elapsed().as_secs_f64();
     drop(model);
-    println!(
-        "split (GGUF load + dequantize {load_s:.2} s, write+hash {:.2} s): {split_s:.2} s total",
-        report.elapsed.as_secs_f64()
-    );
+    println!("split (GGUF load + dequantize {load_s:.2} s, write+hash {:.2} s): {split_s:.2} s total", report.elapsed.as_secs_f64());
 
     let t = Instant::now();
     let device = DevicePackage::open(&out.join("device"), &Device::Cpu).expect("device");
     let cloud = CloudPackage::open(&out.join("cloud"), &Device::Cpu).expect("cloud");
-    println!(
-        "open packages (read + sha256 check): {:.2} s",
-        t.elapsed().as_secs_f64()
-    );
+    println!("open packages (read + sha256 check): {:.2} s", t.elapsed().as_secs_f64());
     let mut hat = LocalPipeline::new(&device, &cloud).expect("pipeline");
     let mut q4 = CandleLlama::load(false);
     let mut qf32 = CandleLlama::load(true);
 
-    let prompt = device
-        .tokenizer
-        .encode("The history of the printing press begins in", true)
-        .expect("encode")
-        .get_ids()
-        .to_vec();
-    let gen_opts = GenerateOptions {
-        max_tokens: tokens,
-        sampling: SamplingOptions::default(),
-        eos: vec![],
-    };
-    let names = [
-        "hat local (f32, split 2/2)",
-        "candle quantized_llama Q4_1",
-        "candle quantized_llama f32 matmuls",
-    ];
+    let prompt = device.tokenizer.encode("The history of the printing press begins in", true).expect("encode").get_ids().to_vec();
+    let gen_opts = GenerateOptions { max_tokens: tokens, sampling: SamplingOptions::default(), eos: vec![] };
+    let names = ["hat local (f32, split 2/2)", "candle quantized_llama Q4_1", "candle quantized_llama f32 matmuls"];
     let mut tok_s: [Vec<f64>; 3] = Default::default();
     let mut ttft: [Vec<f64>; 3] = Default::default();
     for _ in 0..rounds {
@@ -83,19 +59,10 @@ fn main() {
             ttft[i].push(run.ttft.as_secs_f64() * 1e3);
         }
     }
-    println!(
-        "{} prompt tokens, {tokens} generated, {rounds} interleaved rounds, medians:",
-        prompt.len()
-    );
+    println!("{} prompt tokens, {tokens} generated, {rounds} interleaved rounds, medians:", prompt.len());
     let base = median(tok_s[0].clone());
     for i in 0..3 {
         let s = median(tok_s[i].clone());
-        println!(
-            "  {:38} decode {:6.1} tok/s  TTFT {:6.1} ms  ({:.2}x hat)",
-            names[i],
-            s,
-            median(ttft[i].clone()),
-            s / base
-        );
+        println!("  {:38} decode {:6.1} tok/s  TTFT {:6.1} ms  ({:.2}x hat)", names[i], s, median(ttft[i].clone()), s / base);
     }
 }

@@ -23,16 +23,7 @@ pub struct TinyLlama {
 
 impl Default for TinyLlama {
     fn default() -> Self {
-        Self {
-            hidden: 32,
-            intermediate: 64,
-            layers: 4,
-            heads: 4,
-            kv_heads: 2,
-            vocab: 64,
-            tied: true,
-            seed: 7,
-        }
+        Self { hidden: 32, intermediate: 64, layers: 4, heads: 4, kv_heads: 2, vocab: 64, tied: true, seed: 7 }
     }
 }
 
@@ -78,43 +69,19 @@ impl TinyLlama {
         };
         let (h, i, d) = (self.hidden, self.intermediate, self.hidden / self.heads);
         let mut m = HashMap::new();
-        m.insert(
-            "model.embed_tokens.weight".to_string(),
-            t(&[self.vocab, h], 1.0),
-        );
-        m.insert(
-            "model.norm.weight".to_string(),
-            (t(&[h], 0.1) + 1.0).expect("norm"),
-        );
+        m.insert("model.embed_tokens.weight".to_string(), t(&[self.vocab, h], 1.0));
+        m.insert("model.norm.weight".to_string(), (t(&[h], 0.1) + 1.0).expect("norm"));
         if !self.tied {
             m.insert("lm_head.weight".to_string(), t(&[self.vocab, h], 0.3));
         }
         for l in 0..self.layers {
             let p = format!("model.layers.{l}");
-            m.insert(
-                format!("{p}.input_layernorm.weight"),
-                (t(&[h], 0.1) + 1.0).expect("norm"),
-            );
-            m.insert(
-                format!("{p}.post_attention_layernorm.weight"),
-                (t(&[h], 0.1) + 1.0).expect("norm"),
-            );
-            m.insert(
-                format!("{p}.self_attn.q_proj.weight"),
-                t(&[self.heads * d, h], 0.3),
-            );
-            m.insert(
-                format!("{p}.self_attn.k_proj.weight"),
-                t(&[self.kv_heads * d, h], 0.3),
-            );
-            m.insert(
-                format!("{p}.self_attn.v_proj.weight"),
-                t(&[self.kv_heads * d, h], 0.3),
-            );
-            m.insert(
-                format!("{p}.self_attn.o_proj.weight"),
-                t(&[h, self.heads * d], 0.3),
-            );
+            m.insert(format!("{p}.input_layernorm.weight"), (t(&[h], 0.1) + 1.0).expect("norm"));
+            m.insert(format!("{p}.post_attention_layernorm.weight"), (t(&[h], 0.1) + 1.0).expect("norm"));
+            m.insert(format!("{p}.self_attn.q_proj.weight"), t(&[self.heads * d, h], 0.3));
+            m.insert(format!("{p}.self_attn.k_proj.weight"), t(&[self.kv_heads * d, h], 0.3));
+            m.insert(format!("{p}.self_attn.v_proj.weight"), t(&[self.kv_heads * d, h], 0.3));
+            m.insert(format!("{p}.self_attn.o_proj.weight"), t(&[h, self.heads * d], 0.3));
             m.insert(format!("{p}.mlp.gate_proj.weight"), t(&[i, h], 0.3));
             m.insert(format!("{p}.mlp.up_proj.weight"), t(&[i, h], 0.3));
             m.insert(format!("{p}.mlp.down_proj.weight"), t(&[h, i], 0.3));
@@ -149,11 +116,7 @@ impl TinyLlama {
     pub fn write_dir(&self, dir: &Path, shards: usize) -> PathBuf {
         std::fs::create_dir_all(dir).expect("mkdir");
         std::fs::write(dir.join("config.json"), self.config_json().to_string()).expect("config");
-        std::fs::write(
-            dir.join("tokenizer.json"),
-            self.tokenizer_json().to_string(),
-        )
-        .expect("tokenizer");
+        std::fs::write(dir.join("tokenizer.json"), self.tokenizer_json().to_string()).expect("tokenizer");
         let template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
         std::fs::write(
             dir.join("tokenizer_config.json"),
@@ -169,20 +132,14 @@ impl TinyLlama {
             let mut weight_map = serde_json::Map::new();
             for (k, chunk) in names.chunks(names.len().div_ceil(shards)).enumerate() {
                 let file = format!("model-{:05}-of-{:05}.safetensors", k + 1, shards);
-                let part: HashMap<String, Tensor> = chunk
-                    .iter()
-                    .map(|n| ((*n).clone(), tensors[*n].clone()))
-                    .collect();
+                let part: HashMap<String, Tensor> = chunk.iter().map(|n| ((*n).clone(), tensors[*n].clone())).collect();
                 candle_core::safetensors::save(&part, dir.join(&file)).expect("save shard");
                 for n in chunk {
                     weight_map.insert((*n).clone(), json!(file));
                 }
             }
-            std::fs::write(
-                dir.join("model.safetensors.index.json"),
-                json!({"metadata": {}, "weight_map": weight_map}).to_string(),
-            )
-            .expect("index");
+            std::fs::write(dir.join("model.safetensors.index.json"), json!({"metadata": {}, "weight_map": weight_map}).to_string())
+                .expect("index");
         }
         dir.to_path_buf()
     }
@@ -191,21 +148,11 @@ impl TinyLlama {
 /// Max |a - b| over all elements.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     let d = (a.to_dtype(DType::F32).expect("a") - b.to_dtype(DType::F32).expect("b")).expect("sub");
-    d.abs()
-        .expect("abs")
-        .flatten_all()
-        .expect("flat")
-        .max(0)
-        .expect("max")
-        .to_scalar::<f32>()
-        .expect("scalar")
+    d.abs().expect("abs").flatten_all().expect("flat").max(0).expect("max").to_scalar::<f32>().expect("scalar")
 }
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }
 
 /// The default model's GGUF, fetched by `scripts/fetch-default-model.sh` (idempotent) on first use.
@@ -216,15 +163,8 @@ pub fn default_model_gguf() -> PathBuf {
             return PathBuf::from(p);
         }
         let script = repo_root().join("scripts/fetch-default-model.sh");
-        let out = std::process::Command::new("bash")
-            .arg(&script)
-            .output()
-            .expect("run fetch-default-model.sh");
-        assert!(
-            out.status.success(),
-            "fetch-default-model.sh failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = std::process::Command::new("bash").arg(&script).output().expect("run fetch-default-model.sh");
+        assert!(out.status.success(), "fetch-default-model.sh failed: {}", String::from_utf8_lossy(&out.stderr));
         PathBuf::from(String::from_utf8(out.stdout).expect("utf8 path").trim())
     })
     .clone()
@@ -264,14 +204,9 @@ impl CandleLlama {
                 std::env::remove_var("CANDLE_DEQUANTIZE_ALL");
             }
             let mut file = std::fs::File::open(&path).expect("open gguf");
-            let content =
-                candle_core::quantized::gguf_file::Content::read(&mut file).expect("read gguf");
-            let model = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
-                content,
-                &mut file,
-                &Device::Cpu,
-            )
-            .expect("quantized_llama");
+            let content = candle_core::quantized::gguf_file::Content::read(&mut file).expect("read gguf");
+            let model = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(content, &mut file, &Device::Cpu)
+                .expect("quantized_llama");
             std::env::remove_var("CANDLE_DEQUANTIZE_ALL");
             CandleLlama(model)
         })
@@ -290,19 +225,9 @@ impl CandleLlama {
         let mut input = prompt.to_vec();
         let mut pos = 0;
         for _ in 0..n {
-            let x = Tensor::new(input.as_slice(), &Device::Cpu)
-                .and_then(|t| t.unsqueeze(0))
-                .expect("ids");
-            let logits = self
-                .0
-                .forward(&x, pos)
-                .expect("forward")
-                .squeeze(0)
-                .expect("squeeze");
-            let next = logits
-                .argmax(0)
-                .and_then(|t| t.to_scalar::<u32>())
-                .expect("argmax");
+            let x = Tensor::new(input.as_slice(), &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("ids");
+            let logits = self.0.forward(&x, pos).expect("forward").squeeze(0).expect("squeeze");
+            let next = logits.argmax(0).and_then(|t| t.to_scalar::<u32>()).expect("argmax");
             if first_logits.is_none() {
                 first_at = std::time::Instant::now();
                 first_logits = Some(logits);
@@ -311,17 +236,8 @@ impl CandleLlama {
             tokens.push(next);
             input = vec![next];
         }
-        let tbt = if n > 1 {
-            first_at.elapsed() / (n as u32 - 1)
-        } else {
-            std::time::Duration::ZERO
-        };
-        ReferenceRun {
-            tokens,
-            first_logits: first_logits.expect("n >= 1"),
-            ttft: first_at - start,
-            tbt,
-        }
+        let tbt = if n > 1 { first_at.elapsed() / (n as u32 - 1) } else { std::time::Duration::ZERO };
+        ReferenceRun { tokens, first_logits: first_logits.expect("n >= 1"), ttft: first_at - start, tbt }
     }
 }
 
@@ -331,13 +247,8 @@ pub fn default_artifacts() -> &'static Path {
     &DIR.get_or_init(|| {
         let dir = tempfile::tempdir().expect("tmp");
         let out = dir.path().join("artifacts");
-        let model = hat_splitter::load_model(
-            &hat_splitter::ModelSource::Gguf(default_model_gguf()),
-            false,
-        )
-        .expect("load default model");
-        hat_splitter::split_model(&model, &hat_splitter::SplitOptions::new(2, 2, out.clone()))
-            .expect("split");
+        let model = hat_splitter::load_model(&hat_splitter::ModelSource::Gguf(default_model_gguf()), false).expect("load default model");
+        hat_splitter::split_model(&model, &hat_splitter::SplitOptions::new(2, 2, out.clone())).expect("split");
         (dir, out)
     })
     .1
@@ -346,14 +257,9 @@ pub fn default_artifacts() -> &'static Path {
 /// A tiny fixture split `input`/`output` into `dir/artifacts`.
 pub fn tiny_artifacts(dir: &Path, fixture: &TinyLlama, input: usize, output: usize) -> PathBuf {
     let src = fixture.write_dir(&dir.join("model"), 1);
-    let model = hat_splitter::load_model(&hat_splitter::ModelSource::Dir(src), false)
-        .expect("load fixture");
+    let model = hat_splitter::load_model(&hat_splitter::ModelSource::Dir(src), false).expect("load fixture");
     let out = dir.join("artifacts");
-    hat_splitter::split_model(
-        &model,
-        &hat_splitter::SplitOptions::new(input, output, out.clone()),
-    )
-    .expect("split fixture");
+    hat_splitter::split_model(&model, &hat_splitter::SplitOptions::new(input, output, out.clone())).expect("split fixture");
     out
 }
 

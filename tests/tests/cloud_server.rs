@@ -8,14 +8,11 @@ use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use hat_runtime::link::read_frame;
-use hat_runtime::protocol::{
-    frame, ClientMsg, ErrorCode, HiddenFrame, ServerMsg, WireDType, WireFormat, PROTOCOL_VERSION,
-};
+use hat_runtime::protocol::{frame, ClientMsg, ErrorCode, HiddenFrame, ServerMsg, WireDType, WireFormat, PROTOCOL_VERSION};
 use hat_runtime::sampling::logits_rows;
 use hat_runtime::{
-    generate_speculative, Adapter, CloudOptions, CloudPackage, CloudServer, DevicePackage, Drafter,
-    GenerateOptions, LocalMiddle, LocalPipeline, Middle, RemoteMiddle, Sampler, SamplingOptions,
-    ServerConfig, TokenModel,
+    generate_speculative, Adapter, CloudOptions, CloudPackage, CloudServer, DevicePackage, Drafter, GenerateOptions, LocalMiddle,
+    LocalPipeline, Middle, RemoteMiddle, Sampler, SamplingOptions, ServerConfig, TokenModel,
 };
 use hat_tests::{tiny_artifacts, TinyLlama};
 
@@ -30,11 +27,7 @@ fn tiny() -> Tiny {
     let out = tiny_artifacts(dir.path(), &TinyLlama::default(), 1, 1);
     let device = DevicePackage::open(&out.join("device"), &Device::Cpu).expect("device");
     let cloud = CloudPackage::open(&out.join("cloud"), &Device::Cpu).expect("cloud");
-    Tiny {
-        _dir: dir,
-        device,
-        cloud,
-    }
+    Tiny { _dir: dir, device, cloud }
 }
 
 fn serve(t: &Tiny, cfg: ServerConfig) -> CloudServer {
@@ -47,8 +40,7 @@ struct Raw(TcpStream);
 impl Raw {
     fn connect(server: &CloudServer) -> Self {
         let s = TcpStream::connect(server.local_addr()).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
         Raw(s)
     }
     fn send_bytes(&mut self, b: &[u8]) {
@@ -58,8 +50,7 @@ impl Raw {
         self.send_bytes(&frame(&m.encode()));
     }
     fn recv(&mut self) -> ServerMsg {
-        ServerMsg::decode(&read_frame(&mut self.0, 1 << 20).expect("a reply frame"))
-            .expect("a server message")
+        ServerMsg::decode(&read_frame(&mut self.0, 1 << 20).expect("a reply frame")).expect("a server message")
     }
     fn expect_error(&mut self, code: ErrorCode) -> String {
         match self.recv() {
@@ -73,11 +64,7 @@ impl Raw {
         matches!(self.0.read(&mut b), Ok(0) | Err(_))
     }
     fn hello(&mut self, fingerprint: &str, token: Option<&str>) {
-        self.send(&ClientMsg::Hello {
-            version: PROTOCOL_VERSION,
-            fingerprint: fingerprint.into(),
-            auth_token: token.map(Into::into),
-        });
+        self.send(&ClientMsg::Hello { version: PROTOCOL_VERSION, fingerprint: fingerprint.into(), auth_token: token.map(Into::into) });
     }
 }
 
@@ -86,36 +73,16 @@ fn states(rows: usize, hidden: usize) -> Tensor {
 }
 
 fn forward(start: usize, x: &Tensor) -> ClientMsg {
-    ClientMsg::Forward(
-        HiddenFrame::encode(
-            x,
-            start,
-            WireFormat {
-                dtype: WireDType::F32,
-                zstd: false,
-            },
-        )
-        .expect("encode"),
-    )
+    ClientMsg::Forward(HiddenFrame::encode(x, start, WireFormat { dtype: WireDType::F32, zstd: false }).expect("encode"))
 }
 
 /// After the abuse, a well-behaved device still gets exactly the middle submodel's output.
 fn assert_still_serving(t: &Tiny, server: &CloudServer, token: Option<&str>) {
     let mut opts = CloudOptions::new(server.local_addr().to_string());
-    opts.wire = WireFormat {
-        dtype: WireDType::F32,
-        zstd: false,
-    };
+    opts.wire = WireFormat { dtype: WireDType::F32, zstd: false };
     opts.auth_token = token.map(Into::into);
     let hidden = t.device.config.hidden_size;
-    let mut remote = RemoteMiddle::connect(
-        opts,
-        &t.device.manifest.fingerprint,
-        hidden,
-        64,
-        &Device::Cpu,
-    )
-    .expect("good client connects");
+    let mut remote = RemoteMiddle::connect(opts, &t.device.manifest.fingerprint, hidden, 64, &Device::Cpu).expect("good client connects");
     let mut local = LocalMiddle::new(t.cloud.middle.clone());
     let x = states(5, hidden);
     let a = remote.forward(0, &x).expect("remote");
@@ -156,13 +123,7 @@ fn garbage_and_oversized_frames_get_an_error_and_the_server_serves_on() {
 #[test]
 fn bad_hidden_states_and_positions_are_refused_per_frame() {
     let t = tiny();
-    let server = serve(
-        &t,
-        ServerConfig {
-            max_context: 32,
-            ..Default::default()
-        },
-    );
+    let server = serve(&t, ServerConfig { max_context: 32, ..Default::default() });
     let hidden = t.device.config.hidden_size;
     let mut c = Raw::connect(&server);
     c.hello(&t.device.manifest.fingerprint, None);
@@ -180,15 +141,7 @@ fn bad_hidden_states_and_positions_are_refused_per_frame() {
     c.send(&forward(0, &states(2, hidden * 2)));
     assert!(c.expect_error(ErrorCode::BadHidden).contains("hidden size"));
     // Payload shorter than its header says.
-    let mut short = HiddenFrame::encode(
-        &states(2, hidden),
-        0,
-        WireFormat {
-            dtype: WireDType::F16,
-            zstd: false,
-        },
-    )
-    .expect("encode");
+    let mut short = HiddenFrame::encode(&states(2, hidden), 0, WireFormat { dtype: WireDType::F16, zstd: false }).expect("encode");
     short.rows = 3;
     c.send(&ClientMsg::Forward(short));
     c.expect_error(ErrorCode::BadHidden);
@@ -207,13 +160,7 @@ fn bad_hidden_states_and_positions_are_refused_per_frame() {
 #[test]
 fn handshake_refuses_wrong_token_fingerprint_and_version_with_clear_errors() {
     let t = tiny();
-    let server = serve(
-        &t,
-        ServerConfig {
-            auth_token: Some("correct horse".into()),
-            ..Default::default()
-        },
-    );
+    let server = serve(&t, ServerConfig { auth_token: Some("correct horse".into()), ..Default::default() });
     let fp = t.device.manifest.fingerprint.clone();
     let mut c = Raw::connect(&server);
     c.hello(&fp, Some("wrong"));
@@ -226,31 +173,16 @@ fn handshake_refuses_wrong_token_fingerprint_and_version_with_clear_errors() {
     c.hello("0123abcd", Some("correct horse"));
     assert!(c.expect_error(ErrorCode::Fingerprint).contains("0123abcd"));
     let mut c = Raw::connect(&server);
-    c.send(&ClientMsg::Hello {
-        version: PROTOCOL_VERSION + 1,
-        fingerprint: fp.clone(),
-        auth_token: Some("correct horse".into()),
-    });
+    c.send(&ClientMsg::Hello { version: PROTOCOL_VERSION + 1, fingerprint: fp.clone(), auth_token: Some("correct horse".into()) });
     c.expect_error(ErrorCode::Version);
 
     // The device library turns a refusal into an error that names the cloud and the cause.
     let opts = CloudOptions::new(server.local_addr().to_string());
-    let err = RemoteMiddle::connect(opts, &fp, t.device.config.hidden_size, 64, &Device::Cpu)
-        .expect_err("no token");
+    let err = RemoteMiddle::connect(opts, &fp, t.device.config.hidden_size, 64, &Device::Cpu).expect_err("no token");
     let msg = err.to_string();
-    assert!(
-        msg.contains(&server.local_addr().to_string()) && msg.contains("auth token"),
-        "{msg}"
-    );
+    assert!(msg.contains(&server.local_addr().to_string()) && msg.contains("auth token"), "{msg}");
     let opts = CloudOptions::new(server.local_addr().to_string());
-    let err = RemoteMiddle::connect(
-        opts,
-        "0123abcd",
-        t.device.config.hidden_size,
-        64,
-        &Device::Cpu,
-    )
-    .expect_err("fingerprint");
+    let err = RemoteMiddle::connect(opts, "0123abcd", t.device.config.hidden_size, 64, &Device::Cpu).expect_err("fingerprint");
     assert!(err.to_string().contains("fingerprint"), "{err}");
     assert_still_serving(&t, &server, Some("correct horse"));
 }
@@ -258,13 +190,7 @@ fn handshake_refuses_wrong_token_fingerprint_and_version_with_clear_errors() {
 #[test]
 fn sessions_beyond_the_limit_are_refused_as_busy() {
     let t = tiny();
-    let server = serve(
-        &t,
-        ServerConfig {
-            max_sessions: 1,
-            ..Default::default()
-        },
-    );
+    let server = serve(&t, ServerConfig { max_sessions: 1, ..Default::default() });
     let fp = &t.device.manifest.fingerprint;
     let mut a = Raw::connect(&server);
     a.hello(fp, None);
@@ -291,26 +217,18 @@ fn sessions_beyond_the_limit_are_refused_as_busy() {
 #[test]
 fn speculative_sampling_draws_the_models_distribution() {
     let t = tiny();
-    let sampling = SamplingOptions {
-        temperature: 0.7,
-        top_p: None,
-        seed: 0,
-    };
+    let sampling = SamplingOptions { temperature: 0.7, top_p: None, seed: 0 };
     let prompt = [5u32, 17, 9, 30];
     let dist = Sampler::new(sampling);
     let vocab = t.device.config.vocab_size;
 
     let mut exact = vec![0f64; vocab];
     let mut model = LocalPipeline::new(&t.device, &t.cloud).expect("pipeline");
-    let p1 = dist.distribution(
-        &logits_rows(&model.logits_last(&prompt, 0).expect("logits")).expect("rows")[0],
-    );
+    let p1 = dist.distribution(&logits_rows(&model.logits_last(&prompt, 0).expect("logits")).expect("rows")[0]);
     for (t1, w) in p1.iter().enumerate() {
         let mut ids = prompt.to_vec();
         ids.push(t1 as u32);
-        let p2 = dist.distribution(
-            &logits_rows(&model.logits_last(&ids, 0).expect("logits")).expect("rows")[0],
-        );
+        let p2 = dist.distribution(&logits_rows(&model.logits_last(&ids, 0).expect("logits")).expect("rows")[0]);
         for (t2, v) in p2.iter().enumerate() {
             exact[t2] += *w as f64 * *v as f64;
         }
@@ -322,37 +240,23 @@ fn speculative_sampling_draws_the_models_distribution() {
     let adapter = Adapter::zeros(&t.device.config, &Device::Cpu).expect("zeros");
     let mut drafter = Drafter::new(adapter);
     for seed in 0..samples {
-        let opts = GenerateOptions {
-            max_tokens: 5,
-            sampling: SamplingOptions { seed, ..sampling },
-            eos: vec![],
-        };
-        let g = generate_speculative(&mut model, &mut drafter, &prompt, &opts, 3, |_| {})
-            .expect("generate");
+        let opts = GenerateOptions { max_tokens: 5, sampling: SamplingOptions { seed, ..sampling }, eos: vec![] };
+        let g = generate_speculative(&mut model, &mut drafter, &prompt, &opts, 3, |_| {}).expect("generate");
         counts[g.tokens[1] as usize] += 1;
         accepted += g.accepted;
         drafted += g.drafted;
     }
-    assert!(
-        accepted > 0 && accepted < drafted,
-        "both branches ran: {accepted} of {drafted} drafts accepted"
-    );
+    assert!(accepted > 0 && accepted < drafted, "both branches ran: {accepted} of {drafted} drafts accepted");
     let chi2 = chi_square(&counts, &exact);
     // 0.1 % critical values of chi-square; bins with expected count < 5 are pooled.
     let (stat, dof) = chi2;
     let critical = dof as f64 + 3.09 * (2.0 * dof as f64).sqrt() + 3.0;
     eprintln!("chi-square {stat:.1} over {dof} degrees of freedom (critical ~{critical:.1}); {accepted}/{drafted} drafts accepted");
-    assert!(
-        stat < critical,
-        "speculative samples do not follow the model: chi-square {stat:.1} > {critical:.1}"
-    );
+    assert!(stat < critical, "speculative samples do not follow the model: chi-square {stat:.1} > {critical:.1}");
 
     // The test has power: the same samples against the distribution of the first token are refused.
     let (wrong, _) = chi_square(&counts, &p1.iter().map(|v| *v as f64).collect::<Vec<_>>());
-    assert!(
-        wrong > critical,
-        "the check cannot tell distributions apart ({wrong:.1})"
-    );
+    assert!(wrong > critical, "the check cannot tell distributions apart ({wrong:.1})");
 }
 
 /// Pearson's statistic, pooling bins with expected count under 5; returns (statistic, dof).

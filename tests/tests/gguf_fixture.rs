@@ -13,10 +13,7 @@ use hat_tests::{max_abs_diff, TinyLlama};
 
 /// GPT-2's byte-to-unicode table: the 256 single-byte tokens of a byte-level BPE vocabulary.
 fn byte_tokens() -> Vec<String> {
-    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
-        .chain(0xA1..=0xAC)
-        .chain(0xAE..=0xFF)
-        .collect();
+    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
     let mut chars: Vec<u32> = printable.clone();
     let mut n = 0;
     for b in 0..256u32 {
@@ -28,10 +25,7 @@ fn byte_tokens() -> Vec<String> {
     }
     let mut pairs: Vec<(u32, u32)> = printable.into_iter().zip(chars).collect();
     pairs.sort();
-    pairs
-        .into_iter()
-        .map(|(_, c)| char::from_u32(c).expect("char").to_string())
-        .collect()
+    pairs.into_iter().map(|(_, c)| char::from_u32(c).expect("char").to_string()).collect()
 }
 
 struct Gguf {
@@ -43,11 +37,7 @@ impl Gguf {
     /// The fixture in llama.cpp's layout: GGUF names, Q/K rows permuted for interleaved rope.
     fn from_fixture(fx: &TinyLlama) -> Self {
         let mut tokens = byte_tokens();
-        tokens.extend([
-            "Ġh".to_string(),
-            "<|im_start|>".to_string(),
-            "<|im_end|>".to_string(),
-        ]);
+        tokens.extend(["Ġh".to_string(), "<|im_start|>".to_string(), "<|im_end|>".to_string()]);
         let mut types = vec![Value::I32(1); tokens.len()];
         let n = types.len();
         types[n - 2] = Value::I32(3);
@@ -57,44 +47,20 @@ impl Gguf {
             ("general.architecture".to_string(), s("llama")),
             ("llama.block_count".into(), Value::U32(fx.layers as u32)),
             ("llama.context_length".into(), Value::U32(256)),
-            (
-                "llama.embedding_length".into(),
-                Value::U32(fx.hidden as u32),
-            ),
-            (
-                "llama.feed_forward_length".into(),
-                Value::U32(fx.intermediate as u32),
-            ),
-            (
-                "llama.attention.head_count".into(),
-                Value::U32(fx.heads as u32),
-            ),
-            (
-                "llama.attention.head_count_kv".into(),
-                Value::U32(fx.kv_heads as u32),
-            ),
+            ("llama.embedding_length".into(), Value::U32(fx.hidden as u32)),
+            ("llama.feed_forward_length".into(), Value::U32(fx.intermediate as u32)),
+            ("llama.attention.head_count".into(), Value::U32(fx.heads as u32)),
+            ("llama.attention.head_count_kv".into(), Value::U32(fx.kv_heads as u32)),
             ("llama.rope.freq_base".into(), Value::F32(10000.0)),
-            (
-                "llama.attention.layer_norm_rms_epsilon".into(),
-                Value::F32(1e-5),
-            ),
+            ("llama.attention.layer_norm_rms_epsilon".into(), Value::F32(1e-5)),
             ("llama.vocab_size".into(), Value::U32(fx.vocab as u32)),
             ("tokenizer.ggml.model".into(), s("gpt2")),
             ("tokenizer.ggml.pre".into(), s("smollm")),
-            (
-                "tokenizer.ggml.tokens".into(),
-                Value::Array(tokens.iter().map(|t| s(t)).collect()),
-            ),
+            ("tokenizer.ggml.tokens".into(), Value::Array(tokens.iter().map(|t| s(t)).collect())),
             ("tokenizer.ggml.token_type".into(), Value::Array(types)),
             ("tokenizer.ggml.merges".into(), Value::Array(vec![s("Ġ h")])),
-            (
-                "tokenizer.ggml.eos_token_id".into(),
-                Value::U32(n as u32 - 1),
-            ),
-            (
-                "tokenizer.chat_template".into(),
-                s("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"),
-            ),
+            ("tokenizer.ggml.eos_token_id".into(), Value::U32(n as u32 - 1)),
+            ("tokenizer.chat_template".into(), s("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")),
         ];
         let hf = fx.tensors();
         let mut tensors = Vec::new();
@@ -119,16 +85,8 @@ impl Gguf {
     }
 
     fn write(&self, path: &Path) -> PathBuf {
-        let q: Vec<(String, QTensor)> = self
-            .tensors
-            .iter()
-            .map(|(n, t)| {
-                (
-                    n.clone(),
-                    QTensor::quantize(t, GgmlDType::F32).expect("qtensor"),
-                )
-            })
-            .collect();
+        let q: Vec<(String, QTensor)> =
+            self.tensors.iter().map(|(n, t)| (n.clone(), QTensor::quantize(t, GgmlDType::F32).expect("qtensor"))).collect();
         let md: Vec<(&str, &Value)> = self.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let ts: Vec<(&str, &QTensor)> = q.iter().map(|(n, t)| (n.as_str(), t)).collect();
         let mut f = std::fs::File::create(path).expect("create");
@@ -158,19 +116,13 @@ fn gguf_name(hf: &str) -> String {
         ("mlp.down_proj", "ffn_down"),
     ]
     .iter()
-    .find_map(|(h, g)| {
-        rest.strip_prefix(h)
-            .map(|suffix| format!("blk.{layer}.{g}{suffix}"))
-    })
+    .find_map(|(h, g)| rest.strip_prefix(h).map(|suffix| format!("blk.{layer}.{g}{suffix}")))
     .expect("known tensor");
     part
 }
 
 fn fixture() -> TinyLlama {
-    TinyLlama {
-        vocab: 259,
-        ..TinyLlama::default()
-    }
+    TinyLlama { vocab: 259, ..TinyLlama::default() }
 }
 
 fn load(path: &Path) -> Result<hat_splitter::LoadedModel, SplitError> {
@@ -185,29 +137,16 @@ fn gguf_conversion_restores_hugging_face_weights_and_tokenizer() {
     let model = load(&path).expect("load gguf");
     let hf: HashMap<String, Tensor> = fx.tensors();
     for (name, t) in &hf {
-        let got = model
-            .tensors
-            .get(name)
-            .unwrap_or_else(|| panic!("missing {name}"));
+        let got = model.tensors.get(name).unwrap_or_else(|| panic!("missing {name}"));
         assert_eq!(max_abs_diff(got, t), 0.0, "{name} differs after conversion");
     }
     assert!(model.hf_config.tie_word_embeddings);
     assert_eq!(model.config.num_kv_heads, fx.kv_heads);
-    assert!(
-        (model.hf_config.rms_norm_eps - 1e-5).abs() < 1e-12,
-        "eps read back as the decimal it was written from"
-    );
+    assert!((model.hf_config.rms_norm_eps - 1e-5).abs() < 1e-12, "eps read back as the decimal it was written from");
 
-    let tok =
-        tokenizers::Tokenizer::from_bytes(model.tokenizer_json.as_bytes()).expect("tokenizer");
-    let ids = tok
-        .encode("<|im_start|> h<|im_end|>", false)
-        .expect("encode");
-    assert_eq!(
-        ids.get_ids(),
-        &[257, 256, 258],
-        "control tokens must stay whole and `Ġh` must merge"
-    );
+    let tok = tokenizers::Tokenizer::from_bytes(model.tokenizer_json.as_bytes()).expect("tokenizer");
+    let ids = tok.encode("<|im_start|> h<|im_end|>", false).expect("encode");
+    assert_eq!(ids.get_ids(), &[257, 256, 258], "control tokens must stay whole and `Ġh` must merge");
     assert_eq!(model.tokenizer.eos_tokens.first().map(|t| t.id), Some(258));
     assert!(model.tokenizer.chat_template.is_some());
 }
@@ -222,10 +161,7 @@ fn truncated_gguf_is_refused_with_a_clear_error() {
         std::fs::write(&short, &bytes[..cut]).expect("write");
         let err = load(&short).expect_err("truncated");
         assert!(matches!(err, SplitError::Corrupt { .. }), "{err}");
-        assert!(
-            err.to_string().contains("truncated") || err.to_string().contains("ends"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("truncated") || err.to_string().contains("ends"), "{err}");
     }
 }
 
@@ -248,10 +184,7 @@ fn zero_alignment_and_absurd_lengths_do_not_crash() {
 
     let garbage = tmp.path().join("garbage.gguf");
     std::fs::write(&garbage, b"this is not a model at all").expect("write");
-    assert!(load(&garbage)
-        .expect_err("garbage")
-        .to_string()
-        .contains("magic"));
+    assert!(load(&garbage).expect_err("garbage").to_string().contains("magic"));
 }
 
 #[test]
@@ -260,9 +193,5 @@ fn non_llama_gguf_names_its_architecture() {
     let mut g = Gguf::from_fixture(&fixture());
     g.set("general.architecture", Value::String("falcon".into()));
     let err = load(&g.write(&tmp.path().join("falcon.gguf"))).expect_err("falcon");
-    assert!(
-        err.to_string()
-            .contains("unsupported architecture `falcon`"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("unsupported architecture `falcon`"), "{err}");
 }

@@ -11,8 +11,8 @@ use std::time::Duration;
 use candle_core::Device;
 use hat_runtime::protocol::{ClientMsg, WireDType, WireFormat, DEFAULT_MAX_FRAME};
 use hat_runtime::{
-    generate, Adapter, AdapterOrigin, CloudOptions, CloudPackage, CloudServer, DeviceRuntime,
-    GenerateOptions, Generation, LocalPipeline, Mode, ServerConfig,
+    generate, Adapter, AdapterOrigin, CloudOptions, CloudPackage, CloudServer, DeviceRuntime, GenerateOptions, Generation, LocalPipeline,
+    Mode, ServerConfig,
 };
 use hat_tests::{default_artifacts, PROMPTS};
 
@@ -32,45 +32,22 @@ fn real() -> &'static Real {
         let dir = default_artifacts();
         let device = DeviceRuntime::open(&dir.join("device")).expect("device runtime");
         let cloud = CloudPackage::open(&dir.join("cloud"), &Device::Cpu).expect("cloud package");
-        let prompts: Vec<Vec<u32>> = PROMPTS
-            .iter()
-            .map(|p| device.prompt_ids(p, false).expect("encode"))
-            .collect();
+        let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|p| device.prompt_ids(p, false).expect("encode")).collect();
         let mut local = Vec::new();
         for p in &prompts {
             let mut pipeline = LocalPipeline::new(&device.package, &cloud).expect("pipeline");
-            local.push(
-                generate(&mut pipeline, p, &greedy(NEW_TOKENS), |_| {})
-                    .expect("local")
-                    .tokens,
-            );
+            local.push(generate(&mut pipeline, p, &greedy(NEW_TOKENS), |_| {}).expect("local").tokens);
         }
-        Real {
-            device,
-            cloud,
-            prompts,
-            local,
-        }
+        Real { device, cloud, prompts, local }
     })
 }
 
 fn greedy(n: usize) -> GenerateOptions {
-    GenerateOptions {
-        max_tokens: n,
-        ..Default::default()
-    }
+    GenerateOptions { max_tokens: n, ..Default::default() }
 }
 
 fn start_cloud() -> CloudServer {
-    CloudServer::start(
-        &real().cloud,
-        ServerConfig {
-            log: false,
-            ..Default::default()
-        },
-        "127.0.0.1:0",
-    )
-    .expect("cloud server")
+    CloudServer::start(&real().cloud, ServerConfig { log: false, ..Default::default() }, "127.0.0.1:0").expect("cloud server")
 }
 
 fn options(server: SocketAddr, dtype: WireDType, zstd: bool) -> CloudOptions {
@@ -80,45 +57,21 @@ fn options(server: SocketAddr, dtype: WireDType, zstd: bool) -> CloudOptions {
 }
 
 /// Generates for every prompt on one session.
-fn run_prompts(
-    device: &DeviceRuntime,
-    opts: CloudOptions,
-    mode: Mode,
-    n: usize,
-) -> Vec<Generation> {
+fn run_prompts(device: &DeviceRuntime, opts: CloudOptions, mode: Mode, n: usize) -> Vec<Generation> {
     let mut session = device.connect(opts).expect("connect");
-    real()
-        .prompts
-        .iter()
-        .map(|p| {
-            session
-                .generate(p, &greedy(n), mode, |_| {})
-                .expect("generate")
-        })
-        .collect()
+    real().prompts.iter().map(|p| session.generate(p, &greedy(n), mode, |_| {}).expect("generate")).collect()
 }
 
 fn assert_matches_local(label: &str, gens: &[Generation]) {
     let r = real();
     for (i, g) in gens.iter().enumerate() {
         let want = &r.local[i][..g.tokens.len()];
-        assert_eq!(
-            g.tokens.len(),
-            NEW_TOKENS.min(r.local[i].len()),
-            "{label}, prompt {i}: length"
-        );
-        assert_eq!(
-            g.tokens, want,
-            "{label}, prompt {i}: tokens differ from --mode local"
-        );
+        assert_eq!(g.tokens.len(), NEW_TOKENS.min(r.local[i].len()), "{label}, prompt {i}: length");
+        assert_eq!(g.tokens, want, "{label}, prompt {i}: tokens differ from --mode local");
     }
     let rounds: usize = gens.iter().map(|g| g.rounds).sum();
     let gained: usize = gens.iter().map(|g| g.tokens.len() - 1).sum();
-    eprintln!(
-        "{label}: all {} prompts equal --mode local; accept_len {:.3}",
-        gens.len(),
-        gained as f64 / rounds as f64
-    );
+    eprintln!("{label}: all {} prompts equal --mode local; accept_len {:.3}", gens.len(), gained as f64 / rounds as f64);
 }
 
 #[test]
@@ -126,24 +79,8 @@ fn f32_wire_ushape_and_hat_draft_1_equal_local() {
     let server = start_cloud();
     let d = &real().device;
     let addr = server.local_addr();
-    assert_matches_local(
-        "ushape f32",
-        &run_prompts(
-            d,
-            options(addr, WireDType::F32, false),
-            Mode::UShape,
-            NEW_TOKENS,
-        ),
-    );
-    assert_matches_local(
-        "hat k=1 f32",
-        &run_prompts(
-            d,
-            options(addr, WireDType::F32, false),
-            Mode::Hat { draft_len: 1 },
-            NEW_TOKENS,
-        ),
-    );
+    assert_matches_local("ushape f32", &run_prompts(d, options(addr, WireDType::F32, false), Mode::UShape, NEW_TOKENS));
+    assert_matches_local("hat k=1 f32", &run_prompts(d, options(addr, WireDType::F32, false), Mode::Hat { draft_len: 1 }, NEW_TOKENS));
 }
 
 #[test]
@@ -151,24 +88,8 @@ fn f32_wire_hat_draft_4_and_8_with_and_without_zstd_equal_local() {
     let server = start_cloud();
     let d = &real().device;
     let addr = server.local_addr();
-    assert_matches_local(
-        "hat k=4 f32+zstd",
-        &run_prompts(
-            d,
-            options(addr, WireDType::F32, true),
-            Mode::Hat { draft_len: 4 },
-            NEW_TOKENS,
-        ),
-    );
-    assert_matches_local(
-        "hat k=8 f32",
-        &run_prompts(
-            d,
-            options(addr, WireDType::F32, false),
-            Mode::Hat { draft_len: 8 },
-            NEW_TOKENS,
-        ),
-    );
+    assert_matches_local("hat k=4 f32+zstd", &run_prompts(d, options(addr, WireDType::F32, true), Mode::Hat { draft_len: 4 }, NEW_TOKENS));
+    assert_matches_local("hat k=8 f32", &run_prompts(d, options(addr, WireDType::F32, false), Mode::Hat { draft_len: 8 }, NEW_TOKENS));
 }
 
 /// Rounding hidden states to f16 is a change of the computation, so it may flip a near-tie against
@@ -178,43 +99,16 @@ fn f16_wire_hat_equals_ushape_and_divergence_from_f32_is_reported() {
     let server = start_cloud();
     let r = real();
     let addr = server.local_addr();
-    let ushape = run_prompts(
-        &r.device,
-        options(addr, WireDType::F16, false),
-        Mode::UShape,
-        NEW_TOKENS,
-    );
-    let hat = run_prompts(
-        &r.device,
-        options(addr, WireDType::F16, false),
-        Mode::Hat { draft_len: 4 },
-        NEW_TOKENS,
-    );
-    let hat_zstd = run_prompts(
-        &r.device,
-        options(addr, WireDType::F16, true),
-        Mode::Hat { draft_len: 4 },
-        NEW_TOKENS,
-    );
+    let ushape = run_prompts(&r.device, options(addr, WireDType::F16, false), Mode::UShape, NEW_TOKENS);
+    let hat = run_prompts(&r.device, options(addr, WireDType::F16, false), Mode::Hat { draft_len: 4 }, NEW_TOKENS);
+    let hat_zstd = run_prompts(&r.device, options(addr, WireDType::F16, true), Mode::Hat { draft_len: 4 }, NEW_TOKENS);
     for i in 0..r.prompts.len() {
-        assert_eq!(
-            hat[i].tokens, ushape[i].tokens,
-            "prompt {i}: hat f16 differs from ushape f16"
-        );
-        assert_eq!(
-            hat_zstd[i].tokens, ushape[i].tokens,
-            "prompt {i}: hat f16+zstd differs from ushape f16"
-        );
-        let first_diff = ushape[i]
-            .tokens
-            .iter()
-            .zip(&r.local[i])
-            .position(|(a, b)| a != b);
+        assert_eq!(hat[i].tokens, ushape[i].tokens, "prompt {i}: hat f16 differs from ushape f16");
+        assert_eq!(hat_zstd[i].tokens, ushape[i].tokens, "prompt {i}: hat f16+zstd differs from ushape f16");
+        let first_diff = ushape[i].tokens.iter().zip(&r.local[i]).position(|(a, b)| a != b);
         eprintln!(
             "f16 wire, prompt {i}: {}",
-            first_diff.map_or("identical to f32 local".into(), |t| format!(
-                "diverges from f32 local at token {t}"
-            ))
+            first_diff.map_or("identical to f32 local".into(), |t| format!("diverges from f32 local at token {t}"))
         );
     }
 }
@@ -229,44 +123,22 @@ fn oracle_adapter_accepts_every_draft_and_zero_adapter_almost_none() {
     let n = 1 + 5 * (k + 1);
     let oracle = DeviceRuntime::open(&default_artifacts().join("device"))
         .expect("device")
-        .with_adapter(Adapter::from_submodel(
-            r.cloud.middle.clone(),
-            AdapterOrigin::Custom("oracle"),
-        ));
-    let gens = run_prompts(
-        &oracle,
-        options(addr, WireDType::F32, false),
-        Mode::Hat { draft_len: k },
-        n,
-    );
+        .with_adapter(Adapter::from_submodel(r.cloud.middle.clone(), AdapterOrigin::Custom("oracle")));
+    let gens = run_prompts(&oracle, options(addr, WireDType::F32, false), Mode::Hat { draft_len: k }, n);
     for (i, g) in gens.iter().enumerate() {
         assert_eq!(g.tokens, r.local[i][..n], "oracle, prompt {i}");
-        assert_eq!(
-            (g.accepted, g.drafted, g.rounds),
-            (5 * k, 5 * k, 5),
-            "oracle, prompt {i}: every draft accepted"
-        );
+        assert_eq!((g.accepted, g.drafted, g.rounds), (5 * k, 5 * k, 5), "oracle, prompt {i}: every draft accepted");
         assert_eq!(g.accept_len(), (k + 1) as f64);
     }
 
     let zeros = DeviceRuntime::open(&default_artifacts().join("device"))
         .expect("device")
         .with_adapter(Adapter::zeros(&r.device.package.config, &Device::Cpu).expect("zeros"));
-    let gens = run_prompts(
-        &zeros,
-        options(addr, WireDType::F32, false),
-        Mode::Hat { draft_len: k },
-        NEW_TOKENS,
-    );
+    let gens = run_prompts(&zeros, options(addr, WireDType::F32, false), Mode::Hat { draft_len: k }, NEW_TOKENS);
     assert_matches_local("hat k=4, zero adapter", &gens);
-    let (accepted, drafted) = gens
-        .iter()
-        .fold((0, 0), |(a, d), g| (a + g.accepted, d + g.drafted));
+    let (accepted, drafted) = gens.iter().fold((0, 0), |(a, d), g| (a + g.accepted, d + g.drafted));
     eprintln!("zero adapter: {accepted} of {drafted} drafts accepted");
-    assert!(
-        accepted * 10 < drafted,
-        "the zero adapter accepted {accepted} of {drafted}"
-    );
+    assert!(accepted * 10 < drafted, "the zero adapter accepted {accepted} of {drafted}");
 }
 
 /// An adapter that is most of the middle drafts well but not perfectly: rounds mix acceptance and
@@ -278,34 +150,16 @@ fn partial_adapter_mixes_accepts_and_rejects_and_stays_exact() {
     let middle_range = r.cloud.middle.layer_range();
     let vb = middle_vb(&default_artifacts().join("cloud/middle.safetensors"));
     let cfg = &r.device.package.config;
-    let layers = hat_model::Submodel::load(
-        vb,
-        cfg,
-        hat_model::SubmodelKind::Middle,
-        middle_range.start..middle_range.end - 3,
-    )
-    .expect("layers");
+    let layers =
+        hat_model::Submodel::load(vb, cfg, hat_model::SubmodelKind::Middle, middle_range.start..middle_range.end - 3).expect("layers");
     let device = DeviceRuntime::open(&default_artifacts().join("device"))
         .expect("device")
-        .with_adapter(Adapter::from_submodel(
-            layers,
-            AdapterOrigin::Custom("middle minus its last 3 layers"),
-        ));
-    let gens = run_prompts(
-        &device,
-        options(server.local_addr(), WireDType::F32, false),
-        Mode::Hat { draft_len: 4 },
-        NEW_TOKENS,
-    );
+        .with_adapter(Adapter::from_submodel(layers, AdapterOrigin::Custom("middle minus its last 3 layers")));
+    let gens = run_prompts(&device, options(server.local_addr(), WireDType::F32, false), Mode::Hat { draft_len: 4 }, NEW_TOKENS);
     assert_matches_local("hat k=4, partial adapter", &gens);
-    let (accepted, drafted) = gens
-        .iter()
-        .fold((0, 0), |(a, d), g| (a + g.accepted, d + g.drafted));
+    let (accepted, drafted) = gens.iter().fold((0, 0), |(a, d), g| (a + g.accepted, d + g.drafted));
     eprintln!("partial adapter: {accepted} of {drafted} drafts accepted");
-    assert!(
-        accepted > 0 && accepted < drafted,
-        "wanted a mix, got {accepted} of {drafted}"
-    );
+    assert!(accepted > 0 && accepted < drafted, "wanted a mix, got {accepted} of {drafted}");
 }
 
 fn middle_vb(path: &std::path::Path) -> candle_nn::VarBuilder<'static> {
@@ -323,10 +177,7 @@ fn recording_proxy(target: SocketAddr) -> (SocketAddr, Arc<Mutex<Vec<u8>>>) {
         for client in listener.incoming() {
             let Ok(mut client) = client else { return };
             let mut server = TcpStream::connect(target).expect("connect cloud");
-            let (mut c2, mut s2) = (
-                client.try_clone().expect("clone"),
-                server.try_clone().expect("clone"),
-            );
+            let (mut c2, mut s2) = (client.try_clone().expect("clone"), server.try_clone().expect("clone"));
             let record = record.clone();
             std::thread::spawn(move || {
                 let mut buf = [0u8; 65536];
@@ -358,30 +209,15 @@ fn device_sends_neither_prompt_text_nor_token_ids() {
     let (proxy, sent) = recording_proxy(server.local_addr());
     let text = "My secret diagnosis is hypertension; my account number is 4417-1234.";
     let prompt = r.device.prompt_ids(text, true).expect("encode");
-    for (mode, dtype) in [
-        (Mode::UShape, WireDType::F32),
-        (Mode::Hat { draft_len: 4 }, WireDType::F16),
-    ] {
-        let mut session = r
-            .device
-            .connect(options(proxy, dtype, false))
-            .expect("connect");
-        let g = session
-            .generate(&prompt, &greedy(16), mode, |_| {})
-            .expect("generate");
+    for (mode, dtype) in [(Mode::UShape, WireDType::F32), (Mode::Hat { draft_len: 4 }, WireDType::F16)] {
+        let mut session = r.device.connect(options(proxy, dtype, false)).expect("connect");
+        let g = session.generate(&prompt, &greedy(16), mode, |_| {}).expect("generate");
         drop(session);
         std::thread::sleep(Duration::from_millis(100));
         let bytes = sent.lock().expect("lock").clone();
-        assert!(
-            bytes.len() > 10_000,
-            "the proxy saw the traffic ({} bytes)",
-            bytes.len()
-        );
+        assert!(bytes.len() > 10_000, "the proxy saw the traffic ({} bytes)", bytes.len());
         for word in ["secret", "diagnosis", "hypertension", "4417", "account"] {
-            assert!(
-                !contains(&bytes, word.as_bytes()),
-                "{word:?} crossed the network in {mode:?}"
-            );
+            assert!(!contains(&bytes, word.as_bytes()), "{word:?} crossed the network in {mode:?}");
         }
         // Any two consecutive token ids, in every integer encoding a leak could use.
         let ids: Vec<u32> = prompt.iter().chain(&g.tokens).copied().collect();
@@ -389,33 +225,22 @@ fn device_sends_neither_prompt_text_nor_token_ids() {
             let encodings: [Vec<u8>; 4] = [
                 pair.iter().flat_map(|t| t.to_le_bytes()).collect(),
                 pair.iter().flat_map(|t| t.to_be_bytes()).collect(),
-                pair.iter()
-                    .flat_map(|t| (*t as u16).to_le_bytes())
-                    .collect(),
-                pair.iter()
-                    .flat_map(|t| (*t as u16).to_be_bytes())
-                    .collect(),
+                pair.iter().flat_map(|t| (*t as u16).to_le_bytes()).collect(),
+                pair.iter().flat_map(|t| (*t as u16).to_be_bytes()).collect(),
             ];
             for e in encodings {
-                assert!(
-                    !contains(&bytes, &e),
-                    "token ids {pair:?} appear in the device's bytes ({mode:?})"
-                );
+                assert!(!contains(&bytes, &e), "token ids {pair:?} appear in the device's bytes ({mode:?})");
             }
         }
         // And structurally: every frame is a hello, open, hidden states or close.
         let mut rest = bytes.as_slice();
         let mut frames = 0;
         while !rest.is_empty() {
-            let body = hat_runtime::link::read_frame(&mut rest, DEFAULT_MAX_FRAME)
-                .expect("well-formed frames");
+            let body = hat_runtime::link::read_frame(&mut rest, DEFAULT_MAX_FRAME).expect("well-formed frames");
             ClientMsg::decode(&body).expect("a client message");
             frames += 1;
         }
-        eprintln!(
-            "{mode:?}: {} bytes in {frames} frames, no text, no token ids",
-            bytes.len()
-        );
+        eprintln!("{mode:?}: {} bytes in {frames} frames, no text, no token ids", bytes.len());
         sent.lock().expect("lock").clear();
     }
 }
@@ -432,57 +257,33 @@ fn cloud_crash_mid_generation_is_survived_with_identical_tokens() {
     let mut server = Some(server);
     let mut restarted = None;
     let g = session
-        .generate(
-            &r.prompts[1],
-            &greedy(NEW_TOKENS),
-            Mode::Hat { draft_len: 4 },
-            |_| {
-                if let Some(s) = server.take().filter(|_| restarted.is_none()) {
-                    s.shutdown();
-                    // The cloud comes back on the same address a little later.
-                    restarted = Some(std::thread::spawn(move || {
-                        std::thread::sleep(Duration::from_millis(300));
-                        CloudServer::start(
-                            &real().cloud,
-                            ServerConfig {
-                                log: false,
-                                ..Default::default()
-                            },
-                            &addr.to_string(),
-                        )
+        .generate(&r.prompts[1], &greedy(NEW_TOKENS), Mode::Hat { draft_len: 4 }, |_| {
+            if let Some(s) = server.take().filter(|_| restarted.is_none()) {
+                s.shutdown();
+                // The cloud comes back on the same address a little later.
+                restarted = Some(std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(300));
+                    CloudServer::start(&real().cloud, ServerConfig { log: false, ..Default::default() }, &addr.to_string())
                         .expect("restart")
-                    }));
-                }
-            },
-        )
+                }));
+            }
+        })
         .expect("generation survives the crash");
-    let _restarted = restarted
-        .expect("crash happened")
-        .join()
-        .expect("restart thread");
+    let _restarted = restarted.expect("crash happened").join().expect("restart thread");
     assert_eq!(g.tokens, r.local[1], "tokens after reconnecting");
     assert!(g.traffic.reconnects >= 1, "reconnected");
-    eprintln!(
-        "survived the crash with {} reconnect(s)",
-        g.traffic.reconnects
-    );
+    eprintln!("survived the crash with {} reconnect(s)", g.traffic.reconnects);
 }
 
 #[test]
 fn unreachable_cloud_is_a_clear_error() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr");
+    let port = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
     let mut opts = CloudOptions::new(port.to_string());
     opts.retries = 2;
     opts.backoff = Duration::from_millis(10);
     let err = real().device.connect(opts).expect_err("nobody listens");
     let msg = err.to_string();
-    assert!(
-        msg.contains(&port.to_string()) && msg.contains("3 attempts"),
-        "{msg}"
-    );
+    assert!(msg.contains(&port.to_string()) && msg.contains("3 attempts"), "{msg}");
 }
 
 #[test]
@@ -495,36 +296,15 @@ fn eight_concurrent_sessions_each_match_their_solo_output() {
         let handles: Vec<_> = (0..8)
             .map(|i| {
                 s.spawn(move || {
-                    let mode = if i % 2 == 0 {
-                        Mode::Hat {
-                            draft_len: 1 + i % 5,
-                        }
-                    } else {
-                        Mode::UShape
-                    };
-                    let mut session = r
-                        .device
-                        .connect(options(addr, WireDType::F32, i % 3 == 0))
-                        .expect("connect");
-                    (
-                        i,
-                        session
-                            .generate(&r.prompts[i], &greedy(n), mode, |_| {})
-                            .expect("generate"),
-                    )
+                    let mode = if i % 2 == 0 { Mode::Hat { draft_len: 1 + i % 5 } } else { Mode::UShape };
+                    let mut session = r.device.connect(options(addr, WireDType::F32, i % 3 == 0)).expect("connect");
+                    (i, session.generate(&r.prompts[i], &greedy(n), mode, |_| {}).expect("generate"))
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("session thread"))
-            .collect()
+        handles.into_iter().map(|h| h.join().expect("session thread")).collect()
     });
     for (i, g) in results {
-        assert_eq!(
-            g.tokens,
-            r.local[i][..n],
-            "session {i} differs from its solo output"
-        );
+        assert_eq!(g.tokens, r.local[i][..n], "session {i} differs from its solo output");
     }
 }

@@ -8,9 +8,7 @@ use hat_splitter::{load_model, split_model, ModelSource, SplitError, SplitOption
 use hat_tests::TinyLlama;
 
 fn lay_out_hub_cache(home: &Path, repo: &str, revision: &str) {
-    let repo_dir = home
-        .join("hub")
-        .join(format!("models--{}", repo.replace('/', "--")));
+    let repo_dir = home.join("hub").join(format!("models--{}", repo.replace('/', "--")));
     let staging = home.join("staging");
     TinyLlama::default().write_dir(&staging, 2);
     let snapshot = repo_dir.join("snapshots").join(revision);
@@ -19,9 +17,7 @@ fn lay_out_hub_cache(home: &Path, repo: &str, revision: &str) {
     for entry in std::fs::read_dir(&staging).expect("ls") {
         let entry = entry.expect("entry");
         // Blobs are named by content hash in a real cache; the file name stands in for it here.
-        let blob = repo_dir
-            .join("blobs")
-            .join(format!("blob-{}", entry.file_name().to_string_lossy()));
+        let blob = repo_dir.join("blobs").join(format!("blob-{}", entry.file_name().to_string_lossy()));
         std::fs::rename(entry.path(), &blob).expect("move blob");
         std::os::unix::fs::symlink(&blob, snapshot.join(entry.file_name())).expect("symlink");
     }
@@ -33,11 +29,7 @@ fn lay_out_hub_cache(home: &Path, repo: &str, revision: &str) {
 #[test]
 fn hub_model_splits_offline_from_the_cache_and_an_uncached_one_is_a_clear_error() {
     let home = tempfile::tempdir().expect("tmp");
-    lay_out_hub_cache(
-        home.path(),
-        "test-org/tiny-llama",
-        "0123456789abcdef0123456789abcdef01234567",
-    );
+    lay_out_hub_cache(home.path(), "test-org/tiny-llama", "0123456789abcdef0123456789abcdef01234567");
     std::env::set_var("HF_HOME", home.path());
     std::env::set_var("HF_HUB_OFFLINE", "1");
 
