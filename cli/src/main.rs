@@ -3,6 +3,7 @@
 mod generate_cmd;
 mod serve_cmd;
 mod split_cmd;
+mod train_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -30,6 +31,7 @@ enum Command {
     Split(split_cmd::SplitArgs),
     Generate(generate_cmd::GenerateArgs),
     Serve(serve_cmd::ServeArgs),
+    TrainAdapter(train_cmd::TrainArgs),
 }
 
 fn main() {
@@ -38,6 +40,7 @@ fn main() {
         Command::Split(args) => split_cmd::run(args, cli.quiet),
         Command::Generate(args) => generate_cmd::run(args, cli.quiet),
         Command::Serve(args) => serve_cmd::run(args, cli.quiet),
+        Command::TrainAdapter(args) => train_cmd::run_cmd(args, cli.quiet),
     };
     if let Err(e) = result {
         // The whole cause chain on one line: what failed and why.

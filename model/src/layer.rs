@@ -2,7 +2,7 @@
 //! Blocks are loaded under their Hugging Face names, so `vb.pp("model.layers").pp(i)` finds layer i.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{linear_b, rms_norm, Linear, RmsNorm, VarBuilder};
+use candle_nn::{linear_b, Linear, RmsNorm, VarBuilder};
 
 use crate::config::Config;
 use crate::error::Result;
@@ -35,17 +35,42 @@ impl Attention {
     }
 
     /// # Shapes
-    /// x: (batch, seq, hidden) -> (batch, seq, hidden)
-    fn forward(&self, x: &Tensor, rope: &Rope, pos: usize, cache: &mut LayerCache) -> Result<Tensor> {
+    /// x: (batch, seq, hidden) -> q: (batch, heads, seq, head_dim), k and v: (batch, kv_heads, seq, head_dim)
+    fn project(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, seq, _) = x.dims3()?;
         let heads = |t: Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((b, seq, n, self.head_dim))?.transpose(1, 2)?.contiguous()?) };
-        let q = heads(self.q_proj.forward(x)?, self.num_heads)?;
-        let k = heads(self.k_proj.forward(x)?, self.num_kv_heads)?;
-        let v = heads(self.v_proj.forward(x)?, self.num_kv_heads)?;
+        Ok((
+            heads(self.q_proj.forward(x)?, self.num_heads)?,
+            heads(self.k_proj.forward(x)?, self.num_kv_heads)?,
+            heads(self.v_proj.forward(x)?, self.num_kv_heads)?,
+        ))
+    }
+
+    /// # Shapes
+    /// x: (batch, seq, hidden) -> (batch, seq, hidden)
+    fn forward(&self, x: &Tensor, rope: &Rope, pos: usize, cache: &mut LayerCache) -> Result<Tensor> {
+        let (q, k, v) = self.project(x)?;
         let q = rope.apply(&q, pos)?;
         let k = rope.apply(&k, pos)?;
         let (k, v) = cache.append(&k, &v)?;
+        self.attend(&q, &k, &v, pos, false)
+    }
 
+    /// Positions `0..seq` without a cache, through ops that all have a backward pass.
+    ///
+    /// # Shapes
+    /// x: (batch, seq, hidden) -> (batch, seq, hidden)
+    fn forward_differentiable(&self, x: &Tensor, rope: &Rope) -> Result<Tensor> {
+        let (q, k, v) = self.project(x)?;
+        let q = rope.apply_differentiable(&q, 0)?;
+        let k = rope.apply_differentiable(&k, 0)?;
+        self.attend(&q, &k, &v, 0, true)
+    }
+
+    /// # Shapes
+    /// q: (batch, heads, seq, head_dim), k and v: (batch, kv_heads, pos + seq, head_dim) -> (batch, seq, hidden)
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, pos: usize, differentiable: bool) -> Result<Tensor> {
+        let (b, _, seq, _) = q.dims4()?;
         // Grouped-query attention without copying K/V per head: fold the query heads that share a KV
         // head into the sequence axis. (b, kv, rep*seq, d) x (b, kv, d, total)
         let rep = self.num_heads / self.num_kv_heads;
@@ -57,8 +82,13 @@ impl Attention {
             let mask = causal_mask(seq, pos, rep, scores.dtype(), scores.device())?;
             scores = scores.broadcast_add(&mask)?;
         }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v)?; // (b, kv, rep*seq, d)
+        // candle's fused softmax kernel has no backward pass.
+        let probs = if differentiable {
+            candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
+        let out = probs.matmul(v)?; // (b, kv, rep*seq, d)
         let out =
             out.reshape((b, self.num_heads, seq, self.head_dim))?.transpose(1, 2)?.reshape((b, seq, self.num_heads * self.head_dim))?;
         Ok(self.o_proj.forward(&out)?)
@@ -106,20 +136,44 @@ impl Mlp {
     }
 }
 
+/// RMSNorm with its weight at hand: inference uses candle's fused kernel, training the plain ops
+/// (the fused kernel has no backward pass).
+#[derive(Debug, Clone)]
+pub struct Norm {
+    fused: RmsNorm,
+    weight: Tensor,
+    eps: f32,
+}
+
+impl Norm {
+    pub fn load(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get(size, "weight")?;
+        Ok(Self { fused: RmsNorm::new(weight.clone(), eps), weight, eps: eps as f32 })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.fused.forward(x)?)
+    }
+
+    pub fn forward_differentiable(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)?)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct DecoderLayer {
-    input_layernorm: RmsNorm,
+    input_layernorm: Norm,
     self_attn: Attention,
-    post_attention_layernorm: RmsNorm,
+    post_attention_layernorm: Norm,
     mlp: Mlp,
 }
 
 impl DecoderLayer {
     pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
         Ok(Self {
-            input_layernorm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
+            input_layernorm: Norm::load(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
             self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
-            post_attention_layernorm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
+            post_attention_layernorm: Norm::load(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
             mlp: Mlp::load(vb.pp("mlp"), cfg)?,
         })
     }
@@ -132,6 +186,17 @@ impl DecoderLayer {
         let h = self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, pos, cache)?;
         let x = (x + h)?;
         let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        Ok((x + h)?)
+    }
+
+    /// The block on positions `0..seq` without a cache, differentiable end to end (training).
+    ///
+    /// # Shapes
+    /// x: (batch, seq, hidden) -> (batch, seq, hidden)
+    pub fn forward_differentiable(&self, x: &Tensor, rope: &Rope) -> Result<Tensor> {
+        let h = self.self_attn.forward_differentiable(&self.input_layernorm.forward_differentiable(x)?, rope)?;
+        let x = (x + h)?;
+        let h = self.mlp.forward(&self.post_attention_layernorm.forward_differentiable(&x)?)?;
         Ok((x + h)?)
     }
 }

@@ -54,6 +54,17 @@ impl Rope {
         Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
     }
 
+    /// [`Rope::apply`] through plain tensor ops, which have a backward pass (training).
+    ///
+    /// # Shapes
+    /// x: (batch, heads, seq, head_dim) -> same
+    pub fn apply_differentiable(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
+        let seq = x.dim(2)?;
+        let cos = self.cos.narrow(0, pos, seq)?;
+        let sin = self.sin.narrow(0, pos, seq)?;
+        Ok(candle_nn::rotary_emb::rope_slow(&x.contiguous()?, &cos, &sin)?)
+    }
+
     pub fn max_positions(&self) -> usize {
         self.cos.dims()[0]
     }

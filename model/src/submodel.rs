@@ -5,12 +5,12 @@
 use std::ops::Range;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{embedding, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm, VarBuilder};
+use candle_nn::{embedding, linear_no_bias, Embedding, Linear, VarBuilder};
 
 use crate::config::Config;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
-use crate::layer::DecoderLayer;
+use crate::layer::{DecoderLayer, Norm};
 use crate::names::LAYERS_PREFIX;
 use crate::rope::Rope;
 
@@ -41,7 +41,7 @@ pub struct Submodel {
     layer_range: Range<usize>,
     embed_tokens: Option<Embedding>,
     layers: Vec<DecoderLayer>,
-    norm: Option<RmsNorm>,
+    norm: Option<Norm>,
     lm_head: Option<Linear>,
     rope: Rope,
     cfg: Config,
@@ -64,7 +64,7 @@ impl Submodel {
         let layers = layer_range.clone().map(|i| DecoderLayer::load(layers_vb.pp(i), cfg)).collect::<Result<Vec<_>>>()?;
         let (norm, lm_head) = if kind.has_head() {
             (
-                Some(rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("model.norm"))?),
+                Some(Norm::load(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("model.norm"))?),
                 Some(linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?),
             )
         } else {
@@ -142,6 +142,31 @@ impl Submodel {
             h = layer.forward(&h, &self.rope, pos, cache.layer_mut(i))?;
         }
         Ok(h)
+    }
+
+    /// Runs every layer on positions `0..seq` without a cache, differentiably (training). The
+    /// submodel's own weights are constants unless they were loaded from a `VarMap`.
+    ///
+    /// # Shapes
+    /// hidden: (batch, seq, hidden) -> (batch, seq, hidden)
+    pub fn forward_differentiable(&self, hidden: &Tensor) -> Result<Tensor> {
+        let mut h = hidden.clone();
+        for layer in &self.layers {
+            h = layer.forward_differentiable(&h, &self.rope)?;
+        }
+        Ok(h)
+    }
+
+    /// [`Submodel::head`], differentiably.
+    ///
+    /// # Shapes
+    /// hidden: (batch, seq, hidden) -> (batch, seq, vocab)
+    pub fn head_differentiable(&self, hidden: &Tensor) -> Result<Tensor> {
+        let (norm, lm_head) = match (&self.norm, &self.lm_head) {
+            (Some(n), Some(l)) => (n, l),
+            _ => return Err(missing_part(self.kind, "LM head")),
+        };
+        Ok(lm_head.forward(&norm.forward_differentiable(hidden)?)?)
     }
 
     /// Final norm and LM head.

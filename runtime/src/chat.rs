@@ -6,15 +6,25 @@ use crate::error::{Result, RuntimeError};
 
 /// One user turn, with the template's own default system prompt if it has one.
 pub fn render_user_prompt(template: &str, user: &str, bos: Option<&str>, eos: Option<&str>) -> Result<String> {
+    render(template, &[("user".to_string(), user.to_string())], true, bos, eos)
+}
+
+/// A whole conversation of (role, content) turns, as training text (no generation prompt).
+pub fn render_conversation(template: &str, turns: &[(String, String)], bos: Option<&str>, eos: Option<&str>) -> Result<String> {
+    render(template, turns, false, bos, eos)
+}
+
+fn render(template: &str, turns: &[(String, String)], add_generation_prompt: bool, bos: Option<&str>, eos: Option<&str>) -> Result<String> {
     let mut env = Environment::new();
     env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
         Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
     });
     env.add_template("chat", template).map_err(|e| RuntimeError::ChatTemplate(e.to_string()))?;
     let tmpl = env.get_template("chat").map_err(|e| RuntimeError::ChatTemplate(e.to_string()))?;
+    let messages: Vec<_> = turns.iter().map(|(role, content)| context! { role => role, content => content }).collect();
     tmpl.render(context! {
-        messages => vec![context! { role => "user", content => user }],
-        add_generation_prompt => true,
+        messages => messages,
+        add_generation_prompt => add_generation_prompt,
         bos_token => bos.unwrap_or(""),
         eos_token => eos.unwrap_or(""),
     })

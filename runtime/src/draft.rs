@@ -45,10 +45,15 @@ impl std::fmt::Display for AdapterOrigin {
     }
 }
 
-/// Decoder layers that stand in for the middle submodel.
+/// Name of the adapter's optional output bias in an adapter file.
+pub const ADAPTER_BIAS: &str = "adapter.bias";
+
+/// Decoder layers that stand in for the middle submodel, and an optional bias added to their output
+/// (training starts it at the mean gap between the middle's output and its input).
 #[derive(Debug, Clone)]
 pub struct Adapter {
     layers: Submodel,
+    bias: Option<Tensor>,
     pub origin: AdapterOrigin,
 }
 
@@ -57,8 +62,8 @@ impl Adapter {
     pub fn load(package: &DevicePackage, device: &Device) -> Result<Self> {
         let trained = package.dir.join(TRAINED_ADAPTER);
         if trained.is_file() {
-            let layers = load_layers(&trained, &package.config, device, package.input.dtype())?;
-            return Ok(Self { layers, origin: AdapterOrigin::Trained(trained) });
+            let (layers, bias) = load_layers(&trained, &package.config, device, package.input.dtype())?;
+            return Ok(Self { layers, bias, origin: AdapterOrigin::Trained(trained) });
         }
         let init = package.dir.join(INIT_ADAPTER);
         if !init.is_file() {
@@ -67,21 +72,42 @@ impl Adapter {
                 package.dir.display()
             )));
         }
-        let layers = load_layers(&init, &package.config, device, package.input.dtype())?;
+        let (layers, bias) = load_layers(&init, &package.config, device, package.input.dtype())?;
         let first = layers.layer_range().start;
-        Ok(Self { layers, origin: AdapterOrigin::MiddleLayer(first) })
+        Ok(Self { layers, bias, origin: AdapterOrigin::MiddleLayer(first) })
     }
 
     /// Any run of decoder layers as the adapter; the middle submodel itself is the oracle adapter.
     pub fn from_submodel(layers: Submodel, origin: AdapterOrigin) -> Self {
-        Self { layers, origin }
+        Self { layers, bias: None, origin }
+    }
+
+    /// Adds a bias to the layers' output.
+    ///
+    /// # Shapes
+    /// bias: (hidden,)
+    pub fn with_bias(mut self, bias: Tensor) -> Self {
+        self.bias = Some(bias);
+        self
+    }
+
+    /// Runs the adapter on new positions `pos..` of its own cache.
+    ///
+    /// # Shapes
+    /// x: (1, seq, hidden) -> (1, seq, hidden)
+    pub fn forward(&self, x: &Tensor, pos: usize, cache: &mut KvCache) -> Result<Tensor> {
+        let a = self.layers.forward_layers(x, pos, cache)?;
+        Ok(match &self.bias {
+            Some(b) => a.broadcast_add(b)?,
+            None => a,
+        })
     }
 
     /// One decoder layer of zeros: the identity, since both residual branches add nothing.
     pub fn zeros(cfg: &Config, device: &Device) -> Result<Self> {
         let vb = VarBuilder::zeros(candle_core::DType::F32, device);
         let layers = Submodel::load(vb, cfg, SubmodelKind::Middle, 0..1)?;
-        Ok(Self { layers, origin: AdapterOrigin::Custom("zeros") })
+        Ok(Self { layers, bias: None, origin: AdapterOrigin::Custom("zeros") })
     }
 
     pub fn num_layers(&self) -> usize {
@@ -89,8 +115,8 @@ impl Adapter {
     }
 }
 
-/// Loads `model.layers.{i}.*` tensors from an adapter file; the file decides how many layers.
-fn load_layers(path: &Path, cfg: &Config, device: &Device, dtype: candle_core::DType) -> Result<Submodel> {
+/// Loads `model.layers.{i}.*` tensors (the file decides how many layers) and the optional bias.
+fn load_layers(path: &Path, cfg: &Config, device: &Device, dtype: candle_core::DType) -> Result<(Submodel, Option<Tensor>)> {
     let bad = |reason: String| RuntimeError::Adapter(format!("{}: {reason}", path.display()));
     let tensors = candle_core::safetensors::load(path, device).map_err(|e| bad(e.to_string()))?;
     let indices: Vec<usize> = tensors.keys().filter_map(|n| names::layer_index(n)).collect();
@@ -100,8 +126,14 @@ fn load_layers(path: &Path, cfg: &Config, device: &Device, dtype: candle_core::D
     if *hi >= cfg.num_layers {
         return Err(bad(format!("layer {hi} is past the model's {} layers", cfg.num_layers)));
     }
+    let bias = match tensors.get(ADAPTER_BIAS) {
+        Some(b) if b.dims() == [cfg.hidden_size] => Some(b.to_dtype(dtype)?),
+        Some(b) => return Err(bad(format!("{ADAPTER_BIAS} has shape {:?}, expected [{}]", b.dims(), cfg.hidden_size))),
+        None => None,
+    };
     let vb = VarBuilder::from_tensors(tensors, dtype, device);
-    Submodel::load(vb, cfg, SubmodelKind::Middle, *lo..*hi + 1).map_err(|e| bad(e.to_string()))
+    let layers = Submodel::load(vb, cfg, SubmodelKind::Middle, *lo..*hi + 1).map_err(|e| bad(e.to_string()))?;
+    Ok((layers, bias))
 }
 
 /// The tokens a draft proposes and what verification needs from it.
@@ -168,7 +200,7 @@ impl Drafter {
                 Some(u) => (Tensor::cat(&[&u, &h], 1)?, self.cache.len()),
                 None => (h, pos + j),
             };
-            let a = self.adapter.layers.forward_layers(&a_in, a_pos, &mut self.cache)?;
+            let a = self.adapter.forward(&a_in, a_pos, &mut self.cache)?;
             let a_last = a.narrow(1, a.dim(1)? - 1, 1)?;
             let logits = logits_rows(&pipeline.output_logits_last(&a_last, pos + j)?)?;
             token = if sampler.is_greedy() {

@@ -216,6 +216,9 @@ pub struct Generation {
     /// Draft tokens proposed and accepted over all rounds (zero without drafting).
     pub drafted: usize,
     pub accepted: usize,
+    /// Rounds whose first draft was accepted: the draft model's top-1 agreement with the full model,
+    /// on its own generations, is this over `rounds` (when drafting).
+    pub first_accepted: usize,
     /// Network bytes of this generation.
     pub traffic: Traffic,
 }
@@ -250,6 +253,14 @@ pub(crate) fn token_budget(prompt: &[u32], opts: &GenerateOptions, context: usiz
         return Err(RuntimeError::ContextOverflow { prompt: prompt.len(), max_new: opts.max_tokens, context });
     }
     Ok(opts.max_tokens.min(context - prompt.len()))
+}
+
+/// Draft statistics of a generation.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct DraftCounts {
+    pub drafted: usize,
+    pub accepted: usize,
+    pub first_accepted: usize,
 }
 
 /// Hands tokens to the caller as they are chosen, times them, and says when to stop (end of
@@ -300,7 +311,7 @@ impl<'a, F: FnMut(u32)> Emitter<'a, F> {
         self.remaining() > 0
     }
 
-    pub(crate) fn finish(self, prompt_tokens: usize, rounds: usize, drafted: usize, accepted: usize, traffic: Traffic) -> Generation {
+    pub(crate) fn finish(self, prompt_tokens: usize, rounds: usize, drafts: DraftCounts, traffic: Traffic) -> Generation {
         let first_at = self.first_at.unwrap_or(self.start);
         let n = self.tokens.len();
         let tbt = if n > 1 { (self.last_at - first_at) / (n as u32 - 1) } else { Duration::ZERO };
@@ -311,8 +322,9 @@ impl<'a, F: FnMut(u32)> Emitter<'a, F> {
             tbt,
             stopped_by_eos: self.stopped_by_eos,
             rounds,
-            drafted,
-            accepted,
+            drafted: drafts.drafted,
+            accepted: drafts.accepted,
+            first_accepted: drafts.first_accepted,
             traffic,
         }
     }
@@ -334,5 +346,5 @@ pub fn generate(model: &mut impl TokenModel, prompt: &[u32], opts: &GenerateOpti
         }
     }
     let traffic = model.traffic().since(&traffic_before);
-    Ok(out.finish(prompt.len(), rounds, 0, 0, traffic))
+    Ok(out.finish(prompt.len(), rounds, DraftCounts::default(), traffic))
 }

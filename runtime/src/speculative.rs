@@ -9,7 +9,7 @@
 
 use crate::draft::Drafter;
 use crate::error::Result;
-use crate::generate::{token_budget, Emitter, GenerateOptions, Generation, SplitPipeline, TokenModel};
+use crate::generate::{token_budget, DraftCounts, Emitter, GenerateOptions, Generation, SplitPipeline, TokenModel};
 use crate::middle::Middle;
 use crate::sampling::{logits_rows, Sampler};
 use crate::verify::{verify_greedy, verify_sampled};
@@ -27,9 +27,10 @@ pub fn generate_speculative<M: Middle>(
     let mut sampler = Sampler::new(opts.sampling);
     let traffic_before = pipeline.traffic();
     let mut out = Emitter::new(budget, &opts.eos, on_token);
-    let (mut rounds, mut drafted, mut accepted) = (0, 0, 0);
+    let mut rounds = 0;
+    let mut counts = DraftCounts::default();
     if budget == 0 {
-        return Ok(out.finish(prompt.len(), 0, 0, 0, pipeline.traffic().since(&traffic_before)));
+        return Ok(out.finish(prompt.len(), 0, counts, pipeline.traffic().since(&traffic_before)));
     }
 
     let states = pipeline.input_states(prompt, 0)?;
@@ -53,8 +54,9 @@ pub fn generate_speculative<M: Middle>(
             verify_sampled(&draft.tokens, &draft.q, &target, &mut sampler)
         };
         rounds += 1;
-        drafted += draft.tokens.len();
-        accepted += verdict.accepted;
+        counts.drafted += draft.tokens.len();
+        counts.accepted += verdict.accepted;
+        counts.first_accepted += usize::from(verdict.accepted > 0);
         for t in draft.tokens[..verdict.accepted].iter().chain([&verdict.next]) {
             going = out.push(*t);
             if !going {
@@ -66,5 +68,5 @@ pub fn generate_speculative<M: Middle>(
         last = verdict.next;
     }
     let traffic = pipeline.traffic().since(&traffic_before);
-    Ok(out.finish(prompt.len(), rounds, drafted, accepted, traffic))
+    Ok(out.finish(prompt.len(), rounds, counts, traffic))
 }

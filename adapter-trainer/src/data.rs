@@ -1,0 +1,152 @@
+//! Training text: a plain-text file (documents separated by blank lines), or JSON lines with `text`
+//! or chat `messages`. Also the prompts for self-distillation: the file's own prompts, or the set
+//! the project ships (`prompts/self-distill.txt`, written for hat), and held-out prompts for
+//! evaluation (`prompts/heldout.txt`).
+
+use std::path::Path;
+
+use hat_runtime::chat::render_conversation;
+use hat_runtime::DevicePackage;
+
+use crate::error::{Result, TrainError};
+
+pub const SHIPPED_PROMPTS: &str = include_str!("../prompts/self-distill.txt");
+pub const HELDOUT_PROMPTS: &str = include_str!("../prompts/heldout.txt");
+
+/// One training example, before tokenization.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Example {
+    /// Text trained on as it is.
+    Text(String),
+    /// A chat conversation, rendered with the model's template.
+    Chat(Vec<(String, String)>),
+}
+
+impl Example {
+    /// The first user turn (or the start of the text), used as a self-distillation prompt.
+    pub fn prompt(&self) -> String {
+        match self {
+            Example::Text(t) => t.lines().next().unwrap_or_default().to_string(),
+            Example::Chat(m) => m.iter().find(|(r, _)| r == "user").map(|(_, c)| c.clone()).unwrap_or_default(),
+        }
+    }
+}
+
+fn bad(path: &Path, reason: impl Into<String>) -> TrainError {
+    TrainError::BadData { path: path.to_path_buf(), reason: reason.into() }
+}
+
+/// Reads `--data`. JSON lines are recognised by a first non-empty line that starts with `{`.
+pub fn read_data(path: &Path) -> Result<Vec<Example>> {
+    let text = std::fs::read_to_string(path).map_err(|e| bad(path, format!("cannot read: {e}")))?;
+    if text.trim().is_empty() {
+        return Err(bad(path, "the file is empty"));
+    }
+    let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or_default();
+    let examples = if first.trim_start().starts_with('{') { read_jsonl(path, &text)? } else { read_plain(&text) };
+    if examples.is_empty() {
+        return Err(bad(path, "no examples found"));
+    }
+    Ok(examples)
+}
+
+fn read_plain(text: &str) -> Vec<Example> {
+    text.split("\n\n").map(str::trim).filter(|d| !d.is_empty()).map(|d| Example::Text(d.to_string())).collect()
+}
+
+fn read_jsonl(path: &Path, text: &str) -> Result<Vec<Example>> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = |reason: String| bad(path, format!("line {}: {reason}", i + 1));
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| at(format!("not JSON: {e}")))?;
+        if let Some(t) = v.get("text").and_then(|t| t.as_str()) {
+            if t.trim().is_empty() {
+                return Err(at("`text` is empty".into()));
+            }
+            out.push(Example::Text(t.to_string()));
+        } else if let Some(m) = v.get("messages").and_then(|m| m.as_array()) {
+            let mut turns = Vec::new();
+            for msg in m {
+                let role = msg.get("role").and_then(|r| r.as_str()).ok_or_else(|| at("a message has no string `role`".into()))?;
+                let content = msg.get("content").and_then(|c| c.as_str()).ok_or_else(|| at("a message has no string `content`".into()))?;
+                turns.push((role.to_string(), content.to_string()));
+            }
+            if turns.is_empty() {
+                return Err(at("`messages` is empty".into()));
+            }
+            out.push(Example::Chat(turns));
+        } else {
+            return Err(at("expected an object with `text` (a string) or `messages` (a list)".into()));
+        }
+    }
+    Ok(out)
+}
+
+/// Non-empty lines of a prompt list.
+pub fn prompt_lines(text: &str) -> Vec<String> {
+    text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect()
+}
+
+/// Token ids of an example: chat turns through the model's template, text as it is.
+pub fn tokenize(package: &DevicePackage, example: &Example) -> Result<Vec<u32>> {
+    let text = match example {
+        Example::Text(t) => t.clone(),
+        Example::Chat(turns) => {
+            let template = package
+                .manifest
+                .tokenizer
+                .as_ref()
+                .and_then(|t| t.chat_template.as_deref())
+                .ok_or_else(|| TrainError::BadInput("chat `messages` need a chat template, and this model has none".into()))?;
+            let info = package.manifest.tokenizer.as_ref();
+            let bos = info.and_then(|t| t.bos_token.as_ref()).map(|t| t.content.as_str());
+            let eos = info.and_then(|t| t.eos_tokens.first()).map(|t| t.content.as_str());
+            render_conversation(template, turns, bos, eos)?
+        }
+    };
+    let enc = package.tokenizer.encode(text.as_str(), false).map_err(|e| TrainError::BadInput(format!("tokenizer: {e}")))?;
+    Ok(enc.get_ids().to_vec())
+}
+
+/// A user prompt ready for generation (self-distillation, evaluation): one chat turn when the model
+/// has a template, else the text as it is.
+pub fn chat_prompt(package: &DevicePackage, user: &str) -> Result<Vec<u32>> {
+    let chat = package.manifest.tokenizer.as_ref().is_some_and(|t| t.chat_template.is_some());
+    Ok(hat_runtime::chat::prompt_ids(package, user, chat)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("data");
+        std::fs::write(&p, text).expect("write");
+        (dir, p)
+    }
+
+    #[test]
+    fn reads_plain_text_jsonl_text_and_chat() {
+        let (_d, p) = write("first doc\nline two\n\n\nsecond doc\n");
+        assert_eq!(read_data(&p).expect("plain"), vec![Example::Text("first doc\nline two".into()), Example::Text("second doc".into())]);
+        let (_d, p) = write("{\"text\": \"hello\"}\n\n{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n");
+        let ex = read_data(&p).expect("jsonl");
+        assert_eq!(ex[0], Example::Text("hello".into()));
+        assert_eq!(ex[1].prompt(), "hi");
+    }
+
+    #[test]
+    fn empty_and_malformed_files_name_the_problem() {
+        let (_d, p) = write("  \n\n");
+        assert!(read_data(&p).expect_err("empty").to_string().contains("empty"));
+        let (_d, p) = write("{\"text\": \"ok\"}\n{not json\n");
+        assert!(read_data(&p).expect_err("bad").to_string().contains("line 2"));
+        let (_d, p) = write("{\"prompt\": \"x\"}\n");
+        assert!(read_data(&p).expect_err("no text").to_string().contains("`text`"));
+        assert!(read_data(Path::new("/no/such/file")).is_err());
+    }
+}

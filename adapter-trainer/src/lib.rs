@@ -1,0 +1,389 @@
+//! `hat train-adapter`: distils the middle submodel into the device's adapter, so that input
+//! submodel -> adapter -> output submodel drafts tokens the cloud accepts. The teacher targets are
+//! computed once and cached; training uses candle autograd on the CPU, or on CUDA when built with
+//! the `cuda` feature; checkpoints make `--resume` lose no finished step; held-out acceptance is
+//! measured before and after.
+
+pub mod adapter;
+pub mod data;
+pub mod error;
+pub mod eval;
+pub mod optim;
+pub mod teacher;
+pub mod train;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use candle_core::Device;
+use hat_runtime::draft::{INIT_ADAPTER, TRAINED_ADAPTER};
+use hat_runtime::package::{default_device, CLOUD_DIR, DEVICE_DIR};
+use hat_runtime::{generate, AdapterOrigin, CloudPackage, DevicePackage, GenerateOptions, LocalPipeline, SamplingOptions};
+use serde::{Deserialize, Serialize};
+
+pub use error::{Result, TrainError};
+pub use eval::EvalResult;
+pub use optim::AdamWConfig;
+pub use train::{LossConfig, TrainConfig};
+
+use crate::adapter::TrainableAdapter;
+use crate::data::{chat_prompt, prompt_lines, read_data, tokenize, Example, HELDOUT_PROMPTS, SHIPPED_PROMPTS};
+use crate::optim::AdamW;
+use crate::teacher::{teacher_key, TeacherSet};
+use crate::train::{Checkpoint, CheckpointMeta};
+
+pub const REPORT_FILE: &str = "adapter-report.json";
+/// Checkpoints and cached teacher targets, inside the device package.
+pub const WORK_DIR: &str = "adapter-train";
+
+/// Whether this build can train on CUDA.
+pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// Where training runs: CUDA when asked for (or available under `auto`) and compiled in.
+pub fn select_device(choice: DeviceChoice) -> Result<Device> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Cuda if !cfg!(feature = "cuda") => Err(TrainError::NoCuda),
+        DeviceChoice::Cuda => Device::new_cuda(0).map_err(|e| TrainError::CudaUnavailable(e.to_string())),
+        DeviceChoice::Auto if cfg!(feature = "cuda") && candle_core::utils::cuda_is_available() => {
+            Device::new_cuda(0).map_err(|e| TrainError::CudaUnavailable(e.to_string()))
+        }
+        DeviceChoice::Auto => Ok(Device::Cpu),
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainAdapterOptions {
+    pub artifacts: PathBuf,
+    pub data: Option<PathBuf>,
+    /// Responses the full split model generates for self-distillation.
+    pub self_distill: Option<usize>,
+    /// New tokens per self-distilled response.
+    pub distill_tokens: usize,
+    pub steps: Option<usize>,
+    pub epochs: Option<f64>,
+    pub device: DeviceChoice,
+    pub adapter_layers: usize,
+    pub batch: usize,
+    pub seq_len: usize,
+    pub seed: u64,
+    pub resume: bool,
+    pub optimizer: AdamWConfig,
+    pub loss: LossConfig,
+    pub top_k: usize,
+    /// Held-out prompts and new tokens for the before/after evaluation, at `eval_draft_len`.
+    pub eval_prompts: usize,
+    pub eval_tokens: usize,
+    pub eval_draft_len: usize,
+    pub checkpoint_every: usize,
+    pub progress: bool,
+    /// Stop as if interrupted once this many steps are done (tests of `--resume`).
+    pub stop_after: Option<usize>,
+}
+
+impl TrainAdapterOptions {
+    pub fn new(artifacts: impl Into<PathBuf>) -> Self {
+        Self {
+            artifacts: artifacts.into(),
+            data: None,
+            self_distill: None,
+            distill_tokens: 128,
+            steps: None,
+            epochs: None,
+            device: DeviceChoice::Auto,
+            adapter_layers: 1,
+            batch: 4,
+            seq_len: 128,
+            seed: 0,
+            resume: false,
+            optimizer: AdamWConfig::default(),
+            loss: LossConfig::default(),
+            top_k: 16,
+            eval_prompts: 8,
+            eval_tokens: 48,
+            eval_draft_len: 4,
+            checkpoint_every: 25,
+            progress: true,
+            stop_after: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainReport {
+    pub adapter: PathBuf,
+    pub device: String,
+    pub adapter_layers: usize,
+    pub steps: usize,
+    pub sequences: usize,
+    pub teacher_positions: usize,
+    pub train_tokens: usize,
+    pub train_seconds: f64,
+    pub final_loss: Option<train::LossValues>,
+    pub first_loss: Option<train::LossValues>,
+    /// Total loss of every step.
+    pub loss_curve: Vec<f64>,
+    pub before: EvalResult,
+    pub after: EvalResult,
+    pub config: TrainConfig,
+}
+
+fn bar(enabled: bool, len: u64, what: &str) -> indicatif::ProgressBar {
+    if !enabled {
+        return indicatif::ProgressBar::hidden();
+    }
+    let b = indicatif::ProgressBar::new(len);
+    let style = indicatif::ProgressStyle::with_template("{prefix:18} [{bar:30}] {pos}/{len} {elapsed}<{eta} {msg}")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    b.set_style(style);
+    b.set_prefix(what.to_string());
+    b
+}
+
+/// Training sequences: the data file's examples, then self-distilled prompt + response pairs.
+fn sequences(opts: &TrainAdapterOptions, device: &DevicePackage, cloud: &CloudPackage) -> Result<Vec<Vec<u32>>> {
+    let context = device.config.max_position_embeddings;
+    let examples = match &opts.data {
+        Some(p) => read_data(p)?,
+        None => Vec::new(),
+    };
+    let mut seqs = Vec::new();
+    if opts.self_distill.is_none() {
+        for ex in &examples {
+            let ids = tokenize(device, ex)?;
+            // Long documents become several windows; each must fit the context.
+            seqs.extend(ids.chunks(context.min(opts.seq_len.max(2) * 4)).filter(|c| c.len() >= 2).map(<[u32]>::to_vec));
+        }
+    }
+    if let Some(n) = opts.self_distill {
+        let prompts: Vec<String> = if examples.is_empty() {
+            prompt_lines(SHIPPED_PROMPTS)
+        } else {
+            examples.iter().map(Example::prompt).filter(|p| !p.trim().is_empty()).collect()
+        };
+        if prompts.is_empty() {
+            return Err(TrainError::BadInput("no prompts to self-distill from".into()));
+        }
+        // Generations are cached by everything that decides them, so a rerun (or --resume) reuses them.
+        let key = teacher_key(&format!("{}|{}|{}|{:?}", device.manifest.fingerprint, opts.distill_tokens, opts.seed, prompts), &[], n);
+        let cache = device.dir.join(WORK_DIR).join(format!("self-distill-{key}.json"));
+        if let Some(cached) = std::fs::read_to_string(&cache).ok().and_then(|t| serde_json::from_str::<Vec<Vec<u32>>>(&t).ok()) {
+            seqs.extend(cached);
+            return Ok(seqs);
+        }
+        let mut generated = Vec::with_capacity(n);
+        let b = bar(opts.progress, n as u64, "self-distilling");
+        for i in 0..n {
+            let prompt = chat_prompt(device, &prompts[i % prompts.len()])?;
+            if prompt.len() + 1 >= context {
+                return Err(TrainError::BadInput(format!(
+                    "prompt {} has {} tokens, longer than the model's context of {context}",
+                    i % prompts.len() + 1,
+                    prompt.len()
+                )));
+            }
+            let mut pipeline = LocalPipeline::new(device, cloud)?;
+            let sampling = SamplingOptions { temperature: 0.7, top_p: Some(0.95), seed: opts.seed.wrapping_add(i as u64) };
+            let gen_opts =
+                GenerateOptions { max_tokens: opts.distill_tokens.min(context - prompt.len() - 1), sampling, eos: device.eos_ids() };
+            let g = generate(&mut pipeline, &prompt, &gen_opts, |_| {})?;
+            generated.push([prompt, g.tokens].concat());
+            b.inc(1);
+        }
+        b.finish_and_clear();
+        let json = serde_json::to_string(&generated).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+        write_atomically(&cache, |tmp| {
+            std::fs::write(tmp, &json).map_err(|e| TrainError::io(format!("cannot write {}", tmp.display()), e))
+        })?;
+        seqs.extend(generated);
+    }
+    if seqs.is_empty() {
+        return Err(TrainError::BadInput("no training data: give --data FILE and/or --self-distill N".into()));
+    }
+    Ok(seqs)
+}
+
+/// Held-out prompts, tokenized.
+fn heldout(device: &DevicePackage, n: usize) -> Result<Vec<Vec<u32>>> {
+    prompt_lines(HELDOUT_PROMPTS).iter().take(n).map(|p| chat_prompt(device, p)).collect()
+}
+
+pub fn run(opts: &TrainAdapterOptions) -> Result<TrainReport> {
+    if opts.adapter_layers == 0 || opts.batch == 0 || opts.seq_len < 2 {
+        return Err(TrainError::BadInput("--adapter-layers and --batch must be at least 1, --seq-len at least 2".into()));
+    }
+    let train_device = select_device(opts.device)?;
+    let cpu = default_device();
+    let device_dir = opts.artifacts.join(DEVICE_DIR);
+    let device = DevicePackage::open(&device_dir, &cpu)?;
+    let cloud = CloudPackage::open(&opts.artifacts.join(CLOUD_DIR), &cpu)?;
+    device.check_pair(&cloud.manifest, &cloud.dir)?;
+    let work = device_dir.join(WORK_DIR);
+    std::fs::create_dir_all(&work).map_err(|e| TrainError::io(format!("cannot create {}", work.display()), e))?;
+
+    // Data and teacher targets (both cached by content).
+    let seqs = sequences(opts, &device, &cloud)?;
+    let key = teacher_key(&device.manifest.fingerprint, &seqs, opts.top_k);
+    let teacher_path = work.join(format!("teacher-{key}.safetensors"));
+    let teacher = if teacher_path.is_file() {
+        TeacherSet::load(&teacher_path)?
+    } else {
+        let b = bar(opts.progress, seqs.len() as u64, "teacher targets");
+        let t = TeacherSet::compute(&device, &cloud, &seqs, opts.top_k, &b)?;
+        b.finish_and_clear();
+        t.save(&teacher_path)?;
+        t
+    };
+
+    let steps = match (opts.steps, opts.epochs) {
+        (Some(s), _) => s,
+        (None, Some(e)) => ((e * teacher.num_positions() as f64) / (opts.batch * opts.seq_len) as f64).ceil().max(1.0) as usize,
+        (None, None) => 200,
+    };
+    let config = TrainConfig {
+        steps,
+        batch: opts.batch,
+        seq_len: opts.seq_len,
+        seed: opts.seed,
+        checkpoint_every: opts.checkpoint_every,
+        optimizer: opts.optimizer,
+        loss: opts.loss,
+    };
+
+    // The output submodel on the training device, frozen.
+    let output = if train_device.is_cpu() { device.output.clone() } else { DevicePackage::open(&device_dir, &train_device)?.output };
+    let checkpoint = Checkpoint { dir: work.clone() };
+    let init_file = device_dir.join(INIT_ADAPTER);
+    let (adapter, mut opt, meta) = if opts.resume {
+        if !checkpoint.exists() {
+            return Err(TrainError::BadInput(format!("nothing to resume: no checkpoint in {}; run without --resume", work.display())));
+        }
+        let meta = checkpoint.load_meta()?;
+        if meta.teacher_key != key || meta.adapter_layers != opts.adapter_layers {
+            return Err(TrainError::Checkpoint(format!(
+                "the checkpoint in {} was made with other data or --adapter-layers; run without --resume to start over",
+                work.display()
+            )));
+        }
+        let tensors = checkpoint.load_tensors()?;
+        let weights =
+            tensors.iter().filter(|(k, _)| !k.starts_with("m.") && !k.starts_with("v.")).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let adapter = TrainableAdapter::from_tensors(weights, &device.config, opts.adapter_layers, &train_device)?;
+        let mut opt = AdamW::new(adapter.vars(), config.optimizer)?;
+        opt.restore(&tensors, meta.step)?;
+        let meta = CheckpointMeta { config: TrainConfig { steps, ..meta.config.clone() }, ..meta };
+        (adapter, opt, meta)
+    } else {
+        // The bias starts at the mean gap between the middle's output and its input, so the layers
+        // only have to learn what varies from position to position.
+        let bias = (teacher.y.mean(0)? - teacher.x.mean(0)?)?.to_device(&train_device)?;
+        let adapter = TrainableAdapter::from_init(&init_file, &device.config, opts.adapter_layers, &bias, &train_device)?;
+        let opt = AdamW::new(adapter.vars(), config.optimizer)?;
+        let meta = CheckpointMeta {
+            step: 0,
+            config: config.clone(),
+            teacher_key: key.clone(),
+            adapter_layers: opts.adapter_layers,
+            losses: Vec::new(),
+            train_tokens: 0,
+            train_seconds: 0.0,
+            before: None,
+        };
+        (adapter, opt, meta)
+    };
+
+    let prompts = heldout(&device, opts.eval_prompts)?;
+    let mut meta = meta;
+    let before = match meta.before {
+        Some(b) => b,
+        None => {
+            let b = eval::evaluate(
+                &device,
+                &cloud,
+                adapter.to_runtime(AdapterOrigin::Custom("initial"))?,
+                &prompts,
+                opts.eval_tokens,
+                opts.eval_draft_len,
+            )?;
+            meta.before = Some(b);
+            b
+        }
+    };
+
+    let interrupted = interrupt_flag();
+    let stop_flag = Arc::new(AtomicBool::new(false));
+    let b = bar(opts.progress, steps as u64, "training");
+    let meta = match opts.stop_after {
+        Some(stop) => {
+            let cut = CheckpointMeta { config: TrainConfig { steps: stop.min(steps), ..meta.config.clone() }, ..meta };
+            let done = train::train(&adapter, &output, &teacher, &mut opt, cut, &checkpoint, &stop_flag, &b)?;
+            let meta = CheckpointMeta { config: TrainConfig { steps, ..done.config.clone() }, ..done };
+            checkpoint.save(&adapter, &opt, &meta)?;
+            if meta.step < steps {
+                return Err(TrainError::Interrupted { step: meta.step, total: steps });
+            }
+            meta
+        }
+        None => train::train(&adapter, &output, &teacher, &mut opt, meta, &checkpoint, interrupted, &b)?,
+    };
+    b.finish_and_clear();
+
+    let trained = device_dir.join(TRAINED_ADAPTER);
+    let after = eval::evaluate(
+        &device,
+        &cloud,
+        adapter.to_runtime(AdapterOrigin::Trained(trained.clone()))?,
+        &prompts,
+        opts.eval_tokens,
+        opts.eval_draft_len,
+    )?;
+    let report = TrainReport {
+        adapter: trained.clone(),
+        device: format!("{train_device:?}"),
+        adapter_layers: opts.adapter_layers,
+        steps: meta.step,
+        sequences: teacher.num_sequences(),
+        teacher_positions: teacher.num_positions(),
+        train_tokens: meta.train_tokens,
+        train_seconds: meta.train_seconds,
+        final_loss: meta.losses.last().copied(),
+        first_loss: meta.losses.first().copied(),
+        loss_curve: meta.losses.iter().map(|l| l.total).collect(),
+        before,
+        after,
+        config: meta.config.clone(),
+    };
+    write_atomically(&trained, |tmp| Ok(candle_core::safetensors::save(&adapter.tensors()?, tmp)?))?;
+    let json = serde_json::to_string_pretty(&report).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+    write_atomically(&device_dir.join(REPORT_FILE), |tmp| {
+        std::fs::write(tmp, &json).map_err(|e| TrainError::io(format!("cannot write {}", tmp.display()), e))
+    })?;
+    Ok(report)
+}
+
+/// Writes to a temporary name beside `path`, then renames, so `path` is never half-written.
+fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = path.with_extension("partial");
+    write(&tmp)?;
+    train::rename(&tmp, path)
+}
+
+/// Set by Ctrl-C; the training loop checks it between steps and saves a checkpoint.
+fn interrupt_flag() -> &'static AtomicBool {
+    static FLAG: AtomicBool = AtomicBool::new(false);
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        // Another handler (an embedding program's) wins; training then just runs to the end.
+        let _ = ctrlc::set_handler(|| FLAG.store(true, Ordering::SeqCst));
+    });
+    &FLAG
+}

@@ -1,0 +1,130 @@
+//! Teacher targets, computed once and cached on disk so later epochs (and `--resume`) never rerun
+//! the middle submodel: for every position of every training sequence, the input submodel's state
+//! (the adapter's input), the middle submodel's output (the regression target), and the full
+//! model's next-token distribution, kept as its top-k tokens (the distillation target).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, D};
+use hat_runtime::{CloudPackage, DevicePackage};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Result, TrainError};
+
+#[derive(Debug)]
+pub struct TeacherSet {
+    /// # Shapes
+    /// (positions, hidden) f32
+    pub x: Tensor,
+    /// # Shapes
+    /// (positions, hidden) f32
+    pub y: Tensor,
+    /// # Shapes
+    /// (positions, top_k) u32
+    pub top_ids: Tensor,
+    /// Renormalised over the top k.
+    ///
+    /// # Shapes
+    /// (positions, top_k) f32
+    pub top_p: Tensor,
+    /// Sequence `i` covers rows `offsets[i]..offsets[i + 1]`.
+    pub offsets: Vec<usize>,
+}
+
+/// Identifies a teacher set: the model split, the sequences and k.
+pub fn teacher_key(fingerprint: &str, sequences: &[Vec<u32>], top_k: usize) -> String {
+    let mut h = Sha256::new();
+    h.update(fingerprint.as_bytes());
+    h.update((top_k as u64).to_le_bytes());
+    for s in sequences {
+        h.update((s.len() as u64).to_le_bytes());
+        for t in s {
+            h.update(t.to_le_bytes());
+        }
+    }
+    hex::encode(h.finalize())[..16].to_string()
+}
+
+impl TeacherSet {
+    /// Runs input, middle and output submodels over every sequence (on the CPU packages).
+    pub fn compute(
+        device: &DevicePackage,
+        cloud: &CloudPackage,
+        sequences: &[Vec<u32>],
+        top_k: usize,
+        bar: &indicatif::ProgressBar,
+    ) -> Result<Self> {
+        let (mut xs, mut ys, mut ids, mut ps) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut offsets = vec![0];
+        for seq in sequences {
+            let t = Tensor::new(seq.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+            let x = device.input.forward_layers(&device.input.embed(&t)?, 0, &mut device.input.new_cache())?;
+            let y = cloud.middle.forward_layers(&x, 0, &mut cloud.middle.new_cache())?;
+            let h = device.output.forward_layers(&y, 0, &mut device.output.new_cache())?;
+            let logits = device.output.head(&h)?.squeeze(0)?;
+            let probs = candle_nn::ops::softmax_last_dim(&logits)?;
+            let order = probs.arg_sort_last_dim(false)?.narrow(1, 0, top_k)?.contiguous()?;
+            let top = probs.gather(&order, 1)?;
+            let top = top.broadcast_div(&top.sum_keepdim(D::Minus1)?)?;
+            xs.push(x.squeeze(0)?);
+            ys.push(y.squeeze(0)?);
+            ids.push(order);
+            ps.push(top);
+            offsets.push(offsets[offsets.len() - 1] + seq.len());
+            bar.inc(1);
+        }
+        // Rounded to f16 as the cache stores them, so a fresh run and a resumed one train on equal values.
+        let f16_round = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F16)?.to_dtype(DType::F32)?) };
+        Ok(Self {
+            x: f16_round(Tensor::cat(&xs, 0)?)?,
+            y: f16_round(Tensor::cat(&ys, 0)?)?,
+            top_ids: Tensor::cat(&ids, 0)?,
+            top_p: Tensor::cat(&ps, 0)?,
+            offsets,
+        })
+    }
+
+    pub fn num_sequences(&self) -> usize {
+        self.offsets.len() - 1
+    }
+
+    pub fn num_positions(&self) -> usize {
+        self.offsets[self.offsets.len() - 1]
+    }
+
+    /// Rows `start..start + len` of sequence `i`: (x, y, top_ids, top_p).
+    pub fn window(&self, i: usize, start: usize, len: usize) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+        let s = self.offsets[i] + start;
+        Ok((self.x.narrow(0, s, len)?, self.y.narrow(0, s, len)?, self.top_ids.narrow(0, s, len)?, self.top_p.narrow(0, s, len)?))
+    }
+
+    pub fn sequence_len(&self, i: usize) -> usize {
+        self.offsets[i + 1] - self.offsets[i]
+    }
+
+    /// States as f16 (half the disk; the targets need no more precision), written then renamed.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let offsets = Tensor::new(self.offsets.iter().map(|o| *o as u32).collect::<Vec<_>>().as_slice(), &Device::Cpu)?;
+        let mut m: HashMap<String, Tensor> = HashMap::new();
+        m.insert("x".into(), self.x.to_dtype(DType::F16)?);
+        m.insert("y".into(), self.y.to_dtype(DType::F16)?);
+        m.insert("top_ids".into(), self.top_ids.clone());
+        m.insert("top_p".into(), self.top_p.clone());
+        m.insert("offsets".into(), offsets);
+        let tmp = path.with_extension("partial");
+        candle_core::safetensors::save(&m, &tmp)?;
+        std::fs::rename(&tmp, path).map_err(|e| TrainError::io(format!("cannot write {}", path.display()), e))
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let mut m = candle_core::safetensors::load(path, &Device::Cpu)?;
+        let mut take = |k: &str| m.remove(k).ok_or_else(|| TrainError::Checkpoint(format!("{}: no `{k}`", path.display())));
+        let x = take("x")?.to_dtype(DType::F32)?;
+        let y = take("y")?.to_dtype(DType::F32)?;
+        let top_ids = take("top_ids")?;
+        let top_p = take("top_p")?;
+        let offsets = take("offsets")?.to_vec1::<u32>()?.into_iter().map(|o| o as usize).collect();
+        Ok(Self { x, y, top_ids, top_p, offsets })
+    }
+}
