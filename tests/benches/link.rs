@@ -4,7 +4,8 @@
 //! token in each direction (the prompt's round is subtracted: a run with one new token measures it).
 //!
 //! `cargo bench -p hat-tests --bench link` (env: HAT_LINK_MBPS=50, HAT_LINK_RTT_MS=40,
-//! HAT_BENCH_TOKENS=48, HAT_BENCH_ROUNDS=3, HAT_DRAFT_LEN=4).
+//! HAT_BENCH_TOKENS=48, HAT_BENCH_ROUNDS=3, HAT_DRAFT_LEN=4; HAT_ARTIFACTS=DIR to use a split of your
+//! own, for example one with a trained adapter).
 
 use std::time::Duration;
 
@@ -34,7 +35,8 @@ fn main() {
     let tokens: usize = env("HAT_BENCH_TOKENS", 48);
     let rounds: usize = env("HAT_BENCH_ROUNDS", 3);
     let k: usize = env("HAT_DRAFT_LEN", 4);
-    let dir = default_artifacts();
+    let own = std::env::var("HAT_ARTIFACTS").ok().map(std::path::PathBuf::from);
+    let dir = own.as_deref().unwrap_or_else(|| default_artifacts());
     let device = DeviceRuntime::open(&dir.join("device")).expect("device");
     let cloud = CloudPackage::open(&dir.join("cloud"), &Device::Cpu).expect("cloud");
     let server = CloudServer::start(&cloud, ServerConfig { log: false, ..Default::default() }, "127.0.0.1:0").expect("server");

@@ -162,3 +162,51 @@ fn bad_input_is_refused_and_the_previous_adapter_is_untouched() {
     }
     assert_eq!(std::fs::read(&previous).expect("read"), b"previous adapter");
 }
+
+/// Copies the default split's device package (the trainer writes there) and links its cloud package.
+fn default_copy(dir: &Path) -> PathBuf {
+    let src = hat_tests::default_artifacts();
+    let art = dir.join("artifacts");
+    std::fs::create_dir_all(art.join("device")).expect("mkdir");
+    for entry in std::fs::read_dir(src.join("device")).expect("ls") {
+        let entry = entry.expect("entry");
+        if entry.file_type().expect("type").is_file() {
+            std::fs::copy(entry.path(), art.join("device").join(entry.file_name())).expect("copy");
+        }
+    }
+    std::os::unix::fs::symlink(src.join("cloud"), art.join("cloud")).expect("symlink");
+    art
+}
+
+/// A CPU run that fits in CI time: self-distilled data, a short training, and a held-out acceptance
+/// length at draft length 4 clearly above the initial adapter's.
+#[test]
+fn training_raises_heldout_acceptance_on_the_default_model() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let art = default_copy(tmp.path());
+    let mut o = TrainAdapterOptions::new(&art);
+    o.self_distill = Some(24);
+    o.distill_tokens = 96;
+    o.steps = Some(120);
+    o.device = DeviceChoice::Cpu;
+    o.seq_len = 96;
+    o.optimizer.lr = 1e-3;
+    o.loss = LossConfig { kl_weight: 1.0 };
+    o.eval_prompts = 6;
+    o.eval_tokens = 32;
+    o.progress = false;
+    let r = run(&o).expect("train");
+    eprintln!(
+        "default model: accept_len {:.3} -> {:.3}, top-1 {:.3} -> {:.3}, {} train tokens in {:.0} s, loss {:.3} -> {:.3}",
+        r.before.accept_len,
+        r.after.accept_len,
+        r.before.top1,
+        r.after.top1,
+        r.train_tokens,
+        r.train_seconds,
+        r.loss_curve[0],
+        r.loss_curve[r.loss_curve.len() - 1]
+    );
+    assert!(r.after.accept_len >= r.before.accept_len + 0.1, "accept_len {:.3} -> {:.3}", r.before.accept_len, r.after.accept_len);
+    assert!(r.after.top1 > r.before.top1);
+}
