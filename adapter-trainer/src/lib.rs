@@ -14,7 +14,6 @@ pub mod train;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use candle_core::Device;
 use hat_runtime::draft::{INIT_ADAPTER, TRAINED_ADAPTER};
@@ -319,22 +318,8 @@ pub fn run(opts: &TrainAdapterOptions) -> Result<TrainReport> {
         }
     };
 
-    let interrupted = interrupt_flag();
-    let stop_flag = Arc::new(AtomicBool::new(false));
     let b = bar(opts.progress, steps as u64, "training");
-    let meta = match opts.stop_after {
-        Some(stop) => {
-            let cut = CheckpointMeta { config: TrainConfig { steps: stop.min(steps), ..meta.config.clone() }, ..meta };
-            let done = train::train(&adapter, &output, &teacher, &mut opt, cut, &checkpoint, &stop_flag, &b)?;
-            let meta = CheckpointMeta { config: TrainConfig { steps, ..done.config.clone() }, ..done };
-            checkpoint.save(&adapter, &opt, &meta)?;
-            if meta.step < steps {
-                return Err(TrainError::Interrupted { step: meta.step, total: steps });
-            }
-            meta
-        }
-        None => train::train(&adapter, &output, &teacher, &mut opt, meta, &checkpoint, interrupted, &b)?,
-    };
+    let meta = train::train(&adapter, &output, &teacher, &mut opt, meta, &checkpoint, interrupt_flag(), opts.stop_after, &b)?;
     b.finish_and_clear();
 
     let trained = device_dir.join(TRAINED_ADAPTER);

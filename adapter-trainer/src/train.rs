@@ -134,7 +134,8 @@ pub fn rename(from: &Path, to: &Path) -> Result<()> {
     std::fs::rename(from, to).map_err(|e| TrainError::io(format!("cannot move {} to {}", from.display(), to.display()), e))
 }
 
-/// Trains from `meta.step` to `cfg.steps`, saving checkpoints; returns the final metadata.
+/// Trains from `meta.step` to `cfg.steps`, saving checkpoints; returns the final metadata. Ctrl-C
+/// (`interrupted`) or reaching `stop_at` saves a checkpoint and ends with [`TrainError::Interrupted`].
 #[allow(clippy::too_many_arguments)]
 pub fn train(
     adapter: &TrainableAdapter,
@@ -144,6 +145,7 @@ pub fn train(
     mut meta: CheckpointMeta,
     checkpoint: &Checkpoint,
     interrupted: &AtomicBool,
+    stop_at: Option<usize>,
     bar: &indicatif::ProgressBar,
 ) -> Result<CheckpointMeta> {
     let cfg = meta.config.clone();
@@ -153,7 +155,7 @@ pub fn train(
     let tokens_before = meta.train_tokens;
     bar.set_position(meta.step as u64);
     while meta.step < cfg.steps {
-        if interrupted.load(Ordering::SeqCst) {
+        if interrupted.load(Ordering::SeqCst) || stop_at.is_some_and(|s| meta.step >= s) {
             checkpoint.save(adapter, opt, &meta)?;
             return Err(TrainError::Interrupted { step: meta.step, total: cfg.steps });
         }
