@@ -20,6 +20,7 @@ use hat_runtime::draft::{INIT_ADAPTER, TRAINED_ADAPTER};
 use hat_runtime::package::{default_device, CLOUD_DIR, DEVICE_DIR};
 use hat_runtime::{generate, AdapterOrigin, CloudPackage, DevicePackage, GenerateOptions, LocalPipeline, SamplingOptions};
 use serde::{Deserialize, Serialize};
+use sha2::Digest;
 
 pub use error::{Result, TrainError};
 pub use eval::EvalResult;
@@ -173,7 +174,8 @@ fn sequences(opts: &TrainAdapterOptions, device: &DevicePackage, cloud: &CloudPa
             return Err(TrainError::BadInput("no prompts to self-distill from".into()));
         }
         // Generations are cached by everything that decides them, so a rerun (or --resume) reuses them.
-        let key = teacher_key(&format!("{}|{}|{}|{:?}", device.manifest.fingerprint, opts.distill_tokens, opts.seed, prompts), &[], n);
+        let what = format!("{}|{n}|{}|{}|{prompts:?}", device.manifest.fingerprint, opts.distill_tokens, opts.seed);
+        let key = &hex::encode(sha2::Sha256::digest(what.as_bytes()))[..16];
         let cache = device.dir.join(WORK_DIR).join(format!("self-distill-{key}.json"));
         if let Some(cached) = std::fs::read_to_string(&cache).ok().and_then(|t| serde_json::from_str::<Vec<Vec<u32>>>(&t).ok()) {
             seqs.extend(cached);
