@@ -194,8 +194,12 @@ fn sequences(opts: &TrainAdapterOptions, device: &DevicePackage, cloud: &CloudPa
             }
             let mut pipeline = LocalPipeline::new(device, cloud)?;
             let sampling = SamplingOptions { temperature: 0.7, top_p: Some(0.95), seed: opts.seed.wrapping_add(i as u64) };
-            let gen_opts =
-                GenerateOptions { max_tokens: opts.distill_tokens.min(context - prompt.len() - 1), sampling, eos: device.eos_ids() };
+            let gen_opts = GenerateOptions {
+                max_tokens: opts.distill_tokens.min(context - prompt.len() - 1),
+                sampling,
+                eos: device.eos_ids(),
+                ..Default::default()
+            };
             let g = generate(&mut pipeline, &prompt, &gen_opts, |_| {})?;
             generated.push([prompt, g.tokens].concat());
             b.inc(1);

@@ -2,6 +2,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::common::{chunking, read_token, ChunkArg};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use hat_runtime::chat::prompt_ids;
@@ -38,6 +39,11 @@ pub struct GenerateArgs {
     /// Tokens drafted per round in --mode hat.
     #[arg(long, default_value_t = 4)]
     draft_len: usize,
+    /// How --mode hat sends the prompt: `auto` picks a chunk size from DIR/device/profile.json
+    /// (`hat profile`) and the link it measures, a number sends chunks of that many positions
+    /// (pipelined), `off` sends it in one piece. Default: auto when a profile exists, else off.
+    #[arg(long, value_name = "auto|off|N")]
+    chunk_size: Option<ChunkArg>,
     /// Number format of hidden states on the wire.
     #[arg(long, value_enum, default_value_t = Wire::F16)]
     wire: Wire,
@@ -128,14 +134,13 @@ fn cloud_options(args: &GenerateArgs, addr: &str) -> Result<CloudOptions> {
         zstd: args.zstd,
     };
     if args.link_mbps.is_some() || args.link_rtt_ms.is_some() {
-        opts.link = Some(LinkEmulation {
-            mbps: args.link_mbps.unwrap_or(f64::INFINITY),
-            rtt: Duration::from_secs_f64(args.link_rtt_ms.unwrap_or(0.0) / 1e3),
-        });
+        opts.link = Some(LinkEmulation::new(
+            args.link_mbps.unwrap_or(f64::INFINITY),
+            Duration::from_secs_f64(args.link_rtt_ms.unwrap_or(0.0) / 1e3),
+        ));
     }
     if let Some(f) = &args.auth_token_file {
-        let t = std::fs::read_to_string(f).with_context(|| format!("cannot read --auth-token-file {}", f.display()))?;
-        opts.auth_token = Some(t.trim().to_string());
+        opts.auth_token = Some(read_token(f).context("--auth-token-file")?);
     }
     opts.retries = args.retries;
     Ok(opts)
@@ -150,9 +155,11 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
         max_tokens: args.max_tokens,
         sampling: SamplingOptions { temperature: args.temperature, top_p: args.top_p, seed: args.seed },
         eos: device.eos_ids(),
+        prefill_chunk: None,
     };
     let tokenizer = &device.package.tokenizer;
     let mut stream = TextStream::new(tokenizer, !args.json);
+    let mut chunk = None;
     let gen = match (args.mode, args.cloud.as_deref()) {
         (Mode::Local, _) => {
             let cloud = CloudPackage::open(&args.artifacts.join(CLOUD_DIR), &dev)?;
@@ -161,19 +168,24 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
         }
         (mode, Some(addr)) => {
             let mut session = device.connect(cloud_options(&args, addr)?)?;
+            if mode == Mode::Hat {
+                session.set_chunking(chunking(args.chunk_size, &device, quiet || args.json)?);
+            }
             let mode = match mode {
                 Mode::Hat => hat_runtime::Mode::Hat { draft_len: args.draft_len },
                 _ => hat_runtime::Mode::UShape,
             };
-            session.generate(&prompt, &opts, mode, |t| stream.push(t))?
+            let gen = session.generate(&prompt, &opts, mode, |t| stream.push(t))?;
+            chunk = session.last_chunk();
+            gen
         }
         (_, None) => unreachable!("checked by check_args"),
     };
     stream.finish();
-    report(&args, &device, &gen, quiet)
+    report(&args, &device, &gen, chunk, quiet)
 }
 
-fn report(args: &GenerateArgs, device: &DeviceRuntime, gen: &Generation, quiet: bool) -> Result<()> {
+fn report(args: &GenerateArgs, device: &DeviceRuntime, gen: &Generation, chunk: Option<usize>, quiet: bool) -> Result<()> {
     let text = device.package.tokenizer.decode(&gen.tokens, true).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
     let mode = format!("{:?}", args.mode).to_lowercase();
     let decode_tokens = gen.tokens.len().saturating_sub(1).max(1) as f64;
@@ -198,6 +210,7 @@ fn report(args: &GenerateArgs, device: &DeviceRuntime, gen: &Generation, quiet: 
             out["drafted"] = gen.drafted.into();
             out["accepted"] = gen.accepted.into();
             out["adapter"] = device.adapter().origin.to_string().into();
+            out["prefill_chunk"] = chunk.into();
         }
         if args.mode != Mode::Local {
             out["wire"] = format!("{:?}{}", args.wire, if args.zstd { "+zstd" } else { "" }).to_lowercase().into();
@@ -220,6 +233,9 @@ fn report(args: &GenerateArgs, device: &DeviceRuntime, gen: &Generation, quiet: 
                 gen.traffic.bytes_up as f64 / (gen.prompt_tokens as f64 + decode_tokens),
                 gen.traffic.bytes_down as f64 / (gen.prompt_tokens as f64 + decode_tokens),
             );
+        }
+        if let Some(c) = chunk {
+            line += &format!(", prompt in chunks of {c}");
         }
         if gen.traffic.reconnects > 0 {
             line += &format!(", {} reconnects", gen.traffic.reconnects);

@@ -1,6 +1,11 @@
 //! `hat`: argument parsing and printing only; the work lives in the splitter and runtime crates.
 
+mod bench_cmd;
+mod bench_report;
+mod common;
 mod generate_cmd;
+mod plot;
+mod profile_cmd;
 mod serve_cmd;
 mod split_cmd;
 mod train_cmd;
@@ -32,6 +37,8 @@ enum Command {
     Generate(generate_cmd::GenerateArgs),
     Serve(serve_cmd::ServeArgs),
     TrainAdapter(train_cmd::TrainArgs),
+    Profile(profile_cmd::ProfileArgs),
+    Bench(bench_cmd::BenchArgs),
 }
 
 fn main() {
@@ -41,6 +48,8 @@ fn main() {
         Command::Generate(args) => generate_cmd::run(args, cli.quiet),
         Command::Serve(args) => serve_cmd::run(args, cli.quiet),
         Command::TrainAdapter(args) => train_cmd::run_cmd(args, cli.quiet),
+        Command::Profile(args) => profile_cmd::run(args, cli.quiet),
+        Command::Bench(args) => bench_cmd::run(args, cli.quiet),
     };
     if let Err(e) = result {
         // The whole cause chain on one line: what failed and why.

@@ -1,9 +1,13 @@
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
+use hat_runtime::baseline::WholeModel;
 use hat_runtime::package::default_device;
-use hat_runtime::{CloudPackage, CloudServer, ServerConfig};
+use hat_runtime::{CloudPackage, CloudServer, DevicePackage, ServerConfig};
+
+use crate::common::read_token;
 
 /// Run one side of a split model as a server.
 #[derive(Args, Debug)]
@@ -38,6 +42,10 @@ struct CloudArgs {
     /// Positions one session may hold (default: the model's context). Bounds memory per session.
     #[arg(long)]
     max_context: Option<usize>,
+    /// Also load the device package at this path and serve the unsplit model for `hat bench`'s
+    /// `cloud` and `sd` baselines. Those send token ids to the cloud: for benchmarks only.
+    #[arg(long, value_name = "DEVICE_DIR")]
+    token_baselines: Option<PathBuf>,
 }
 
 pub fn run(args: ServeArgs, quiet: bool) -> Result<()> {
@@ -45,23 +53,21 @@ pub fn run(args: ServeArgs, quiet: bool) -> Result<()> {
     if args.max_sessions == 0 {
         anyhow::bail!("--max-sessions must be at least 1");
     }
-    let auth_token = match &args.auth_token_file {
-        Some(f) => {
-            let t = std::fs::read_to_string(f).with_context(|| format!("cannot read --auth-token-file {}", f.display()))?;
-            let t = t.trim().to_string();
-            if t.is_empty() {
-                anyhow::bail!("--auth-token-file {} is empty", f.display());
-            }
-            Some(t)
+    let auth_token = args.auth_token_file.as_deref().map(read_token).transpose().context("--auth-token-file")?;
+    let package = CloudPackage::open(&args.package, &default_device())?;
+    let baselines = match &args.token_baselines {
+        Some(dir) => {
+            let device = DevicePackage::open(dir, &default_device())?;
+            Some(Arc::new(WholeModel::new(&device, &package)?))
         }
         None => None,
     };
-    let package = CloudPackage::open(&args.package, &default_device())?;
     let cfg = ServerConfig {
         max_sessions: args.max_sessions,
         max_context: args.max_context.unwrap_or(usize::MAX),
         auth_token,
         log: !quiet,
+        baselines,
         ..ServerConfig::default()
     };
     let server = CloudServer::start(&package, cfg, &args.listen)?;

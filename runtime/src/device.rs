@@ -17,12 +17,14 @@
 //! ```
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::Device;
 
 use crate::draft::{Adapter, Drafter};
 use crate::error::{Result, RuntimeError};
 use crate::generate::{generate, GenerateOptions, Generation, SplitPipeline};
+use crate::link::LinkEstimate;
 use crate::package::{default_device, DevicePackage};
 use crate::remote::{CloudOptions, RemoteMiddle};
 use crate::speculative::generate_speculative;
@@ -43,6 +45,24 @@ impl Mode {
             Mode::Hat { .. } => "hat",
         }
     }
+}
+
+/// Picks the prefill chunk size for a prompt on the link the device measured (`hat profile`'s table
+/// implements it). `None` sends the prompt in one piece.
+pub trait ChunkPolicy: std::fmt::Debug + Send + Sync {
+    fn chunk(&self, prompt_len: usize, link: &LinkEstimate) -> Option<usize>;
+}
+
+/// How HAT mode sends the prompt to the cloud.
+#[derive(Debug, Clone, Default)]
+pub enum Chunking {
+    /// In one piece.
+    #[default]
+    Whole,
+    /// In pipelined chunks of this many positions.
+    Fixed(usize),
+    /// Chunk size from a policy and the measured link (probed once per session, then kept current).
+    Auto(Arc<dyn ChunkPolicy>),
 }
 
 /// The device package and adapter, loaded once and shared by sessions.
@@ -88,6 +108,8 @@ impl DeviceRuntime {
         Ok(DeviceSession {
             pipeline: SplitPipeline::with_middle(self.package.input.clone(), self.package.output.clone(), middle),
             drafter: Drafter::new(self.adapter.clone()),
+            chunking: Chunking::Whole,
+            last_chunk: None,
         })
     }
 }
@@ -97,15 +119,54 @@ impl DeviceRuntime {
 pub struct DeviceSession {
     pipeline: SplitPipeline<RemoteMiddle>,
     drafter: Drafter,
+    chunking: Chunking,
+    last_chunk: Option<usize>,
 }
 
 impl DeviceSession {
-    /// Generates a reply to `prompt`, calling `on_token` as each token is final.
+    /// How HAT mode sends prompts from now on (U-shaped mode always sends them whole).
+    pub fn set_chunking(&mut self, chunking: Chunking) {
+        self.chunking = chunking;
+    }
+
+    /// The chunk size the last HAT generation used (`None`: the prompt went in one piece).
+    pub fn last_chunk(&self) -> Option<usize> {
+        self.last_chunk
+    }
+
+    /// The link as this session measured it, probing now if it has not yet.
+    pub fn link(&mut self) -> Result<LinkEstimate> {
+        match self.pipeline.middle().link_estimate() {
+            Some(est) => Ok(est),
+            None => self.pipeline.middle().measure_link(),
+        }
+    }
+
+    fn chunk_for(&mut self, prompt_len: usize) -> Result<Option<usize>> {
+        let chunk = match self.chunking.clone() {
+            Chunking::Whole => None,
+            Chunking::Fixed(0) => return Err(RuntimeError::BadInput("the chunk size must be at least 1".into())),
+            Chunking::Fixed(n) => Some(n),
+            Chunking::Auto(policy) => {
+                let link = self.link()?;
+                policy.chunk(prompt_len, &link)
+            }
+        };
+        Ok(chunk.filter(|&c| c < prompt_len))
+    }
+
+    /// Generates a reply to `prompt`, calling `on_token` as each token is final. In HAT mode the
+    /// session's [`Chunking`] overrides `opts.prefill_chunk`.
     pub fn generate(&mut self, prompt: &[u32], opts: &GenerateOptions, mode: Mode, on_token: impl FnMut(u32)) -> Result<Generation> {
         match mode {
             Mode::UShape => generate(&mut self.pipeline, prompt, opts, on_token),
             Mode::Hat { draft_len: 0 } => Err(RuntimeError::BadInput("--draft-len must be at least 1".into())),
-            Mode::Hat { draft_len } => generate_speculative(&mut self.pipeline, &mut self.drafter, prompt, opts, draft_len, on_token),
+            Mode::Hat { draft_len } => {
+                let chunk = self.chunk_for(prompt.len())?;
+                self.last_chunk = chunk;
+                let opts = GenerateOptions { prefill_chunk: chunk, ..opts.clone() };
+                generate_speculative(&mut self.pipeline, &mut self.drafter, prompt, &opts, draft_len, on_token)
+            }
         }
     }
 }

@@ -52,7 +52,7 @@ pub const ADAPTER_BIAS: &str = "adapter.bias";
 /// (training starts it at the mean gap between the middle's output and its input).
 #[derive(Debug, Clone)]
 pub struct Adapter {
-    layers: Submodel,
+    pub(crate) layers: Submodel,
     bias: Option<Tensor>,
     pub origin: AdapterOrigin,
 }
@@ -108,6 +108,10 @@ impl Adapter {
         let vb = VarBuilder::zeros(candle_core::DType::F32, device);
         let layers = Submodel::load(vb, cfg, SubmodelKind::Middle, 0..1)?;
         Ok(Self { layers, bias: None, origin: AdapterOrigin::Custom("zeros") })
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        self.layers.new_cache()
     }
 
     pub fn num_layers(&self) -> usize {

@@ -119,6 +119,39 @@ impl<M: Middle> SplitPipeline<M> {
         Ok(self.output.head(&last)?.squeeze(0)?.squeeze(0)?)
     }
 
+    /// Prefills the prompt (positions `0..`) and returns the last position's logits. With `chunk`, the
+    /// prompt goes to the middle in pieces of that many positions, pipelined: the device runs the input
+    /// submodel on every chunk and submits each as soon as it is ready (so uploads and cloud work on
+    /// chunk c overlap input work on chunk c+1), then hands the prompt's input states to `after_input`
+    /// (the drafter's prefill), then runs the output submodel on each chunk as it comes back (overlapping
+    /// the transfers and cloud work on later chunks). Every position sees the same keys and values as in
+    /// one piece, so the logits equal the unchunked ones.
+    ///
+    /// # Shapes
+    /// -> (vocab,)
+    pub fn prefill(&mut self, prompt: &[u32], chunk: Option<usize>, after_input: impl FnOnce(&Tensor) -> Result<()>) -> Result<Tensor> {
+        let n = prompt.len();
+        if n == 0 {
+            return Err(RuntimeError::BadInput("the prompt is empty".into()));
+        }
+        let size = chunk.unwrap_or(n).clamp(1, n);
+        let starts: Vec<usize> = (0..n).step_by(size).collect();
+        let mut states = Vec::with_capacity(starts.len());
+        for &s in &starts {
+            let h = self.input_states(&prompt[s..(s + size).min(n)], s)?;
+            self.middle.submit(s, &h)?;
+            states.push(h);
+        }
+        after_input(&if states.len() == 1 { states.pop().expect("one chunk") } else { Tensor::cat(&states, 1)? })?;
+        let (last, body) = starts.split_last().expect("at least one chunk");
+        for &s in body {
+            let m = self.middle.collect()?;
+            self.output.forward_layers(&m, s, &mut self.output_cache)?;
+        }
+        let m = self.middle.collect()?;
+        self.output_logits_last(&m, *last)
+    }
+
     pub fn middle(&mut self) -> &mut M {
         &mut self.middle
     }
@@ -194,11 +227,14 @@ pub struct GenerateOptions {
     pub sampling: SamplingOptions,
     /// Generation stops after emitting any of these.
     pub eos: Vec<u32>,
+    /// Prompt positions per message to the middle in HAT mode's pipelined prefill; `None` sends the
+    /// prompt in one piece.
+    pub prefill_chunk: Option<usize>,
 }
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        Self { max_tokens: 128, sampling: SamplingOptions::default(), eos: Vec::new() }
+        Self { max_tokens: 128, sampling: SamplingOptions::default(), eos: Vec::new(), prefill_chunk: None }
     }
 }
 
@@ -221,6 +257,11 @@ pub struct Generation {
     pub first_accepted: usize,
     /// Network bytes of this generation.
     pub traffic: Traffic,
+    /// The part of `traffic` spent before the first token (the prompt's round).
+    pub prefill_traffic: Traffic,
+    /// Time between consecutive tokens as the caller received them (tokens of one speculative
+    /// round arrive together, so some gaps are near zero).
+    pub gaps: Vec<Duration>,
 }
 
 impl Generation {
@@ -272,6 +313,7 @@ pub(crate) struct Emitter<'a, F> {
     start: Instant,
     first_at: Option<Instant>,
     last_at: Instant,
+    gaps: Vec<Duration>,
     stopped_by_eos: bool,
     on_token: F,
 }
@@ -279,7 +321,17 @@ pub(crate) struct Emitter<'a, F> {
 impl<'a, F: FnMut(u32)> Emitter<'a, F> {
     pub(crate) fn new(budget: usize, eos: &'a [u32], on_token: F) -> Self {
         let now = Instant::now();
-        Self { tokens: Vec::with_capacity(budget), budget, eos, start: now, first_at: None, last_at: now, stopped_by_eos: false, on_token }
+        Self {
+            tokens: Vec::with_capacity(budget),
+            budget,
+            eos,
+            start: now,
+            first_at: None,
+            last_at: now,
+            gaps: Vec::new(),
+            stopped_by_eos: false,
+            on_token,
+        }
     }
 
     /// Tokens still allowed.
@@ -301,6 +353,9 @@ impl<'a, F: FnMut(u32)> Emitter<'a, F> {
             return false;
         }
         let now = Instant::now();
+        if self.first_at.is_some() {
+            self.gaps.push(now - self.last_at);
+        }
         self.first_at.get_or_insert(now);
         self.last_at = now;
         self.tokens.push(token);
@@ -311,7 +366,15 @@ impl<'a, F: FnMut(u32)> Emitter<'a, F> {
         self.remaining() > 0
     }
 
-    pub(crate) fn finish(self, prompt_tokens: usize, rounds: usize, drafts: DraftCounts, traffic: Traffic) -> Generation {
+    /// `prefill` is the traffic up to the first token, when the caller tracked it.
+    pub(crate) fn finish(
+        self,
+        prompt_tokens: usize,
+        rounds: usize,
+        drafts: DraftCounts,
+        traffic: Traffic,
+        prefill: Option<Traffic>,
+    ) -> Generation {
         let first_at = self.first_at.unwrap_or(self.start);
         let n = self.tokens.len();
         let tbt = if n > 1 { (self.last_at - first_at) / (n as u32 - 1) } else { Duration::ZERO };
@@ -326,6 +389,8 @@ impl<'a, F: FnMut(u32)> Emitter<'a, F> {
             accepted: drafts.accepted,
             first_accepted: drafts.first_accepted,
             traffic,
+            prefill_traffic: prefill.unwrap_or_default(),
+            gaps: self.gaps,
         }
     }
 }
@@ -338,13 +403,15 @@ pub fn generate(model: &mut impl TokenModel, prompt: &[u32], opts: &GenerateOpti
     let traffic_before = model.traffic();
     let mut out = Emitter::new(budget, &opts.eos, on_token);
     let mut rounds = 0;
+    let mut prefill = None;
     if budget > 0 {
         let mut logits = model.logits_last(prompt, 0)?;
+        prefill = Some(model.traffic().since(&traffic_before));
         while out.push(sampler.sample(&logits)?) {
             logits = model.logits_last(&[out.tokens[out.count() - 1]], prompt.len() + out.count() - 1)?;
             rounds += 1;
         }
     }
     let traffic = model.traffic().since(&traffic_before);
-    Ok(out.finish(prompt.len(), rounds, DraftCounts::default(), traffic))
+    Ok(out.finish(prompt.len(), rounds, DraftCounts::default(), traffic, prefill))
 }

@@ -1,6 +1,7 @@
 //! The hat runtime: opens split packages, checks they belong together, serves the middle submodel
 //! (`server`), and runs the device side against it (`device`), U-shaped or with speculative decoding.
 
+pub mod baseline;
 pub mod chat;
 pub mod device;
 pub mod draft;
@@ -16,10 +17,11 @@ pub mod server;
 pub mod speculative;
 pub mod verify;
 
-pub use device::{DeviceRuntime, DeviceSession, Mode};
+pub use device::{ChunkPolicy, Chunking, DeviceRuntime, DeviceSession, Mode};
 pub use draft::{Adapter, AdapterOrigin, Drafter};
 pub use error::{Result, RuntimeError};
 pub use generate::{generate, GenerateOptions, Generation, LocalPipeline, SplitPipeline, TokenModel, UnsplitModel};
+pub use link::{LinkEmulation, LinkEstimate};
 pub use middle::{LocalMiddle, Middle, Traffic};
 pub use package::{CloudPackage, DevicePackage};
 pub use protocol::{WireDType, WireFormat};

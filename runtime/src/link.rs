@@ -3,8 +3,9 @@
 //! computes, so several frames can be in flight (pipelined prefill needs that).
 //!
 //! The emulated link serialises each frame at `mbps` in its direction (frames queue behind each
-//! other, as on a real link) and then delays it by half the RTT. Uplink frames are held back before
-//! they reach the socket; downlink frames are held back after they arrive.
+//! other, as on a real link) and then delays it by half the RTT, plus a random jitter of up to
+//! `jitter` (frames still arrive in order, as over TCP). Uplink frames are held back before they
+//! reach the socket; downlink frames are held back after they arrive.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
@@ -22,14 +23,45 @@ pub struct LinkEmulation {
     pub mbps: f64,
     /// Round-trip time; each message is delayed by half of it.
     pub rtt: Duration,
+    /// Extra one-way delay per frame, uniform in `0..=jitter`.
+    pub jitter: Duration,
 }
 
 impl LinkEmulation {
+    pub fn new(mbps: f64, rtt: Duration) -> Self {
+        Self { mbps, rtt, jitter: Duration::ZERO }
+    }
+
     fn transfer_time(&self, bytes: usize) -> Duration {
         if self.mbps <= 0.0 || !self.mbps.is_finite() {
             return Duration::ZERO;
         }
         Duration::from_secs_f64(bytes as f64 * 8.0 / (self.mbps * 1e6))
+    }
+}
+
+/// What the device has measured about its link to the cloud: round-trip time (cloud compute
+/// excluded) and throughput each way.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinkEstimate {
+    pub rtt: Duration,
+    pub up_mbps: f64,
+    pub down_mbps: f64,
+}
+
+impl LinkEstimate {
+    /// Seconds to move `bytes` up, or down, serialisation only.
+    pub fn up_secs(&self, bytes: usize) -> f64 {
+        bytes as f64 * 8.0 / (self.up_mbps * 1e6)
+    }
+
+    pub fn down_secs(&self, bytes: usize) -> f64 {
+        bytes as f64 * 8.0 / (self.down_mbps * 1e6)
+    }
+
+    /// The slower direction's throughput: what the chunk-size table is looked up by.
+    pub fn mbps(&self) -> f64 {
+        self.up_mbps.min(self.down_mbps)
     }
 }
 
@@ -40,19 +72,30 @@ pub struct Counters {
     pub down: AtomicU64,
 }
 
-/// One direction of the emulated link: when it is next free.
-#[derive(Debug, Clone, Copy)]
+/// One direction of the emulated link: when it is next free, and when its last frame came out.
+#[derive(Debug, Clone)]
 struct Lane {
     busy_until: Instant,
+    last_out: Instant,
+    rng: rand::rngs::StdRng,
 }
 
 impl Lane {
+    fn new(now: Instant, seed: u64) -> Self {
+        use rand::SeedableRng;
+        Self { busy_until: now, last_out: now, rng: rand::rngs::StdRng::seed_from_u64(seed) }
+    }
+
     /// When a frame of `bytes` handed over at `at` comes out of the far end.
     fn schedule(&mut self, link: &LinkEmulation, at: Instant, bytes: usize) -> Instant {
+        use rand::Rng;
         let start = at.max(self.busy_until);
         let done = start + link.transfer_time(bytes);
         self.busy_until = done;
-        done + link.rtt / 2
+        let jitter = if link.jitter.is_zero() { Duration::ZERO } else { link.jitter.mul_f64(self.rng.random::<f64>()) };
+        // In order, as over TCP: a frame never overtakes the one before it.
+        self.last_out = (done + link.rtt / 2 + jitter).max(self.last_out);
+        self.last_out
     }
 }
 
@@ -120,14 +163,7 @@ impl FramedConn {
         })?;
 
         let now = Instant::now();
-        Ok(Self {
-            stream,
-            to_writer: Some(to_writer),
-            from_reader,
-            link,
-            up_lane: Lane { busy_until: now },
-            down_lane: Lane { busy_until: now },
-        })
+        Ok(Self { stream, to_writer: Some(to_writer), from_reader, link, up_lane: Lane::new(now, 1), down_lane: Lane::new(now, 2) })
     }
 
     /// Queues one frame; returns at once.
@@ -190,9 +226,9 @@ mod tests {
 
     #[test]
     fn lanes_queue_frames_and_add_half_the_rtt() {
-        let link = LinkEmulation { mbps: 8.0, rtt: Duration::from_millis(40) };
+        let link = LinkEmulation::new(8.0, Duration::from_millis(40));
         let t0 = Instant::now();
-        let mut lane = Lane { busy_until: t0 };
+        let mut lane = Lane::new(t0, 0);
         // 10 kB at 8 Mbps = 10 ms on the wire, then 20 ms of latency.
         let a = lane.schedule(&link, t0, 10_000);
         assert_eq!(a - t0, Duration::from_millis(30));
@@ -202,6 +238,26 @@ mod tests {
         // One handed over after the lane is idle again only pays its own time.
         let c = lane.schedule(&link, t0 + Duration::from_millis(100), 0);
         assert_eq!(c - t0, Duration::from_millis(120));
+    }
+
+    #[test]
+    fn jitter_delays_within_bounds_and_keeps_order() {
+        let link = LinkEmulation { mbps: 0.0, rtt: Duration::from_millis(20), jitter: Duration::from_millis(30) };
+        let t0 = Instant::now();
+        let mut lane = Lane::new(t0, 7);
+        let mut prev = t0;
+        let mut delays = Vec::new();
+        for i in 0..200 {
+            let at = t0 + Duration::from_millis(i * 100);
+            let out = lane.schedule(&link, at, 100);
+            assert!(out >= prev, "frames stay in order");
+            let d = out - at;
+            assert!(d >= Duration::from_millis(10) && d <= Duration::from_millis(40), "delay {d:?}");
+            delays.push(d);
+            prev = out;
+        }
+        let spread = *delays.iter().max().expect("delays") - *delays.iter().min().expect("delays");
+        assert!(spread > Duration::from_millis(20), "jitter actually varies the delay: spread {spread:?}");
     }
 
     #[test]

@@ -1,12 +1,17 @@
 //! The device-cloud wire protocol. Every frame is a 4-byte big-endian length followed by a body whose
 //! first byte names the message. Hidden states travel by position, so the cloud can roll its KV cache
-//! back to any start. No message has a field for token ids or text: raw tokens cannot leave the
-//! device through this protocol by construction.
+//! back to any start. The split modes (U-shaped and HAT) only ever send hello, open, ping, forward
+//! and close, and none of those has a field for token ids or text: raw tokens cannot leave the device
+//! through them by construction.
+//!
+//! Two more messages, [`ClientMsg::Tokens`] and [`ClientMsg::Generate`], carry token ids. They exist
+//! only so `hat bench` can run the `cloud` and `sd` baselines against the same server; a cloud refuses
+//! them unless it was started with the unsplit model (`--token-baselines`).
 
 use candle_core::{Device, Tensor};
 
 /// Bumped on any incompatible change; the handshake refuses a mismatch.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// First bytes of a hello, so a stray client (or garbage) is told apart from an old hat.
 pub const MAGIC: [u8; 4] = *b"HAT\x00";
 /// Default cap on one frame's body, checked before any buffer is allocated for it.
@@ -94,12 +99,14 @@ pub enum ErrorCode {
     Position = 8,
     NoSession = 9,
     Internal = 10,
+    /// The request needs something this cloud was not started with (the token baselines).
+    NotServed = 11,
 }
 
 impl ErrorCode {
     fn from_u16(v: u16) -> Self {
         use ErrorCode::*;
-        [BadFrame, Version, Fingerprint, Unauthorized, Busy, BadHidden, Context, Position, NoSession]
+        [BadFrame, Version, Fingerprint, Unauthorized, Busy, BadHidden, Context, Position, NoSession, NotServed]
             .into_iter()
             .find(|c| *c as u16 == v)
             .unwrap_or(Internal)
@@ -134,6 +141,25 @@ pub enum ClientMsg {
     },
     Forward(HiddenFrame),
     Close,
+    /// Link probe: the cloud answers at once with a [`ServerMsg::Pong`] of `reply_bytes` padding.
+    Ping {
+        reply_bytes: u32,
+        pad: Vec<u8>,
+    },
+    /// Baseline only (exposes tokens): run the unsplit model on `ids` at positions `start..` and
+    /// answer with the greedy next token of each position, or of the last one only.
+    Tokens {
+        start: u32,
+        last_only: bool,
+        ids: Vec<u32>,
+    },
+    /// Baseline only (exposes tokens): greedy generation in the cloud after `prompt`, streamed back
+    /// one [`ServerMsg::TokenIds`] per token, until an `eos` id or `max_tokens`.
+    Generate {
+        max_tokens: u32,
+        eos: Vec<u32>,
+        prompt: Vec<u32>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,7 +173,21 @@ pub enum ServerMsg {
         session: u64,
         max_context: u32,
     },
-    Hidden(HiddenFrame),
+    /// Middle-submodel output, and how long the cloud computed it (microseconds), so the device
+    /// can tell link time from cloud time.
+    Hidden {
+        frame: HiddenFrame,
+        compute_us: u32,
+    },
+    Pong {
+        pad: Vec<u8>,
+    },
+    /// Baseline replies: token ids for positions `start..`.
+    TokenIds {
+        start: u32,
+        compute_us: u32,
+        ids: Vec<u32>,
+    },
     Error {
         code: ErrorCode,
         message: String,
@@ -158,9 +198,14 @@ const K_HELLO: u8 = 1;
 const K_OPEN: u8 = 2;
 const K_FORWARD: u8 = 3;
 const K_CLOSE: u8 = 4;
+const K_PING: u8 = 5;
+const K_TOKENS: u8 = 6;
+const K_GENERATE: u8 = 7;
 const K_WELCOME: u8 = 0x81;
 const K_OPENED: u8 = 0x82;
 const K_HIDDEN: u8 = 0x83;
+const K_PONG: u8 = 0x84;
+const K_TOKEN_IDS: u8 = 0x85;
 const K_ERROR: u8 = 0xff;
 
 /// Little-endian field reader over a frame body.
@@ -208,6 +253,19 @@ impl<'a> Reader<'a> {
             Err(ProtocolError::Invalid(format!("{} unexpected bytes after {what}", self.buf.len())))
         }
     }
+}
+
+fn put_ids(out: &mut Vec<u8>, ids: &[u32]) {
+    out.extend_from_slice(&(ids.len() as u32).to_le_bytes());
+    ids.iter().for_each(|t| out.extend_from_slice(&t.to_le_bytes()));
+}
+
+fn read_ids(r: &mut Reader, what: &'static str) -> PResult<Vec<u32>> {
+    let n = r.u32(what)? as usize;
+    if n > r.buf.len() / 4 {
+        return Err(ProtocolError::Truncated(what));
+    }
+    (0..n).map(|_| r.u32(what)).collect()
 }
 
 fn put_string(out: &mut Vec<u8>, s: &str) {
@@ -321,6 +379,23 @@ impl ClientMsg {
                 h.put(&mut out);
             }
             ClientMsg::Close => out.push(K_CLOSE),
+            ClientMsg::Ping { reply_bytes, pad } => {
+                out.push(K_PING);
+                out.extend_from_slice(&reply_bytes.to_le_bytes());
+                out.extend_from_slice(pad);
+            }
+            ClientMsg::Tokens { start, last_only, ids } => {
+                out.push(K_TOKENS);
+                out.extend_from_slice(&start.to_le_bytes());
+                out.push(*last_only as u8);
+                put_ids(&mut out, ids);
+            }
+            ClientMsg::Generate { max_tokens, eos, prompt } => {
+                out.push(K_GENERATE);
+                out.extend_from_slice(&max_tokens.to_le_bytes());
+                put_ids(&mut out, eos);
+                put_ids(&mut out, prompt);
+            }
         }
         out
     }
@@ -341,6 +416,11 @@ impl ClientMsg {
             K_OPEN => ClientMsg::Open { max_context: r.u32("max_context")? },
             K_FORWARD => return Ok(ClientMsg::Forward(HiddenFrame::read(&mut r)?)),
             K_CLOSE => ClientMsg::Close,
+            K_PING => return Ok(ClientMsg::Ping { reply_bytes: r.u32("reply_bytes")?, pad: r.rest().to_vec() }),
+            K_TOKENS => ClientMsg::Tokens { start: r.u32("start")?, last_only: r.u8("last_only")? != 0, ids: read_ids(&mut r, "ids")? },
+            K_GENERATE => {
+                ClientMsg::Generate { max_tokens: r.u32("max_tokens")?, eos: read_ids(&mut r, "eos")?, prompt: read_ids(&mut r, "prompt")? }
+            }
             other => return Err(ProtocolError::UnknownKind(other)),
         };
         r.end("the message")?;
@@ -363,9 +443,20 @@ impl ServerMsg {
                 out.extend_from_slice(&((*session >> 32) as u32).to_le_bytes());
                 out.extend_from_slice(&max_context.to_le_bytes());
             }
-            ServerMsg::Hidden(h) => {
+            ServerMsg::Hidden { frame, compute_us } => {
                 out.push(K_HIDDEN);
-                h.put(&mut out);
+                out.extend_from_slice(&compute_us.to_le_bytes());
+                frame.put(&mut out);
+            }
+            ServerMsg::Pong { pad } => {
+                out.push(K_PONG);
+                out.extend_from_slice(pad);
+            }
+            ServerMsg::TokenIds { start, compute_us, ids } => {
+                out.push(K_TOKEN_IDS);
+                out.extend_from_slice(&start.to_le_bytes());
+                out.extend_from_slice(&compute_us.to_le_bytes());
+                put_ids(&mut out, ids);
             }
             ServerMsg::Error { code, message } => {
                 out.push(K_ERROR);
@@ -381,7 +472,14 @@ impl ServerMsg {
         let msg = match r.u8("kind")? {
             K_WELCOME => ServerMsg::Welcome { version: r.u16("version")?, hidden: r.u32("hidden")? },
             K_OPENED => ServerMsg::Opened { session: r.u64("session")?, max_context: r.u32("max_context")? },
-            K_HIDDEN => return Ok(ServerMsg::Hidden(HiddenFrame::read(&mut r)?)),
+            K_HIDDEN => {
+                let compute_us = r.u32("compute time")?;
+                return Ok(ServerMsg::Hidden { compute_us, frame: HiddenFrame::read(&mut r)? });
+            }
+            K_PONG => return Ok(ServerMsg::Pong { pad: r.rest().to_vec() }),
+            K_TOKEN_IDS => {
+                ServerMsg::TokenIds { start: r.u32("start")?, compute_us: r.u32("compute time")?, ids: read_ids(&mut r, "ids")? }
+            }
             K_ERROR => ServerMsg::Error { code: ErrorCode::from_u16(r.u16("code")?), message: r.string("message")? },
             other => return Err(ProtocolError::UnknownKind(other)),
         };
@@ -416,6 +514,9 @@ mod tests {
             ClientMsg::Open { max_context: 2048 },
             ClientMsg::Forward(h.clone()),
             ClientMsg::Close,
+            ClientMsg::Ping { reply_bytes: 9, pad: vec![0; 5] },
+            ClientMsg::Tokens { start: 4, last_only: true, ids: vec![1, 70000, 3] },
+            ClientMsg::Generate { max_tokens: 16, eos: vec![2], prompt: vec![5, 6] },
         ];
         for m in msgs {
             assert_eq!(ClientMsg::decode(&m.encode()), Ok(m));
@@ -423,7 +524,9 @@ mod tests {
         let msgs = [
             ServerMsg::Welcome { version: 1, hidden: 576 },
             ServerMsg::Opened { session: (7 << 32) + 3, max_context: 99 },
-            ServerMsg::Hidden(h),
+            ServerMsg::Hidden { frame: h, compute_us: 1234 },
+            ServerMsg::Pong { pad: vec![0; 3] },
+            ServerMsg::TokenIds { start: 9, compute_us: 5, ids: vec![8, 9] },
             ServerMsg::Error { code: ErrorCode::Context, message: "too long".into() },
         ];
         for m in msgs {
@@ -468,5 +571,6 @@ mod tests {
         assert!(ClientMsg::decode(&[]).is_err());
         assert!(ClientMsg::decode(&[K_OPEN, 1]).is_err(), "truncated");
         assert!(ClientMsg::decode(&[K_CLOSE, 0]).is_err(), "trailing bytes");
+        assert!(ClientMsg::decode(&[K_TOKENS, 0, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff]).is_err(), "id count beyond the frame");
     }
 }

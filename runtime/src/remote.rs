@@ -4,12 +4,12 @@
 //! cache it had, and the generation gives the tokens it would have given.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 
 use crate::error::{Result, RuntimeError};
-use crate::link::{Counters, FramedConn, LinkEmulation};
+use crate::link::{Counters, FramedConn, LinkEmulation, LinkEstimate};
 use crate::middle::{Middle, Traffic};
 use crate::protocol::{ClientMsg, ErrorCode, HiddenFrame, ServerMsg, WireFormat, DEFAULT_MAX_FRAME, PROTOCOL_VERSION};
 
@@ -48,7 +48,13 @@ struct Sent {
     start: usize,
     body: Vec<u8>,
     collected: bool,
+    sent_at: Instant,
+    /// Nothing else was in flight when it left, so its round trip measures the link.
+    alone: bool,
 }
+
+/// Bytes of each link probe, each way.
+const PROBE_BYTES: usize = 128 << 10;
 
 /// Why one connection attempt failed.
 enum Failure {
@@ -76,6 +82,8 @@ pub struct RemoteMiddle {
     log: Vec<Sent>,
     counters: Arc<Counters>,
     reconnects: u32,
+    estimate: Option<LinkEstimate>,
+    last_compute: Duration,
 }
 
 impl RemoteMiddle {
@@ -93,6 +101,8 @@ impl RemoteMiddle {
             log: Vec::new(),
             counters: Arc::new(Counters::default()),
             reconnects: 0,
+            estimate: None,
+            last_compute: Duration::ZERO,
         };
         me.reconnect(None)?;
         me.reconnects = 0;
@@ -138,7 +148,7 @@ impl RemoteMiddle {
         }
         for _ in self.log.iter().filter(|s| s.collected) {
             match self.recv_msg(&mut conn)? {
-                ServerMsg::Hidden(_) => {}
+                ServerMsg::Hidden { .. } => {}
                 ServerMsg::Error { code, message } => return Err(Failure::Fatal(self.refused(code, message))),
                 other => return Err(Failure::Transient(format!("unexpected reply during replay: {other:?}"))),
             }
@@ -172,6 +182,64 @@ impl RemoteMiddle {
         Err(RuntimeError::CloudUnreachable { addr: self.opts.addr.clone(), attempts, last })
     }
 
+    /// The link as last measured: probes from [`RemoteMiddle::measure_link`], with the round-trip time
+    /// then kept up to date from forwards that travelled alone.
+    pub fn link_estimate(&self) -> Option<LinkEstimate> {
+        self.estimate
+    }
+
+    /// How long the cloud computed the last collected reply, as it reported.
+    pub fn last_compute(&self) -> Duration {
+        self.last_compute
+    }
+
+    /// Measures the link with probes: the best of three empty pings gives the RTT, then 128 KiB up
+    /// (and an empty reply) and 128 KiB down give each direction's throughput. Costs about 2 x 128 KiB
+    /// of traffic. Needs nothing in flight.
+    pub fn measure_link(&mut self) -> Result<LinkEstimate> {
+        if self.log.iter().any(|s| !s.collected) {
+            return Err(RuntimeError::BadInput("cannot probe the link with messages in flight".into()));
+        }
+        let mut rtt = Duration::MAX;
+        for _ in 0..3 {
+            rtt = rtt.min(self.ping(0, 0)?);
+        }
+        let over = |t: Duration| (t.saturating_sub(rtt).as_secs_f64()).max(1e-5);
+        let up = PROBE_BYTES as f64 * 8.0 / over(self.ping(PROBE_BYTES, 0)?) / 1e6;
+        let down = PROBE_BYTES as f64 * 8.0 / over(self.ping(0, PROBE_BYTES)?) / 1e6;
+        let est = LinkEstimate { rtt, up_mbps: up, down_mbps: down };
+        self.estimate = Some(est);
+        Ok(est)
+    }
+
+    /// One probe round trip.
+    fn ping(&mut self, up: usize, down: usize) -> Result<Duration> {
+        let msg = ClientMsg::Ping { reply_bytes: down as u32, pad: vec![0; up] }.encode();
+        let addr = self.opts.addr.clone();
+        let lost = |e: std::io::Error| RuntimeError::CloudUnreachable { addr: addr.clone(), attempts: 1, last: e.to_string() };
+        let conn = self.conn.as_mut().ok_or_else(|| lost(std::io::Error::other("not connected")))?;
+        let t0 = Instant::now();
+        conn.send(&msg).map_err(lost)?;
+        let body = conn.recv(self.opts.reply_timeout).map_err(lost)?;
+        let took = t0.elapsed();
+        match ServerMsg::decode(&body) {
+            Ok(ServerMsg::Pong { .. }) => Ok(took),
+            Ok(ServerMsg::Error { code, message }) => Err(self.refused(code, message)),
+            other => {
+                Err(RuntimeError::CloudProtocol { addr: self.opts.addr.clone(), reason: format!("unexpected reply to a ping: {other:?}") })
+            }
+        }
+    }
+
+    /// Folds one lone round trip into the RTT estimate: its time minus cloud compute and serialisation.
+    fn observe(&mut self, took: Duration, compute_us: u32, up_bytes: usize, down_bytes: usize) {
+        if let Some(est) = self.estimate.as_mut() {
+            let wire = est.up_secs(up_bytes) + est.down_secs(down_bytes) + compute_us as f64 / 1e6;
+            let sample = (took.as_secs_f64() - wire).max(0.0);
+            est.rtt = Duration::from_secs_f64(0.8 * est.rtt.as_secs_f64() + 0.2 * sample);
+        }
+    }
+
     fn send_logged(&mut self, index: usize) -> Result<()> {
         let sent = match self.conn.as_mut() {
             Some(conn) => conn.send(&self.log[index].body).map_err(|e| e.to_string()),
@@ -193,7 +261,8 @@ impl Middle for RemoteMiddle {
         }
         self.log.retain(|s| s.start < start);
         let frame = HiddenFrame::encode(states, start, self.opts.wire)?;
-        self.log.push(Sent { start, body: ClientMsg::Forward(frame).encode(), collected: false });
+        let alone = self.log.iter().all(|s| s.collected);
+        self.log.push(Sent { start, body: ClientMsg::Forward(frame).encode(), collected: false, sent_at: Instant::now(), alone });
         self.send_logged(self.log.len() - 1)
     }
 
@@ -216,10 +285,16 @@ impl Middle for RemoteMiddle {
                 }
             };
             match ServerMsg::decode(&body) {
-                Ok(ServerMsg::Hidden(h)) if h.start as usize == self.log[index].start => {
+                Ok(ServerMsg::Hidden { frame: h, compute_us }) if h.start as usize == self.log[index].start => {
                     let t = h
                         .decode(self.hidden, &self.device)
                         .map_err(|e| RuntimeError::CloudProtocol { addr: self.opts.addr.clone(), reason: e.to_string() })?;
+                    self.last_compute = Duration::from_micros(compute_us as u64);
+                    let sent = &self.log[index];
+                    if sent.alone {
+                        let (took, up) = (sent.sent_at.elapsed(), sent.body.len() + 4);
+                        self.observe(took, compute_us, up, body.len() + 4);
+                    }
                     self.log[index].collected = true;
                     return Ok(t);
                 }

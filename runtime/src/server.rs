@@ -16,6 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
+use crate::baseline::{WholeCache, WholeModel};
 use crate::error::{Result, RuntimeError};
 use crate::package::CloudPackage;
 use crate::protocol::{ClientMsg, ErrorCode, HiddenFrame, ServerMsg, DEFAULT_MAX_FRAME, LENGTH_PREFIX, PROTOCOL_VERSION};
@@ -34,6 +35,9 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// One stderr line per session and per refused connection.
     pub log: bool,
+    /// The unsplit model, for `hat bench`'s token baselines (`cloud`, `sd`). Without it, messages
+    /// that carry token ids are refused.
+    pub baselines: Option<Arc<WholeModel>>,
 }
 
 impl Default for ServerConfig {
@@ -45,6 +49,7 @@ impl Default for ServerConfig {
             max_frame: DEFAULT_MAX_FRAME,
             idle_timeout: Duration::from_secs(600),
             log: true,
+            baselines: None,
         }
     }
 }
@@ -113,12 +118,13 @@ impl CloudServer {
         });
         let kv_mb = kv_bytes_per_position(&package.middle) as f64 * shared.max_context as f64 / 1e6;
         shared.log(format_args!(
-            "serving layers {:?} on {addr}: up to {} sessions x {} positions (KV cache up to {:.0} MB each, 2x while growing), auth {}",
+            "serving layers {:?} on {addr}: up to {} sessions x {} positions (KV cache up to {:.0} MB each, 2x while growing), auth {}{}",
             package.middle.layer_range(),
             shared.cfg.max_sessions,
             shared.max_context,
             kv_mb,
-            if shared.auth_digest.is_some() { "required" } else { "off" }
+            if shared.auth_digest.is_some() { "required" } else { "off" },
+            if shared.cfg.baselines.is_some() { "; ALSO SERVES THE TOKEN BASELINES (token ids cross the network)" } else { "" }
         ));
         runtime.spawn(accept_loop(listener, shared));
         Ok(Self { runtime: Some(runtime), addr })
@@ -154,6 +160,10 @@ impl Drop for CloudServer {
     }
 }
 
+fn micros(since: Instant) -> u32 {
+    since.elapsed().as_micros().min(u32::MAX as u128) as u32
+}
+
 fn digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
@@ -177,6 +187,8 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 struct Session {
     id: u64,
     cache: Option<KvCache>,
+    /// The unsplit model's cache, for the token baselines.
+    whole: Option<WholeCache>,
     max_context: usize,
     messages: u64,
     positions: u64,
@@ -186,6 +198,9 @@ struct Session {
 
 enum Step {
     Reply(ServerMsg),
+    /// Replies produced one by one on the blocking pool (cloud-side generation); the task hands the
+    /// session's cache back when it ends.
+    Stream(tokio::sync::mpsc::Receiver<ServerMsg>, tokio::task::JoinHandle<WholeCache>),
     /// Reply, then drop the connection (handshake refusals, broken framing).
     ReplyAndClose(ServerMsg),
     Silent,
@@ -229,6 +244,21 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
             Step::Reply(m) => (Some(m), false),
             Step::ReplyAndClose(m) => (Some(m), true),
             Step::Silent => (None, false),
+            Step::Stream(mut rx, done) => {
+                let mut sent = true;
+                while let Some(m) = rx.recv().await {
+                    sent = sent && framed.send(Bytes::from(m.encode())).await.is_ok();
+                }
+                let cache = done.await.ok();
+                if let Some(s) = conn.session.as_mut() {
+                    s.whole = cache;
+                }
+                if !sent {
+                    end = "write failed";
+                    break;
+                }
+                (None, false)
+            }
         };
         if let Some(m) = reply {
             if framed.send(Bytes::from(m.encode())).await.is_err() {
@@ -259,6 +289,12 @@ impl Connection {
             _ if !self.greeted => Step::ReplyAndClose(error(ErrorCode::BadFrame, "the first message must be a hello")),
             ClientMsg::Open { max_context } => self.open(max_context as usize),
             ClientMsg::Forward(h) => self.forward(h).await,
+            ClientMsg::Ping { reply_bytes, .. } => {
+                let n = (reply_bytes as usize).min(self.shared.cfg.max_frame.saturating_sub(16));
+                Step::Reply(ServerMsg::Pong { pad: vec![0; n] })
+            }
+            ClientMsg::Tokens { start, last_only, ids } => self.tokens(start as usize, last_only, ids).await,
+            ClientMsg::Generate { max_tokens, eos, prompt } => self.generate(max_tokens as usize, eos, prompt),
             ClientMsg::Close => {
                 self.end_session("closed by device");
                 Step::Silent
@@ -323,6 +359,7 @@ impl Connection {
         self.session = Some(Session {
             id,
             cache: Some(self.shared.middle.new_cache()),
+            whole: None,
             max_context,
             messages: 0,
             positions: 0,
@@ -361,19 +398,19 @@ impl Connection {
         let middle = self.shared.middle.clone();
         let format = frame.format;
         let joined = tokio::task::spawn_blocking(move || {
-            let out = middle
-                .forward_layers(&states, start, &mut cache)
-                .map_err(|e| e.to_string())
-                .and_then(|h| HiddenFrame::encode(&h, start, format).map_err(|e| e.to_string()));
-            (out, cache)
+            let t0 = Instant::now();
+            let out = middle.forward_layers(&states, start, &mut cache).map_err(|e| e.to_string());
+            let compute_us = micros(t0);
+            let out = out.and_then(|h| HiddenFrame::encode(&h, start, format).map_err(|e| e.to_string()));
+            (out.map(|frame| (frame, compute_us)), cache)
         })
         .await;
         match joined {
-            Ok((Ok(reply), cache)) => {
+            Ok((Ok((frame, compute_us)), cache)) => {
                 session.cache = Some(cache);
                 session.messages += 1;
                 session.positions += rows as u64;
-                Step::Reply(ServerMsg::Hidden(reply))
+                Step::Reply(ServerMsg::Hidden { frame, compute_us })
             }
             Ok((Err(e), mut cache)) => {
                 // A half-applied forward leaves layers at different lengths: start the cache over.
@@ -386,6 +423,96 @@ impl Connection {
                 Step::Reply(error(ErrorCode::Internal, format!("middle forward panicked: {e}")))
             }
         }
+    }
+
+    /// The unsplit model and this session's cache of it, or the reply that refuses a baseline.
+    fn baseline_session(&mut self, start: usize, rows: usize) -> std::result::Result<(Arc<WholeModel>, WholeCache), Step> {
+        let Some(model) = self.shared.cfg.baselines.clone() else {
+            return Err(Step::Reply(error(
+                ErrorCode::NotServed,
+                "this cloud does not serve the token baselines; start it with --token-baselines DEVICE_DIR (benchmarks only: it exposes tokens)",
+            )));
+        };
+        let Some(session) = self.session.as_mut() else {
+            return Err(Step::Reply(error(ErrorCode::NoSession, "tokens before open")));
+        };
+        let mut cache = session.whole.take().unwrap_or_else(|| model.new_cache());
+        let err = if rows == 0 {
+            Some(error(ErrorCode::BadFrame, "no token ids"))
+        } else if start > cache.len() {
+            Some(error(ErrorCode::Position, format!("start position {start} skips ahead: the session holds {} positions", cache.len())))
+        } else if start + rows > session.max_context.min(model.max_context()) {
+            Some(error(ErrorCode::Context, format!("positions up to {} exceed this session's context", start + rows)))
+        } else {
+            None
+        };
+        if let Some(e) = err {
+            session.whole = Some(cache);
+            return Err(Step::Reply(e));
+        }
+        cache.truncate(start);
+        session.messages += 1;
+        session.positions += rows as u64;
+        Ok((model, cache))
+    }
+
+    /// Baseline: the whole model's greedy token(s) after `ids`.
+    async fn tokens(&mut self, start: usize, last_only: bool, ids: Vec<u32>) -> Step {
+        let (model, mut cache) = match self.baseline_session(start, ids.len()) {
+            Ok(x) => x,
+            Err(step) => return step,
+        };
+        let joined = tokio::task::spawn_blocking(move || {
+            let t0 = Instant::now();
+            let out = model.greedy(&ids, start, last_only, &mut cache).map_err(|e| e.to_string());
+            (out, micros(t0), cache)
+        })
+        .await;
+        let Ok((out, compute_us, mut cache)) = joined else {
+            return Step::Reply(error(ErrorCode::Internal, "whole-model forward panicked"));
+        };
+        if out.is_err() {
+            cache.truncate(0);
+        }
+        if let Some(s) = self.session.as_mut() {
+            s.whole = Some(cache);
+        }
+        match out {
+            Ok(ids) => Step::Reply(ServerMsg::TokenIds { start: start as u32, compute_us, ids }),
+            Err(e) => Step::Reply(error(ErrorCode::Internal, format!("whole-model forward failed: {e}"))),
+        }
+    }
+
+    /// Baseline: greedy generation in the cloud, one message per token.
+    fn generate(&mut self, max_tokens: usize, eos: Vec<u32>, prompt: Vec<u32>) -> Step {
+        let (model, mut cache) = match self.baseline_session(0, prompt.len()) {
+            Ok(x) => x,
+            Err(step) => return step,
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let done = tokio::task::spawn_blocking(move || {
+            let room = model.max_context().saturating_sub(prompt.len());
+            let (mut ids, mut pos) = (prompt, 0);
+            for _ in 0..max_tokens.min(room) {
+                let t0 = Instant::now();
+                let next = match model.greedy(&ids, pos, true, &mut cache) {
+                    Ok(next) => next[0],
+                    Err(e) => {
+                        let _ = tx.blocking_send(error(ErrorCode::Internal, format!("whole-model forward failed: {e}")));
+                        cache.truncate(0);
+                        break;
+                    }
+                };
+                pos += ids.len();
+                let msg = ServerMsg::TokenIds { start: pos as u32, compute_us: micros(t0), ids: vec![next] };
+                if tx.blocking_send(msg).is_err() || eos.contains(&next) {
+                    break;
+                }
+                ids = vec![next];
+            }
+            cache
+        });
+        Step::Stream(rx, done)
     }
 
     fn end_session(&mut self, how: &str) {

@@ -5,7 +5,8 @@
 //! 3. the output submodel turns the k+1 returned states into logits, and the verifier keeps the
 //!    longest acceptable prefix plus one token of the model's own.
 //!
-//! The prompt's round overlaps the adapter's prefill with the cloud's work.
+//! The prompt's round overlaps the adapter's prefill with the cloud's work, and with
+//! `GenerateOptions::prefill_chunk` the prompt is pipelined in chunks ([`SplitPipeline::prefill`]).
 
 use crate::draft::Drafter;
 use crate::error::Result;
@@ -30,14 +31,11 @@ pub fn generate_speculative<M: Middle>(
     let mut rounds = 0;
     let mut counts = DraftCounts::default();
     if budget == 0 {
-        return Ok(out.finish(prompt.len(), 0, counts, pipeline.traffic().since(&traffic_before)));
+        return Ok(out.finish(prompt.len(), 0, counts, pipeline.traffic().since(&traffic_before), None));
     }
 
-    let states = pipeline.input_states(prompt, 0)?;
-    pipeline.middle().submit(0, &states)?;
-    drafter.prefill(&states)?;
-    let middle_states = pipeline.middle().collect()?;
-    let logits = pipeline.output_logits_last(&middle_states, 0)?;
+    let logits = pipeline.prefill(prompt, opts.prefill_chunk, |states| drafter.prefill(states))?;
+    let prefill_traffic = pipeline.traffic().since(&traffic_before);
     let mut last = sampler.sample(&logits)?;
     // `pos` is the position of `last`, the newest token no model has run on yet.
     let mut pos = prompt.len();
@@ -68,5 +66,5 @@ pub fn generate_speculative<M: Middle>(
         last = verdict.next;
     }
     let traffic = pipeline.traffic().since(&traffic_before);
-    Ok(out.finish(prompt.len(), rounds, counts, traffic))
+    Ok(out.finish(prompt.len(), rounds, counts, traffic, Some(prefill_traffic)))
 }

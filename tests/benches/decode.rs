@@ -45,7 +45,7 @@ fn main() {
     let mut qf32 = CandleLlama::load(true);
 
     let prompt = device.tokenizer.encode("The history of the printing press begins in", true).expect("encode").get_ids().to_vec();
-    let gen_opts = GenerateOptions { max_tokens: tokens, sampling: SamplingOptions::default(), eos: vec![] };
+    let gen_opts = GenerateOptions { max_tokens: tokens, sampling: SamplingOptions::default(), eos: vec![], ..Default::default() };
     let names = ["hat local (f32, split 2/2)", "candle quantized_llama Q4_1", "candle quantized_llama f32 matmuls"];
     let mut tok_s: [Vec<f64>; 3] = Default::default();
     let mut ttft: [Vec<f64>; 3] = Default::default();

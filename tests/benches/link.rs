@@ -40,7 +40,7 @@ fn main() {
     let device = DeviceRuntime::open(&dir.join("device")).expect("device");
     let cloud = CloudPackage::open(&dir.join("cloud"), &Device::Cpu).expect("cloud");
     let server = CloudServer::start(&cloud, ServerConfig { log: false, ..Default::default() }, "127.0.0.1:0").expect("server");
-    let link = LinkEmulation { mbps, rtt: Duration::from_secs_f64(rtt_ms / 1e3) };
+    let link = LinkEmulation::new(mbps, Duration::from_secs_f64(rtt_ms / 1e3));
     println!(
         "link {mbps} Mbps / {rtt_ms} ms RTT, {tokens} new tokens, {} prompts x {rounds} rounds, adapter: {}",
         PROMPTS.len(),

@@ -153,7 +153,7 @@ fn bad_hidden_states_and_positions_are_refused_per_frame() {
     c.expect_error(ErrorCode::Position);
     // The same connection still works.
     c.send(&forward(0, &states(3, hidden)));
-    assert!(matches!(c.recv(), ServerMsg::Hidden(h) if h.rows == 3));
+    assert!(matches!(c.recv(), ServerMsg::Hidden { frame: h, .. } if h.rows == 3));
     assert_still_serving(&t, &server, None);
 }
 
@@ -240,7 +240,7 @@ fn speculative_sampling_draws_the_models_distribution() {
     let adapter = Adapter::zeros(&t.device.config, &Device::Cpu).expect("zeros");
     let mut drafter = Drafter::new(adapter);
     for seed in 0..samples {
-        let opts = GenerateOptions { max_tokens: 5, sampling: SamplingOptions { seed, ..sampling }, eos: vec![] };
+        let opts = GenerateOptions { max_tokens: 5, sampling: SamplingOptions { seed, ..sampling }, eos: vec![], ..Default::default() };
         let g = generate_speculative(&mut model, &mut drafter, &prompt, &opts, 3, |_| {}).expect("generate");
         counts[g.tokens[1] as usize] += 1;
         accepted += g.accepted;

@@ -45,7 +45,7 @@ fn encode(text: &str) -> Vec<u32> {
 }
 
 fn greedy(model: &mut impl TokenModel, prompt: &[u32], n: usize) -> Vec<u32> {
-    let opts = GenerateOptions { max_tokens: n, sampling: SamplingOptions::default(), eos: vec![] };
+    let opts = GenerateOptions { max_tokens: n, sampling: SamplingOptions::default(), eos: vec![], ..Default::default() };
     generate(model, prompt, &opts, |_| {}).expect("generate").tokens
 }
 
@@ -103,7 +103,7 @@ fn chat_answer_mentions_paris() {
     let text = render_user_prompt(template, "What is the capital of France?", None, None).expect("render");
     let prompt = r.device.tokenizer.encode(text.as_str(), false).expect("encode").get_ids().to_vec();
     let mut model = LocalPipeline::new(&r.device, &r.cloud).expect("pipeline");
-    let opts = GenerateOptions { max_tokens: 48, sampling: SamplingOptions::default(), eos: r.device.eos_ids() };
+    let opts = GenerateOptions { max_tokens: 48, sampling: SamplingOptions::default(), eos: r.device.eos_ids(), ..Default::default() };
     let gen = generate(&mut model, &prompt, &opts, |_| {}).expect("generate");
     let reply = r.device.tokenizer.decode(&gen.tokens, true).expect("decode");
     eprintln!("reply: {reply}");
