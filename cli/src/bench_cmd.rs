@@ -208,6 +208,9 @@ pub fn run(args: BenchArgs, quiet: bool) -> Result<()> {
     if args.max_tokens == 0 || args.repeat == 0 || args.draft_len == 0 {
         bail!("--max-tokens, --repeat and --draft-len must be at least 1");
     }
+    if args.plot.as_ref().is_some_and(|p| p.extension().and_then(|e| e.to_str()) != Some("svg")) {
+        bail!("--plot writes SVG: give it a .svg path (SVG renders in any browser and on GitHub, with no fonts needed here)");
+    }
     let mut modes = args.modes.clone();
     modes.dedup();
     let device = DeviceRuntime::open(&args.artifacts.join(DEVICE_DIR))?;
@@ -269,9 +272,6 @@ pub fn run(args: BenchArgs, quiet: bool) -> Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write {}", path.display()))?;
     }
     if let Some(path) = &args.plot {
-        if path.extension().and_then(|e| e.to_str()) != Some("svg") {
-            bail!("--plot writes SVG: give it a .svg path (an SVG renders anywhere without fonts installed)");
-        }
         std::fs::write(path, report.svg()).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())

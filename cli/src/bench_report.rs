@@ -32,8 +32,7 @@ pub struct Run {
     pub chunk: Option<usize>,
     /// Same tokens as the reference mode (cloud, else ushape) on this prompt; None without one.
     pub matches_reference: Option<bool>,
-    #[serde(skip)]
-    tokens: Vec<u32>,
+    pub tokens: Vec<u32>,
 }
 
 fn ms(d: std::time::Duration) -> f64 {

@@ -221,3 +221,68 @@ fn serve_cloud_and_generate_remotely_report_round_trips_and_bytes() {
     let gone = hat(&["generate", "--artifacts", art_s, "--prompt", "x", "--mode", "ushape", "--cloud", &addr, "--retries", "1"], &[]);
     assert_one_line_error(&gone, &format!("cannot reach the cloud at {addr}"));
 }
+
+/// `hat profile` writes the table; `hat bench` runs every mode over two links with the cloud in
+/// process, and HAT's tokens equal U-shaped's in every chunking.
+#[test]
+fn profile_then_bench_every_mode_on_the_tiny_model() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = TinyLlama::default().write_dir(&tmp.path().join("src"), 1);
+    let art = tmp.path().join("art");
+    assert!(split(&src, &art, 1, 1, &[]).status.success());
+    let art_s = art.to_str().expect("utf8");
+    let prompts = tmp.path().join("prompts.jsonl");
+    let long: Vec<String> = (0..120).map(|i| format!("w{}", i % 50)).collect();
+    std::fs::write(
+        &prompts,
+        format!(
+            "{{\"name\":\"a\",\"kind\":\"short\",\"text\":\"w5 w9\"}}\n{{\"name\":\"b\",\"kind\":\"long\",\"text\":\"{}\"}}\n",
+            long.join(" ")
+        ),
+    )
+    .expect("prompts");
+    let p_s = prompts.to_str().expect("utf8");
+    let (json, svg) = (tmp.path().join("bench.json"), tmp.path().join("bench.svg"));
+    let bench = |modes: &str, plot: &str| {
+        let args =
+            ["bench", "--artifacts", art_s, "--spawn-cloud", "--prompts", p_s, "--modes", modes, "--link", "100,1", "--link", "20,2,1"];
+        hat(&[&args[..], &["--max-tokens", "5", "--json", json.to_str().expect("utf8"), "--plot", plot]].concat(), &[])
+    };
+    let svg_s = svg.to_str().expect("utf8");
+    assert_one_line_error(&bench("ushape,hat", svg_s), "hat profile");
+
+    let res = hat(&["profile", "--artifacts", art_s, "--sizes", "4,8,16", "--reps", "1"], &[]);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    assert!(String::from_utf8_lossy(&res.stdout).contains("chunk size by prompt length"));
+    let profile: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(art.join("device/profile.json")).expect("profile.json")).expect("json");
+    assert!(profile["table"]["chunk"].as_array().is_some_and(|rows| !rows.is_empty()));
+    assert!(profile["costs"]["cloud_middle"]["ms"][0][0].as_f64().is_some_and(|ms| ms > 0.0));
+
+    let res = bench("cloud,ushape,sd,hat-nochunk,hat,hat@7", svg_s);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).expect("bench.json")).expect("json");
+    let runs = v["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 2 * 2 * 6, "2 links x 2 prompts x 6 modes");
+    assert_eq!(v["summaries"].as_array().expect("summaries").len(), 2 * 2 * 6);
+    assert_eq!(v["hat_over_ushape"].as_array().expect("ratios").len(), 2 * 2);
+    let tokens = |link: &str, prompt: &str, mode: &str| {
+        runs.iter().find(|r| r["link"] == link && r["prompt"] == prompt && r["mode"] == mode).expect("run")["tokens"].clone()
+    };
+    for link in ["100 Mbps / 1 ms", "20 Mbps / 2 ms ±1 ms"] {
+        for prompt in ["a", "b"] {
+            for mode in ["hat-nochunk", "hat", "hat@7"] {
+                assert_eq!(tokens(link, prompt, mode), tokens(link, prompt, "ushape"), "{link} {prompt} {mode}");
+            }
+        }
+    }
+    let chunked = runs.iter().find(|r| r["mode"] == "hat@7" && r["prompt"] == "b").expect("hat@7 run");
+    assert_eq!(chunked["chunk"], 7);
+    assert!(runs.iter().filter(|r| r["mode"] == "sd" || r["mode"] == "cloud").all(|r| r["exposes_tokens"] == true));
+    let plot = std::fs::read_to_string(&svg).expect("svg");
+    assert!(plot.contains("<svg") && plot.contains("hat-nochunk") && plot.contains("TTFT"));
+
+    assert_one_line_error(&bench("ushape", "plot.png"), "SVG");
+    let bad_link = hat(&["bench", "--artifacts", art_s, "--spawn-cloud", "--prompts", p_s, "--link", "50"], &[]);
+    assert!(!bad_link.status.success() && String::from_utf8_lossy(&bad_link.stderr).contains("write a link as MBPS,RTT_MS"));
+}

@@ -34,9 +34,9 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
-/// Token ids for timing: the values do not change the cost.
-fn ids(n: usize) -> Vec<u32> {
-    (0..n).map(|i| 1000 + (i as u32 * 7919) % 20000).collect()
+/// Token ids for timing, spread over the vocabulary: the values do not change the cost.
+fn ids(n: usize, vocab: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 7919 + 1000) % vocab) as u32).collect()
 }
 
 fn ms(d: Duration) -> f64 {
@@ -100,7 +100,7 @@ pub fn measure(
 
     // Input states for every position any measurement uses.
     let max_pos = offsets.iter().max().copied().unwrap_or(0) + max_size;
-    let all_ids = ids(max_pos);
+    let all_ids = ids(max_pos, cfg.vocab_size);
     let embed = |n: usize, from: usize| -> Result<Tensor> { Ok(input.embed(&Tensor::new(&all_ids[from..from + n], &dev)?.unsqueeze(0)?)?) };
     let states = {
         let mut cache = input.new_cache();

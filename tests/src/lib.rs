@@ -275,3 +275,17 @@ pub const PROMPTS: [&str; 8] = [
     "Q: What is 17 times 23?\nA:",
     "<|im_start|>system\nYou are a terse assistant.<|im_end|>\n<|im_start|>user\nExplain photosynthesis in one paragraph.<|im_end|>\n<|im_start|>assistant\n",
 ];
+
+/// The shipped benchmark prompts (`profiles/bench-prompts.jsonl`): (name, kind, text).
+pub fn bench_prompts() -> Vec<(String, String, String)> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles/bench-prompts.jsonl");
+    let text = std::fs::read_to_string(&path).expect("bench prompts");
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("a JSON line");
+            let field = |k: &str| v[k].as_str().expect("string field").to_string();
+            (field("name"), field("kind"), field("text"))
+        })
+        .collect()
+}
