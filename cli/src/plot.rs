@@ -123,7 +123,9 @@ fn render_panel(panel: &Panel, modes: &[&str], x0: f64, y0: f64) -> String {
     let slots: Vec<&str> = modes.iter().copied().filter(|m| panel.groups.iter().flat_map(|g| &g.bars).any(|b| b.0 == *m)).collect();
     let group_w = (right - left) / panel.groups.len().max(1) as f64;
     let bar_w = (group_w * 0.8 / slots.len().max(1) as f64).min(48.0);
-    let font = (bar_w / 3.0).clamp(7.0, 11.0);
+    // Value labels as large as fits over a bar (sans-serif digits are about 0.65 em wide).
+    let widest = panel.groups.iter().flat_map(|g| &g.bars).map(|b| format_value(b.1).len()).max().unwrap_or(1).max(1);
+    let font = (bar_w * 0.95 / (0.65 * widest as f64)).clamp(7.0, 11.0);
     for (g, group) in panel.groups.iter().enumerate() {
         let centre = left + group_w * (g as f64 + 0.5);
         let first = centre - bar_w * slots.len() as f64 / 2.0;
