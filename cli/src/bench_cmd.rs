@@ -215,11 +215,7 @@ pub fn run(args: BenchArgs, quiet: bool) -> Result<()> {
     modes.dedup();
     let device = DeviceRuntime::open(&args.artifacts.join(DEVICE_DIR))?;
     let prompts = read_prompts(&args, &device)?;
-    let table = match Profile::load(&device.package.dir, &device.package.manifest.fingerprint) {
-        Ok(p) => Some(Arc::new(p.table)),
-        Err(hat_profiles::ProfileError::Missing(_)) => None,
-        Err(e) => return Err(e.into()),
-    };
+    let table = Profile::load_if_present(&device.package.dir, &device.package.manifest.fingerprint)?.map(|p| Arc::new(p.table));
     let server =
         if args.spawn_cloud { Some(spawn_cloud(&args.artifacts, &device, modes.iter().any(BenchMode::exposes_tokens))?) } else { None };
     let addr = match (&server, &args.cloud) {
@@ -286,7 +282,7 @@ mod tests {
         assert_eq!("hat@96".parse::<BenchMode>(), Ok(BenchMode::HatFixed(96)));
         assert_eq!("hat-nochunk".parse::<BenchMode>(), Ok(BenchMode::HatNoChunk));
         assert!("hat@0".parse::<BenchMode>().is_err());
-        assert!("fast".parse::<BenchMode>().unwrap_err().contains("unknown mode"));
+        assert!("fast".parse::<BenchMode>().expect_err("refused").contains("unknown mode"));
         assert!(BenchMode::Sd.exposes_tokens() && !BenchMode::Hat.exposes_tokens());
     }
 }

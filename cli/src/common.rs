@@ -93,15 +93,15 @@ pub fn chunking(arg: Option<ChunkArg>, device: &DeviceRuntime, quiet: bool) -> R
         Some(ChunkArg::Off) => Chunking::Whole,
         Some(ChunkArg::Fixed(n)) => Chunking::Fixed(n),
         Some(ChunkArg::Auto) => Chunking::Auto(Arc::new(Profile::load(&device.package.dir, fingerprint)?.table)),
-        None => match Profile::load(&device.package.dir, fingerprint) {
-            Ok(p) => Chunking::Auto(Arc::new(p.table)),
-            Err(hat_profiles::ProfileError::Missing(path)) => {
+        None => match Profile::load_if_present(&device.package.dir, fingerprint)? {
+            Some(p) => Chunking::Auto(Arc::new(p.table)),
+            None => {
                 if !quiet {
+                    let path = Profile::path(&device.package.dir);
                     eprintln!("note: no {} yet, so the prompt goes in one piece (run `hat profile` for chunked prefill)", path.display());
                 }
                 Chunking::Whole
             }
-            Err(e) => return Err(e.into()),
         },
     })
 }
@@ -126,9 +126,9 @@ mod tests {
         let j: LinkArg = "10, 80, 5".parse().expect("link with jitter");
         assert_eq!(j.0.jitter, Duration::from_millis(5));
         assert_eq!(j.label(), "10 Mbps / 80 ms ±5 ms");
-        assert!("50".parse::<LinkArg>().unwrap_err().contains("MBPS,RTT_MS"));
-        assert!("0,40".parse::<LinkArg>().unwrap_err().contains("above 0"));
-        assert!("x,40".parse::<LinkArg>().unwrap_err().contains("not a number"));
+        assert!("50".parse::<LinkArg>().expect_err("refused").contains("MBPS,RTT_MS"));
+        assert!("0,40".parse::<LinkArg>().expect_err("refused").contains("above 0"));
+        assert!("x,40".parse::<LinkArg>().expect_err("refused").contains("not a number"));
     }
 
     #[test]

@@ -76,6 +76,15 @@ impl Profile {
         Ok(p)
     }
 
+    /// Like [`Profile::load`], but a package that was never profiled gives `None`.
+    pub fn load_if_present(device_dir: &Path, fingerprint: &str) -> Result<Option<Self>> {
+        match Self::load(device_dir, fingerprint) {
+            Ok(p) => Ok(Some(p)),
+            Err(ProfileError::Missing(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Writes `profile.json` (to a temporary name first, so a failure leaves the old one).
     pub fn save(&self, path: &Path) -> Result<()> {
         let io = |e: std::io::Error| ProfileError::Unreadable { path: path.to_path_buf(), reason: e.to_string() };

@@ -5,7 +5,6 @@
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
-use hat_model::KvCache;
 use hat_runtime::protocol::{ClientMsg, HiddenFrame};
 use hat_runtime::{CloudOptions, DeviceRuntime, Middle, RemoteMiddle, WireFormat};
 
@@ -53,13 +52,24 @@ fn time(reps: usize, mut run: impl FnMut() -> Result<Duration>) -> Result<f64> {
     Ok(median(xs))
 }
 
-/// One stage timed over sizes and offsets; `stage(size, offset)` returns one run's duration.
-fn curve(opts: &ProfileOptions, offsets: &[usize], mut stage: impl FnMut(usize, usize) -> Result<Duration>) -> Result<StageCurve> {
+/// One stage timed over sizes and offsets. For each offset `o > 0`, `fill(state, o)` first puts
+/// positions `0..o` in the stage's cache; `stage(state, size, o)` then returns one run's duration
+/// (each run rolls the cache back to `o` itself).
+fn curve<S>(
+    opts: &ProfileOptions,
+    offsets: &[usize],
+    state: &mut S,
+    mut fill: impl FnMut(&mut S, usize) -> Result<()>,
+    mut stage: impl FnMut(&mut S, usize, usize) -> Result<Duration>,
+) -> Result<StageCurve> {
     let mut rows = Vec::new();
     for &o in offsets {
+        if o > 0 {
+            fill(state, o)?;
+        }
         let mut row = Vec::new();
         for &s in &opts.sizes {
-            row.push(time(opts.reps, || stage(s, o))?);
+            row.push(time(opts.reps, || stage(state, s, o))?);
         }
         rows.push(row);
     }
@@ -107,56 +117,49 @@ pub fn measure(
         input.forward_layers(&embed(max_pos, 0)?, 0, &mut cache)?
     };
     let rows = |from: usize, n: usize| -> Result<Tensor> { Ok(states.narrow(1, from, n)?) };
-    let fill = |cache: &mut KvCache, o: usize, run: &dyn Fn(&Tensor, &mut KvCache) -> Result<()>| -> Result<()> {
-        cache.truncate(0);
-        if o > 0 {
-            run(&rows(0, o)?, cache)?;
-        }
-        Ok(())
-    };
 
     progress("device: input submodel");
-    let mut cache = input.new_cache();
-    let mut filled = usize::MAX;
-    let device_input = curve(opts, &offsets, |s, o| {
-        if filled != o {
-            fill(&mut cache, o, &|x, c| Ok(input.forward_layers(&embed(x.dim(1)?, 0)?, 0, c).map(|_| ())?))?;
-            filled = o;
-        }
-        let t0 = Instant::now();
-        let h = input.forward_layers(&embed(s, o)?, o, &mut cache)?;
-        HiddenFrame::encode(&h, o, opts.wire)?;
-        Ok(t0.elapsed())
-    })?;
+    let device_input = curve(
+        opts,
+        &offsets,
+        &mut input.new_cache(),
+        |c, o| Ok(input.forward_layers(&embed(o, 0)?, 0, c).map(|_| ())?),
+        |c, s, o| {
+            let t0 = Instant::now();
+            let h = input.forward_layers(&embed(s, o)?, o, c)?;
+            HiddenFrame::encode(&h, o, opts.wire)?;
+            Ok(t0.elapsed())
+        },
+    )?;
 
     progress("device: output submodel");
-    let mut cache = output.new_cache();
-    let mut filled = usize::MAX;
-    let device_output = curve(opts, &offsets, |s, o| {
-        if filled != o {
-            fill(&mut cache, o, &|x, c| Ok(output.forward_layers(x, 0, c).map(|_| ())?))?;
-            filled = o;
-        }
-        let frame = HiddenFrame::encode(&rows(o, s)?, o, opts.wire)?;
-        let t0 = Instant::now();
-        let h = frame.decode(cfg.hidden_size, &dev).map_err(|e| hat_runtime::RuntimeError::BadInput(e.to_string()))?;
-        output.forward_layers(&h, o, &mut cache)?;
-        Ok(t0.elapsed())
-    })?;
+    let device_output = curve(
+        opts,
+        &offsets,
+        &mut output.new_cache(),
+        |c, o| Ok(output.forward_layers(&rows(0, o)?, 0, c).map(|_| ())?),
+        |c, s, o| {
+            let frame = HiddenFrame::encode(&rows(o, s)?, o, opts.wire)?;
+            let t0 = Instant::now();
+            let h = frame.decode(cfg.hidden_size, &dev).map_err(|e| hat_runtime::RuntimeError::BadInput(e.to_string()))?;
+            output.forward_layers(&h, o, c)?;
+            Ok(t0.elapsed())
+        },
+    )?;
 
     progress("device: draft adapter");
-    let mut cache = adapter.new_cache();
-    let mut filled = usize::MAX;
-    let device_adapter = curve(opts, &offsets, |s, o| {
-        if filled != o {
-            fill(&mut cache, o, &|x, c| Ok(adapter.forward(x, 0, c).map(|_| ())?))?;
-            filled = o;
-        }
-        let x = rows(o, s)?;
-        let t0 = Instant::now();
-        adapter.forward(&x, o, &mut cache)?;
-        Ok(t0.elapsed())
-    })?;
+    let device_adapter = curve(
+        opts,
+        &offsets,
+        &mut adapter.new_cache(),
+        |c, o| Ok(adapter.forward(&rows(0, o)?, 0, c).map(|_| ())?),
+        |c, s, o| {
+            let x = rows(o, s)?;
+            let t0 = Instant::now();
+            adapter.forward(&x, o, c)?;
+            Ok(t0.elapsed())
+        },
+    )?;
 
     let last = rows(0, 1)?;
     let head_ms = time(opts.reps, || {
@@ -166,17 +169,16 @@ pub fn measure(
     })?;
 
     progress(&format!("cloud ({cloud_label}): middle submodel"));
-    let mut filled = usize::MAX;
-    let cloud_middle = curve(opts, &offsets, |s, o| {
-        if filled != o {
-            if o > 0 {
-                middle.forward(0, &rows(0, o)?)?;
-            }
-            filled = o;
-        }
-        middle.forward(o, &rows(o, s)?)?;
-        Ok(middle.last_compute())
-    })?;
+    let cloud_middle = curve(
+        opts,
+        &offsets,
+        &mut middle,
+        |m, o| Ok(m.forward(0, &rows(0, o)?).map(|_| ())?),
+        |m, s, o| {
+            m.forward(o, &rows(o, s)?)?;
+            Ok(m.last_compute())
+        },
+    )?;
 
     let one = message_bytes(1, cfg.hidden_size, opts.wire)?;
     let two = message_bytes(2, cfg.hidden_size, opts.wire)?;

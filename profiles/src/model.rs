@@ -10,6 +10,7 @@
 //!
 //! The first token comes when the last output chunk and the head are done: that is the predicted TTFT.
 
+use hat_runtime::generate::prefill_chunks;
 use serde::{Deserialize, Serialize};
 
 /// Measured milliseconds of one stage per chunk, over chunk sizes and context offsets (positions
@@ -85,16 +86,10 @@ impl LinkParams {
     }
 }
 
-/// `(start, len)` of each chunk of a prompt of `n` positions.
-pub fn chunks(n: usize, chunk: Option<usize>) -> Vec<(usize, usize)> {
-    let size = chunk.unwrap_or(n).clamp(1, n.max(1));
-    (0..n).step_by(size).map(|s| (s, size.min(n - s))).collect()
-}
-
 /// Predicted time to first token, in milliseconds, of a prompt of `prompt_len` positions sent in
 /// chunks of `chunk` (`None`: one piece). `adapter`: HAT mode, which also prefills the draft adapter.
 pub fn predict_ttft_ms(costs: &StageCosts, link: &LinkParams, prompt_len: usize, chunk: Option<usize>, adapter: bool) -> f64 {
-    let parts = chunks(prompt_len, chunk);
+    let parts = prefill_chunks(prompt_len, chunk);
     let mut device = 0.0;
     let (mut uplink, mut cloud, mut downlink) = (0.0_f64, 0.0_f64, 0.0_f64);
     let mut back = Vec::with_capacity(parts.len());

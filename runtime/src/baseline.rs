@@ -11,6 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use candle_core::Tensor;
 use hat_model::{KvCache, Submodel};
 
 use crate::draft::Adapter;
@@ -95,27 +96,31 @@ impl SmallModel {
         Self { input: device.input.clone(), adapter, output: device.output.clone(), caches, context: Vec::new() }
     }
 
-    /// Feeds the context not yet in the caches and returns the greedy next token.
-    fn next_token(&mut self) -> Result<u32> {
+    /// Runs the context not yet in the caches and returns its final hidden states.
+    ///
+    /// # Shapes
+    /// -> (1, new positions, hidden)
+    fn feed(&mut self) -> Result<Tensor> {
         let start = self.caches[2].len();
         let [ci, ca, co] = &mut self.caches;
         let x = self.input.embed(&ids_tensor(&self.context[start..], self.input.device())?)?;
         let h = self.input.forward_layers(&x, start, ci)?;
         let h = self.adapter.forward(&h, start, ca)?;
-        let h = self.output.forward_layers(&h, start, co)?;
+        Ok(self.output.forward_layers(&h, start, co)?)
+    }
+
+    /// Feeds the context not yet in the caches and returns the greedy next token.
+    fn next_token(&mut self) -> Result<u32> {
+        let h = self.feed()?;
         let last = h.narrow(1, h.dim(1)? - 1, 1)?;
         Ok(argmax(&logits_rows(&self.output.head(&last)?.squeeze(0)?)?[0]))
     }
 
     /// Starts over on a new prompt (positions `0..`), filling the caches.
     pub fn prefill(&mut self, prompt: &[u32]) -> Result<()> {
-        self.caches.iter_mut().for_each(|c| c.truncate(0));
+        self.rewind(0);
         self.context = prompt.to_vec();
-        let x = self.input.embed(&ids_tensor(prompt, self.input.device())?)?;
-        let [ci, ca, co] = &mut self.caches;
-        let h = self.input.forward_layers(&x, 0, ci)?;
-        let h = self.adapter.forward(&h, 0, ca)?;
-        self.output.forward_layers(&h, 0, co)?;
+        self.feed()?;
         Ok(())
     }
 
@@ -151,8 +156,7 @@ impl TokenCloud {
     /// Connects, shakes hands and opens a session (no retries: this is a benchmark client).
     pub fn connect(opts: &CloudOptions, fingerprint: &str, max_context: usize) -> Result<Self> {
         let counters = Arc::new(Counters::default());
-        let unreachable = |e: std::io::Error| RuntimeError::CloudUnreachable { addr: opts.addr.clone(), attempts: 1, last: e.to_string() };
-        let conn = FramedConn::connect(&opts.addr, opts.link, DEFAULT_MAX_FRAME, counters.clone()).map_err(unreachable)?;
+        let conn = FramedConn::connect(&opts.addr, opts.link, DEFAULT_MAX_FRAME, counters.clone()).map_err(|e| lost(&opts.addr, e))?;
         let mut me = Self { conn, addr: opts.addr.clone(), timeout: opts.reply_timeout, counters };
         let hello =
             ClientMsg::Hello { version: PROTOCOL_VERSION, fingerprint: fingerprint.to_string(), auth_token: opts.auth_token.clone() };
@@ -176,11 +180,7 @@ impl TokenCloud {
     }
 
     fn recv(&mut self) -> Result<ServerMsg> {
-        let body = self.conn.recv(self.timeout).map_err(|e| RuntimeError::CloudUnreachable {
-            addr: self.addr.clone(),
-            attempts: 1,
-            last: e.to_string(),
-        })?;
+        let body = self.conn.recv(self.timeout).map_err(|e| lost(&self.addr, e))?;
         ServerMsg::decode(&body).map_err(|e| RuntimeError::CloudProtocol { addr: self.addr.clone(), reason: e.to_string() })
     }
 
@@ -190,11 +190,7 @@ impl TokenCloud {
     }
 
     fn send(&mut self, msg: &ClientMsg) -> Result<()> {
-        self.conn.send(&msg.encode()).map_err(|e| RuntimeError::CloudUnreachable {
-            addr: self.addr.clone(),
-            attempts: 1,
-            last: e.to_string(),
-        })
+        self.conn.send(&msg.encode()).map_err(|e| lost(&self.addr, e))
     }
 
     /// The whole model's greedy token after each of `ids` (positions `start..`), or after the last.
@@ -206,13 +202,13 @@ impl TokenCloud {
     }
 
     pub fn traffic(&self) -> Traffic {
-        use std::sync::atomic::Ordering;
-        Traffic {
-            bytes_up: self.counters.up.load(Ordering::Relaxed),
-            bytes_down: self.counters.down.load(Ordering::Relaxed),
-            reconnects: 0,
-        }
+        self.counters.traffic(0)
     }
+}
+
+/// The connection failed (the benchmark client does not retry).
+fn lost(addr: &str, e: std::io::Error) -> RuntimeError {
+    RuntimeError::CloudUnreachable { addr: addr.to_string(), attempts: 1, last: e.to_string() }
 }
 
 /// The `cloud` baseline: the cloud generates greedily and streams ids back.
@@ -222,6 +218,8 @@ pub fn generate_cloud(cloud: &mut TokenCloud, prompt: &[u32], opts: &GenerateOpt
     let mut out = Emitter::new(budget, &opts.eos, on_token);
     cloud.send(&ClientMsg::Generate { max_tokens: budget as u32, eos: opts.eos.clone(), prompt: prompt.to_vec() })?;
     let mut first = None;
+    // Each streamed token after the first is one cloud decode step.
+    let mut steps = 0;
     while out.remaining() > 0 {
         let ids = match cloud.recv()? {
             ServerMsg::TokenIds { ids, .. } => ids,
@@ -229,11 +227,14 @@ pub fn generate_cloud(cloud: &mut TokenCloud, prompt: &[u32], opts: &GenerateOpt
         };
         for t in ids {
             out.push(t);
+            if first.is_some() {
+                steps += 1;
+            }
             first.get_or_insert_with(|| cloud.traffic());
         }
     }
     let traffic = cloud.traffic().since(&before);
-    Ok(out.finish(prompt.len(), budget.saturating_sub(1), DraftCounts::default(), traffic, first.map(|f| f.since(&before))))
+    Ok(out.finish(prompt.len(), steps, DraftCounts::default(), traffic, first.map(|f| f.since(&before))))
 }
 
 /// The `sd` baseline: greedy speculative decoding with drafts of up to `draft_len` token ids per

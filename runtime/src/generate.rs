@@ -55,6 +55,13 @@ pub trait TokenModel {
     }
 }
 
+/// `(start, len)` of each chunk when a prompt of `n` positions is sent in chunks of `chunk` (`None`:
+/// one piece). `hat profile`'s pipeline model replays this same split.
+pub fn prefill_chunks(n: usize, chunk: Option<usize>) -> Vec<(usize, usize)> {
+    let size = chunk.unwrap_or(n).clamp(1, n.max(1));
+    (0..n).step_by(size).map(|s| (s, size.min(n - s))).collect()
+}
+
 pub(crate) fn ids_tensor(ids: &[u32], device: &Device) -> Result<Tensor> {
     Ok(Tensor::new(ids, device)?.unsqueeze(0)?)
 }
@@ -134,17 +141,16 @@ impl<M: Middle> SplitPipeline<M> {
         if n == 0 {
             return Err(RuntimeError::BadInput("the prompt is empty".into()));
         }
-        let size = chunk.unwrap_or(n).clamp(1, n);
-        let starts: Vec<usize> = (0..n).step_by(size).collect();
-        let mut states = Vec::with_capacity(starts.len());
-        for &s in &starts {
-            let h = self.input_states(&prompt[s..(s + size).min(n)], s)?;
+        let chunks = prefill_chunks(n, chunk);
+        let mut states = Vec::with_capacity(chunks.len());
+        for &(s, len) in &chunks {
+            let h = self.input_states(&prompt[s..s + len], s)?;
             self.middle.submit(s, &h)?;
             states.push(h);
         }
         after_input(&if states.len() == 1 { states.pop().expect("one chunk") } else { Tensor::cat(&states, 1)? })?;
-        let (last, body) = starts.split_last().expect("at least one chunk");
-        for &s in body {
+        let ((last, _), body) = chunks.split_last().expect("at least one chunk");
+        for &(s, _) in body {
             let m = self.middle.collect()?;
             self.output.forward_layers(&m, s, &mut self.output_cache)?;
         }

@@ -14,6 +14,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::middle::Traffic;
 use crate::protocol::{frame, LENGTH_PREFIX};
 
 /// A slower link, emulated inside the device process.
@@ -70,6 +71,12 @@ impl LinkEstimate {
 pub struct Counters {
     pub up: AtomicU64,
     pub down: AtomicU64,
+}
+
+impl Counters {
+    pub fn traffic(&self, reconnects: u32) -> Traffic {
+        Traffic { bytes_up: self.up.load(Ordering::Relaxed), bytes_down: self.down.load(Ordering::Relaxed), reconnects }
+    }
 }
 
 /// One direction of the emulated link: when it is next free, and when its last frame came out.

@@ -312,12 +312,7 @@ impl Middle for RemoteMiddle {
     }
 
     fn traffic(&self) -> Traffic {
-        use std::sync::atomic::Ordering;
-        Traffic {
-            bytes_up: self.counters.up.load(Ordering::Relaxed),
-            bytes_down: self.counters.down.load(Ordering::Relaxed),
-            reconnects: self.reconnects,
-        }
+        self.counters.traffic(self.reconnects)
     }
 }
 

@@ -160,6 +160,18 @@ impl Drop for CloudServer {
     }
 }
 
+/// A message for positions `start..start + rows` may neither skip positions the session never
+/// received (it holds `held`) nor run past its context.
+fn check_positions(start: usize, rows: usize, held: usize, max_context: usize) -> std::result::Result<(), ServerMsg> {
+    if start > held {
+        Err(error(ErrorCode::Position, format!("start position {start} skips ahead: the session holds {held} positions")))
+    } else if start + rows > max_context {
+        Err(error(ErrorCode::Context, format!("positions up to {} exceed this session's context of {max_context}", start + rows)))
+    } else {
+        Ok(())
+    }
+}
+
 fn micros(since: Instant) -> u32 {
     since.elapsed().as_micros().min(u32::MAX as u128) as u32
 }
@@ -378,16 +390,8 @@ impl Connection {
             return Step::Reply(error(ErrorCode::Internal, "session cache lost"));
         };
         let (start, rows) = (frame.start as usize, frame.rows as usize);
-        let check = if start > cache.len() {
-            Err(error(ErrorCode::Position, format!("start position {start} skips ahead: the session holds {} positions", cache.len())))
-        } else if start + rows > session.max_context {
-            Err(error(
-                ErrorCode::Context,
-                format!("positions up to {} exceed this session's context of {}", start + rows, session.max_context),
-            ))
-        } else {
-            frame.decode(hidden, &candle_core::Device::Cpu).map_err(|e| error(ErrorCode::BadHidden, e.to_string()))
-        };
+        let check = check_positions(start, rows, cache.len(), session.max_context)
+            .and_then(|()| frame.decode(hidden, &candle_core::Device::Cpu).map_err(|e| error(ErrorCode::BadHidden, e.to_string())));
         let states = match check {
             Ok(s) => s,
             Err(e) => {
@@ -437,16 +441,12 @@ impl Connection {
             return Err(Step::Reply(error(ErrorCode::NoSession, "tokens before open")));
         };
         let mut cache = session.whole.take().unwrap_or_else(|| model.new_cache());
-        let err = if rows == 0 {
-            Some(error(ErrorCode::BadFrame, "no token ids"))
-        } else if start > cache.len() {
-            Some(error(ErrorCode::Position, format!("start position {start} skips ahead: the session holds {} positions", cache.len())))
-        } else if start + rows > session.max_context.min(model.max_context()) {
-            Some(error(ErrorCode::Context, format!("positions up to {} exceed this session's context", start + rows)))
+        let check = if rows == 0 {
+            Err(error(ErrorCode::BadFrame, "no token ids"))
         } else {
-            None
+            check_positions(start, rows, cache.len(), session.max_context.min(model.max_context()))
         };
-        if let Some(e) = err {
+        if let Err(e) = check {
             session.whole = Some(cache);
             return Err(Step::Reply(e));
         }

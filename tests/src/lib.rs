@@ -254,6 +254,23 @@ pub fn default_artifacts() -> &'static Path {
     .1
 }
 
+/// The device runtime and the cloud package of [`default_artifacts`].
+pub fn open_default() -> (hat_runtime::DeviceRuntime, hat_runtime::CloudPackage) {
+    let dir = default_artifacts();
+    let device = hat_runtime::DeviceRuntime::open(&dir.join("device")).expect("device runtime");
+    let cloud = hat_runtime::CloudPackage::open(&dir.join("cloud"), &Device::Cpu).expect("cloud package");
+    (device, cloud)
+}
+
+/// The first long benchmark prompt as a chat turn, cut to its first `n` tokens.
+pub fn long_prompt(device: &hat_runtime::DeviceRuntime, n: usize) -> Vec<u32> {
+    let (_, _, text) = bench_prompts().into_iter().find(|(_, kind, _)| kind == "long").expect("a long prompt");
+    let mut prompt = device.prompt_ids(&text, true).expect("encode");
+    prompt.truncate(n);
+    assert_eq!(prompt.len(), n, "the long prompt has fewer than {n} tokens");
+    prompt
+}
+
 /// A tiny fixture split `input`/`output` into `dir/artifacts`.
 pub fn tiny_artifacts(dir: &Path, fixture: &TinyLlama, input: usize, output: usize) -> PathBuf {
     let src = fixture.write_dir(&dir.join("model"), 1);

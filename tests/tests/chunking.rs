@@ -5,14 +5,13 @@
 
 use std::sync::{Arc, OnceLock};
 
-use candle_core::Device;
 use hat_runtime::baseline::{generate_cloud, generate_sd, SmallModel, TokenCloud, WholeModel};
 use hat_runtime::protocol::{WireDType, WireFormat};
 use hat_runtime::{
     generate, generate_speculative, Chunking, CloudOptions, CloudPackage, CloudServer, DeviceRuntime, Drafter, GenerateOptions,
     LocalPipeline, Mode, ServerConfig,
 };
-use hat_tests::{bench_prompts, default_artifacts};
+use hat_tests::{bench_prompts, long_prompt, open_default};
 
 const NEW_TOKENS: usize = 24;
 /// 402 = 2 x 3 x 67: 67 and 201 divide it, the others do not.
@@ -29,13 +28,8 @@ struct Real {
 fn real() -> &'static Real {
     static REAL: OnceLock<Real> = OnceLock::new();
     REAL.get_or_init(|| {
-        let dir = default_artifacts();
-        let device = DeviceRuntime::open(&dir.join("device")).expect("device runtime");
-        let cloud = CloudPackage::open(&dir.join("cloud"), &Device::Cpu).expect("cloud package");
-        let (_, _, text) = bench_prompts().into_iter().find(|(_, kind, _)| kind == "long").expect("a long prompt");
-        let mut prompt = device.prompt_ids(&text, true).expect("encode");
-        prompt.truncate(PROMPT_LEN);
-        assert_eq!(prompt.len(), PROMPT_LEN);
+        let (device, cloud) = open_default();
+        let prompt = long_prompt(&device, PROMPT_LEN);
         Real { device, cloud, prompt }
     })
 }

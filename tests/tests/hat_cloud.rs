@@ -14,7 +14,7 @@ use hat_runtime::{
     generate, Adapter, AdapterOrigin, CloudOptions, CloudPackage, CloudServer, DeviceRuntime, GenerateOptions, Generation, LocalPipeline,
     Mode, ServerConfig,
 };
-use hat_tests::{default_artifacts, PROMPTS};
+use hat_tests::{default_artifacts, open_default, PROMPTS};
 
 const NEW_TOKENS: usize = 64;
 
@@ -29,9 +29,7 @@ struct Real {
 fn real() -> &'static Real {
     static REAL: OnceLock<Real> = OnceLock::new();
     REAL.get_or_init(|| {
-        let dir = default_artifacts();
-        let device = DeviceRuntime::open(&dir.join("device")).expect("device runtime");
-        let cloud = CloudPackage::open(&dir.join("cloud"), &Device::Cpu).expect("cloud package");
+        let (device, cloud) = open_default();
         let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|p| device.prompt_ids(p, false).expect("encode")).collect();
         let mut local = Vec::new();
         for p in &prompts {

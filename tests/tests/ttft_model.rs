@@ -5,18 +5,15 @@
 
 use std::time::Instant;
 
-use candle_core::Device;
 use hat_profiles::{measure, ProfileOptions};
-use hat_runtime::{Chunking, CloudOptions, CloudPackage, CloudServer, DeviceRuntime, GenerateOptions, LinkEmulation, Mode, ServerConfig};
-use hat_tests::{bench_prompts, default_artifacts};
+use hat_runtime::{Chunking, CloudOptions, CloudServer, GenerateOptions, LinkEmulation, Mode, ServerConfig};
+use hat_tests::{long_prompt, open_default};
 
 const PROMPT_LEN: usize = 600;
 
 #[test]
 fn predicted_ttft_tracks_measured_ttft() {
-    let dir = default_artifacts();
-    let device = DeviceRuntime::open(&dir.join("device")).expect("device runtime");
-    let cloud = CloudPackage::open(&dir.join("cloud"), &Device::Cpu).expect("cloud package");
+    let (device, cloud) = open_default();
     let server = CloudServer::start(&cloud, ServerConfig { log: false, ..Default::default() }, "127.0.0.1:0").expect("cloud");
     let mut opts = CloudOptions::new(server.local_addr().to_string());
     opts.link = Some(LinkEmulation::new(10.0, std::time::Duration::from_millis(40)));
@@ -27,9 +24,7 @@ fn predicted_ttft_tracks_measured_ttft() {
     assert!((link.rtt_ms - 40.0).abs() < 15.0, "probed RTT {:.1} ms on a 40 ms link", link.rtt_ms);
     assert!(link.up_mbps > 7.0 && link.up_mbps < 13.0, "probed {:.1} Mbps up on a 10 Mbps link", link.up_mbps);
 
-    let (_, _, text) = bench_prompts().into_iter().find(|(_, kind, _)| kind == "long").expect("a long prompt");
-    let mut prompt = device.prompt_ids(&text, true).expect("encode");
-    prompt.truncate(PROMPT_LEN);
+    let prompt = long_prompt(&device, PROMPT_LEN);
     let one = GenerateOptions { max_tokens: 1, ..Default::default() };
     let mut session = device.connect(opts).expect("connect");
     session.generate(&prompt[..32], &one, Mode::Hat { draft_len: 1 }, |_| {}).expect("warm-up");
