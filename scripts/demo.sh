@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job end to end on the default model: build hat, fetch SmolLM2-135M-Instruct, split it
-# (2 input layers and 2 output layers on the device), start the cloud side, and generate a reply in
-# HAT mode over TCP on an emulated 50 Mbps / 40 ms link.
+# (2 input layers and 2 output layers on the device; the split installs the draft head the project
+# trained for exactly this model and split), start the cloud side, and generate a reply in HAT mode
+# over TCP on an emulated 50 Mbps / 40 ms link, then the same reply U-shaped for comparison.
 #   scripts/demo.sh ["prompt"]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,5 +25,9 @@ for _ in $(seq 600); do
 done
 [ -n "$addr" ] || { echo "hat serve cloud did not start" >&2; exit 1; }
 
+echo "== HAT: the device drafts with its draft head, the cloud verifies every draft in one round trip" >&2
 target/release/hat generate --artifacts artifacts --cloud "$addr" --mode hat --draft-len 4 \
+    --link-mbps 50 --link-rtt-ms 40 --chat --prompt "$PROMPT"
+echo "== U-shaped: one round trip per token, same link, same reply" >&2
+target/release/hat generate --artifacts artifacts --cloud "$addr" --mode ushape \
     --link-mbps 50 --link-rtt-ms 40 --chat --prompt "$PROMPT"

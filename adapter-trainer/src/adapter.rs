@@ -90,10 +90,7 @@ impl TrainableAdapter {
 
     /// (name, variable) pairs in a stable order.
     pub fn vars(&self) -> Vec<(String, Var)> {
-        let data = self.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
-        let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
+        crate::train::sorted_vars(&self.varmap)
     }
 
     /// Current weights, detached, on the CPU.

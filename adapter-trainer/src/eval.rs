@@ -16,6 +16,9 @@ pub struct EvalResult {
     pub draft_len: usize,
     pub rounds: usize,
     pub tokens: usize,
+    /// Draft tokens proposed over all rounds (fewer than rounds x draft_len when drafting stops early).
+    #[serde(default)]
+    pub drafted: usize,
 }
 
 pub fn evaluate(
@@ -26,16 +29,28 @@ pub fn evaluate(
     new_tokens: usize,
     draft_len: usize,
 ) -> Result<EvalResult> {
-    let mut drafter = Drafter::new(adapter);
+    evaluate_drafter(device, cloud, Drafter::new(adapter), prompts, new_tokens, draft_len)
+}
+
+/// [`evaluate`] with any draft model.
+pub fn evaluate_drafter(
+    device: &DevicePackage,
+    cloud: &CloudPackage,
+    mut drafter: Drafter,
+    prompts: &[Vec<u32>],
+    new_tokens: usize,
+    draft_len: usize,
+) -> Result<EvalResult> {
     let opts = GenerateOptions { max_tokens: new_tokens, eos: device.eos_ids(), ..Default::default() };
-    let (mut rounds, mut gained, mut first) = (0, 0, 0);
+    let (mut rounds, mut gained, mut first, mut drafted) = (0, 0, 0, 0);
     for p in prompts {
         let mut pipeline = LocalPipeline::new(device, cloud)?;
         let g = generate_speculative(&mut pipeline, &mut drafter, p, &opts, draft_len, |_| {})?;
         rounds += g.rounds;
         gained += g.tokens.len().saturating_sub(1);
         first += g.first_accepted;
+        drafted += g.drafted;
     }
     let r = rounds.max(1) as f64;
-    Ok(EvalResult { accept_len: gained as f64 / r, top1: first as f64 / r, draft_len, rounds, tokens: gained })
+    Ok(EvalResult { accept_len: gained as f64 / r, top1: first as f64 / r, draft_len, rounds, tokens: gained, drafted })
 }

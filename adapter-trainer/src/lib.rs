@@ -6,8 +6,11 @@
 
 pub mod adapter;
 pub mod data;
+pub mod distill;
 pub mod error;
 pub mod eval;
+pub mod feature;
+pub mod feature_run;
 pub mod optim;
 pub mod teacher;
 pub mod train;
@@ -24,6 +27,8 @@ use sha2::Digest;
 
 pub use error::{Result, TrainError};
 pub use eval::EvalResult;
+pub use feature::HeadLossConfig;
+pub use feature_run::{run_feature, HeadReport};
 pub use optim::AdamWConfig;
 pub use train::{LossConfig, TrainConfig};
 
@@ -87,6 +92,16 @@ pub struct TrainAdapterOptions {
     pub progress: bool,
     /// Stop as if interrupted once this many steps are done (tests of `--resume`).
     pub stop_after: Option<usize>,
+    /// Draft head: prompts answered at once in self-distillation.
+    pub distill_batch: usize,
+    /// Draft head: tokens in the draft vocabulary.
+    pub draft_vocab: usize,
+    pub head_loss: HeadLossConfig,
+    /// Draft head: the confidence threshold written into the head, and those evaluated.
+    pub threshold: f32,
+    pub thresholds: Vec<f32>,
+    /// The command line, recorded in the head.
+    pub made_by: String,
 }
 
 impl TrainAdapterOptions {
@@ -113,6 +128,12 @@ impl TrainAdapterOptions {
             checkpoint_every: 25,
             progress: true,
             stop_after: None,
+            distill_batch: 16,
+            draft_vocab: hat_runtime::draft_head::DEFAULT_DRAFT_VOCAB,
+            head_loss: HeadLossConfig::default(),
+            threshold: 0.0,
+            thresholds: vec![0.05, 0.1, 0.2, 0.3, 0.5],
+            made_by: String::new(),
         }
     }
 }
@@ -243,26 +264,14 @@ pub fn run(opts: &TrainAdapterOptions) -> Result<TrainReport> {
         TeacherSet::load(&teacher_path)?
     } else {
         let b = bar(opts.progress, seqs.len() as u64, "teacher targets");
-        let t = TeacherSet::compute(&device, &cloud, &seqs, opts.top_k, &b)?;
+        let t = TeacherSet::compute(&device, &cloud, &seqs, opts.top_k, false, &b)?;
         b.finish_and_clear();
         t.save(&teacher_path)?;
         t
     };
 
-    let steps = match (opts.steps, opts.epochs) {
-        (Some(s), _) => s,
-        (None, Some(e)) => ((e * teacher.num_positions() as f64) / (opts.batch * opts.seq_len) as f64).ceil().max(1.0) as usize,
-        (None, None) => 200,
-    };
-    let config = TrainConfig {
-        steps,
-        batch: opts.batch,
-        seq_len: opts.seq_len,
-        seed: opts.seed,
-        checkpoint_every: opts.checkpoint_every,
-        optimizer: opts.optimizer,
-        loss: opts.loss,
-    };
+    let config = train_config(opts, teacher.num_positions());
+    let steps = config.steps;
 
     // The output submodel on the training device, frozen.
     let output = if train_device.is_cpu() { device.output.clone() } else { DevicePackage::open(&device_dir, &train_device)?.output };
@@ -280,8 +289,7 @@ pub fn run(opts: &TrainAdapterOptions) -> Result<TrainReport> {
             )));
         }
         let tensors = checkpoint.load_tensors()?;
-        let weights =
-            tensors.iter().filter(|(k, _)| !k.starts_with("m.") && !k.starts_with("v.")).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let weights = train::weights_only(&tensors);
         let adapter = TrainableAdapter::from_tensors(weights, &device.config, opts.adapter_layers, &train_device)?;
         let mut opt = AdamW::new(adapter.vars(), config.optimizer)?;
         opt.restore(&tensors, meta.step)?;
@@ -325,7 +333,8 @@ pub fn run(opts: &TrainAdapterOptions) -> Result<TrainReport> {
     };
 
     let b = bar(opts.progress, steps as u64, "training");
-    let meta = train::train(&adapter, &output, &teacher, &mut opt, meta, &checkpoint, interrupt_flag(), opts.stop_after, &b)?;
+    let student = train::AdapterStudent { adapter: &adapter, output: &output, teacher: &teacher };
+    let meta = train::train(&student, &mut opt, meta, &checkpoint, interrupt_flag(), opts.stop_after, &b)?;
     b.finish_and_clear();
 
     let trained = device_dir.join(TRAINED_ADAPTER);
@@ -359,6 +368,25 @@ pub fn run(opts: &TrainAdapterOptions) -> Result<TrainReport> {
         std::fs::write(tmp, &json).map_err(|e| TrainError::io(format!("cannot write {}", tmp.display()), e))
     })?;
     Ok(report)
+}
+
+/// Steps (from --steps, or --epochs over `positions` teacher positions) and the rest of the loop's
+/// settings.
+fn train_config(opts: &TrainAdapterOptions, positions: usize) -> TrainConfig {
+    let steps = match (opts.steps, opts.epochs) {
+        (Some(s), _) => s,
+        (None, Some(e)) => ((e * positions as f64) / (opts.batch * opts.seq_len) as f64).ceil().max(1.0) as usize,
+        (None, None) => 200,
+    };
+    TrainConfig {
+        steps,
+        batch: opts.batch,
+        seq_len: opts.seq_len,
+        seed: opts.seed,
+        checkpoint_every: opts.checkpoint_every,
+        optimizer: opts.optimizer,
+        loss: opts.loss,
+    }
 }
 
 /// Writes to a temporary name beside `path`, then renames, so `path` is never half-written.

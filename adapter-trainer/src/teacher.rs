@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use hat_runtime::{CloudPackage, DevicePackage};
 use sha2::{Digest, Sha256};
 
@@ -30,11 +30,26 @@ pub struct TeacherSet {
     pub top_p: Tensor,
     /// Sequence `i` covers rows `offsets[i]..offsets[i + 1]`.
     pub offsets: Vec<usize>,
+    /// The output submodel's final states (what the LM head reads), for the feature draft head.
+    ///
+    /// # Shapes
+    /// (positions, hidden) f32
+    pub top: Option<Tensor>,
+    /// The token at every position.
+    pub tokens: Vec<u32>,
 }
 
 /// Identifies a teacher set: the model split, the sequences and k.
 pub fn teacher_key(fingerprint: &str, sequences: &[Vec<u32>], top_k: usize) -> String {
+    teacher_key_for(fingerprint, sequences, top_k, false)
+}
+
+/// [`teacher_key`], told whether the set also holds the output submodel's states.
+pub fn teacher_key_for(fingerprint: &str, sequences: &[Vec<u32>], top_k: usize, with_top: bool) -> String {
     let mut h = Sha256::new();
+    if with_top {
+        h.update(b"top");
+    }
     h.update(fingerprint.as_bytes());
     h.update((top_k as u64).to_le_bytes());
     for s in sequences {
@@ -47,15 +62,17 @@ pub fn teacher_key(fingerprint: &str, sequences: &[Vec<u32>], top_k: usize) -> S
 }
 
 impl TeacherSet {
-    /// Runs input, middle and output submodels over every sequence (on the CPU packages).
+    /// Runs input, middle and output submodels over every sequence (on the CPU packages); with
+    /// `with_top` it also keeps the output submodel's final states.
     pub fn compute(
         device: &DevicePackage,
         cloud: &CloudPackage,
         sequences: &[Vec<u32>],
         top_k: usize,
+        with_top: bool,
         bar: &indicatif::ProgressBar,
     ) -> Result<Self> {
-        let (mut xs, mut ys, mut ids, mut ps) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut xs, mut ys, mut ids, mut ps, mut tops) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut offsets = vec![0];
         for seq in sequences {
             let t = Tensor::new(seq.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
@@ -63,10 +80,10 @@ impl TeacherSet {
             let y = cloud.middle.forward_layers(&x, 0, &mut cloud.middle.new_cache())?;
             let h = device.output.forward_layers(&y, 0, &mut device.output.new_cache())?;
             let logits = device.output.head(&h)?.squeeze(0)?;
-            let probs = candle_nn::ops::softmax_last_dim(&logits)?;
-            let order = probs.arg_sort_last_dim(false)?.narrow(1, 0, top_k)?.contiguous()?;
-            let top = probs.gather(&order, 1)?;
-            let top = top.broadcast_div(&top.sum_keepdim(D::Minus1)?)?;
+            let (order, top) = top_k_probs(&logits, top_k)?;
+            if with_top {
+                tops.push(h.squeeze(0)?);
+            }
             xs.push(x.squeeze(0)?);
             ys.push(y.squeeze(0)?);
             ids.push(order);
@@ -82,6 +99,8 @@ impl TeacherSet {
             top_ids: Tensor::cat(&ids, 0)?,
             top_p: Tensor::cat(&ps, 0)?,
             offsets,
+            top: if with_top { Some(f16_round(Tensor::cat(&tops, 0)?)?) } else { None },
+            tokens: sequences.concat(),
         })
     }
 
@@ -112,6 +131,10 @@ impl TeacherSet {
         m.insert("top_ids".into(), self.top_ids.clone());
         m.insert("top_p".into(), self.top_p.clone());
         m.insert("offsets".into(), offsets);
+        m.insert("tokens".into(), Tensor::new(self.tokens.as_slice(), &Device::Cpu)?);
+        if let Some(top) = &self.top {
+            m.insert("top".into(), top.to_dtype(DType::F16)?);
+        }
         let tmp = path.with_extension("partial");
         candle_core::safetensors::save(&m, &tmp)?;
         std::fs::rename(&tmp, path).map_err(|e| TrainError::io(format!("cannot write {}", path.display()), e))
@@ -125,6 +148,36 @@ impl TeacherSet {
         let top_ids = take("top_ids")?;
         let top_p = take("top_p")?;
         let offsets = take("offsets")?.to_vec1::<u32>()?.into_iter().map(|o| o as usize).collect();
-        Ok(Self { x, y, top_ids, top_p, offsets })
+        // Sets cached before the draft head existed have no tokens; the adapter does not need them.
+        let tokens = m.remove("tokens").map(|t| t.to_vec1::<u32>()).transpose()?.unwrap_or_default();
+        let top = m.remove("top").map(|t| t.to_dtype(DType::F32)).transpose()?;
+        Ok(Self { x, y, top_ids, top_p, offsets, top, tokens })
     }
+}
+
+/// The `k` most likely tokens of each row and their probabilities, renormalised over the k, found by
+/// selection rather than a full sort of the vocabulary.
+///
+/// # Shapes
+/// logits: (rows, vocab) -> (rows, k) u32, (rows, k) f32
+pub fn top_k_probs(logits: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
+    let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let (mut ids, mut ps) = (Vec::with_capacity(rows.len() * k), Vec::with_capacity(rows.len() * k));
+    for row in &rows {
+        let k = k.min(row.len());
+        let mut order: Vec<u32> = (0..row.len() as u32).collect();
+        let desc = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
+        if k < order.len() {
+            order.select_nth_unstable_by(k, desc);
+        }
+        order.truncate(k);
+        order.sort_by(desc);
+        let m = row[order[0] as usize];
+        let e: Vec<f32> = order.iter().map(|&i| (row[i as usize] - m).exp()).collect();
+        let z: f32 = e.iter().sum();
+        ids.extend_from_slice(&order);
+        ps.extend(e.iter().map(|v| v / z));
+    }
+    let n = rows.len();
+    Ok((Tensor::from_vec(ids, (n, k), &Device::Cpu)?, Tensor::from_vec(ps, (n, k), &Device::Cpu)?))
 }

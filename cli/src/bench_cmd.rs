@@ -7,7 +7,7 @@ use clap::Args;
 use hat_profiles::Profile;
 use hat_runtime::baseline::{generate_cloud, generate_sd, SmallModel, TokenCloud};
 use hat_runtime::package::DEVICE_DIR;
-use hat_runtime::{Chunking, CloudOptions, DeviceRuntime, DeviceSession, GenerateOptions, Generation};
+use hat_runtime::{Chunking, CloudOptions, DeviceRuntime, DeviceSession, DraftChoice, Drafter, GenerateOptions, Generation};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
 
@@ -25,6 +25,11 @@ use crate::common::{read_token, spawn_cloud, LinkArg};
 ///   hat-nochunk  HAT (drafting, hidden states only) with the prompt in one piece
 ///   hat          HAT with the prompt chunk size chosen by `auto` (needs `hat profile` first)
 ///   hat@N        HAT with a fixed chunk size of N positions (for sweeping)
+///   hat-adapter  HAT drafting with the paper's adapter instead of the feature draft head (chunks as
+///                `hat`, or one piece without a profile)
+///
+/// `hat`, `hat-nochunk` and `hat@N` draft with the package's feature draft head when it has one made
+/// for it (else the adapter); --draft-threshold overrides the head's confidence threshold.
 ///
 /// For every link, every prompt runs in every mode before the next prompt starts, and the mode order
 /// rotates from prompt to prompt, so machine noise hits all modes alike. Greedy decoding; every mode's
@@ -55,9 +60,12 @@ pub struct BenchArgs {
     /// New tokens per prompt (fewer when the model ends its reply).
     #[arg(long, default_value_t = 32)]
     max_tokens: usize,
-    /// Draft length of sd and hat modes.
+    /// Draft length of sd and hat modes (the most drafts per round, for the feature head).
     #[arg(long, default_value_t = 4)]
     draft_len: usize,
+    /// Confidence threshold of the feature draft head (default: the head's own).
+    #[arg(long)]
+    draft_threshold: Option<f32>,
     /// Runs of every prompt per mode and link.
     #[arg(long, default_value_t = 1)]
     repeat: usize,
@@ -83,6 +91,7 @@ pub enum BenchMode {
     HatNoChunk,
     Hat,
     HatFixed(usize),
+    HatAdapter,
 }
 
 impl FromStr for BenchMode {
@@ -95,9 +104,10 @@ impl FromStr for BenchMode {
             "sd" => BenchMode::Sd,
             "hat-nochunk" => BenchMode::HatNoChunk,
             "hat" => BenchMode::Hat,
+            "hat-adapter" => BenchMode::HatAdapter,
             other => match other.strip_prefix("hat@").map(str::parse::<usize>) {
                 Some(Ok(n)) if n > 0 => BenchMode::HatFixed(n),
-                _ => return Err(format!("unknown mode `{other}`: use cloud, ushape, sd, hat-nochunk, hat or hat@N")),
+                _ => return Err(format!("unknown mode `{other}`: use cloud, ushape, sd, hat-nochunk, hat, hat@N or hat-adapter")),
             },
         })
     }
@@ -112,6 +122,7 @@ impl BenchMode {
             BenchMode::HatNoChunk => "hat-nochunk".into(),
             BenchMode::Hat => "hat".into(),
             BenchMode::HatFixed(n) => format!("hat@{n}"),
+            BenchMode::HatAdapter => "hat-adapter".into(),
         }
     }
 
@@ -169,8 +180,14 @@ impl Runner {
     ) -> Result<Self> {
         let fp = &device.package.manifest.fingerprint;
         let ctx = device.package.config.max_position_embeddings;
+        let adapter = mode == BenchMode::HatAdapter;
         let split = |chunking: Chunking, mode| -> Result<Runner> {
-            let mut s = device.connect(opts.clone())?;
+            let drafter = if matches!(mode, hat_runtime::Mode::Hat { .. }) && adapter {
+                Drafter::new(device.adapter().clone())
+            } else {
+                device.new_drafter()
+            };
+            let mut s = device.connect_with(opts.clone(), drafter)?;
             s.set_chunking(chunking);
             // Probe the link now, so it is not timed inside the first prompt.
             s.link()?;
@@ -187,6 +204,10 @@ impl Runner {
             BenchMode::Hat => {
                 let table = table.clone().context("mode hat needs DIR/device/profile.json: run `hat profile --artifacts DIR` first")?;
                 split(Chunking::Auto(table), hat_runtime::Mode::Hat { draft_len: k })?
+            }
+            BenchMode::HatAdapter => {
+                let chunking = table.clone().map_or(Chunking::Whole, |t| Chunking::Auto(t));
+                split(chunking, hat_runtime::Mode::Hat { draft_len: k })?
             }
         })
     }
@@ -213,7 +234,12 @@ pub fn run(args: BenchArgs, quiet: bool) -> Result<()> {
     }
     let mut modes = args.modes.clone();
     modes.dedup();
-    let device = DeviceRuntime::open(&args.artifacts.join(DEVICE_DIR))?;
+    let device = DeviceRuntime::open(&args.artifacts.join(DEVICE_DIR))?.with_draft_choice(DraftChoice::Auto, args.draft_threshold);
+    if !quiet {
+        if let Some(note) = device.draft_note() {
+            eprintln!("note: {note}");
+        }
+    }
     let prompts = read_prompts(&args, &device)?;
     let table = Profile::load_if_present(&device.package.dir, &device.package.manifest.fingerprint)?.map(|p| Arc::new(p.table));
     let server =

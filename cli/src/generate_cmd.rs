@@ -9,7 +9,8 @@ use hat_runtime::chat::prompt_ids;
 use hat_runtime::link::LinkEmulation;
 use hat_runtime::package::{default_device, CLOUD_DIR, DEVICE_DIR};
 use hat_runtime::{
-    generate, CloudOptions, CloudPackage, DeviceRuntime, GenerateOptions, Generation, LocalPipeline, SamplingOptions, WireDType, WireFormat,
+    generate, CloudOptions, CloudPackage, DeviceRuntime, DraftChoice, GenerateOptions, Generation, LocalPipeline, SamplingOptions,
+    WireDType, WireFormat,
 };
 
 /// Generate a reply with a split model.
@@ -36,9 +37,18 @@ pub struct GenerateArgs {
     /// host:port of `hat serve cloud` (for --mode ushape and hat).
     #[arg(long)]
     cloud: Option<String>,
-    /// Tokens drafted per round in --mode hat.
+    /// Most tokens drafted per round in --mode hat (the feature head stops earlier when unsure).
     #[arg(long, default_value_t = 4)]
     draft_len: usize,
+    /// The draft model of --mode hat: `feature` is the draft head in DIR/device/draft-head.safetensors
+    /// (without a usable one, no drafting: U-shaped steps), `hat` the paper's adapter, `auto` the
+    /// head when the package has one made for it, else the adapter.
+    #[arg(long, value_enum, default_value_t = DraftArg::Auto)]
+    draft_head: DraftArg,
+    /// Confidence threshold of the feature head: drafting stops when its top-1 probability is
+    /// below this (0 always drafts --draft-len tokens). Default: the one stored in the head.
+    #[arg(long)]
+    draft_threshold: Option<f32>,
     /// How --mode hat sends the prompt: `auto` picks a chunk size from DIR/device/profile.json
     /// (`hat profile`) and the link it measures, a number sends chunks of that many positions
     /// (pipelined), `off` sends it in one piece. Default: auto when a profile exists, else off.
@@ -146,10 +156,33 @@ fn cloud_options(args: &GenerateArgs, addr: &str) -> Result<CloudOptions> {
     Ok(opts)
 }
 
+/// `--draft-head`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
+pub enum DraftArg {
+    Auto,
+    Feature,
+    Hat,
+}
+
+impl From<DraftArg> for DraftChoice {
+    fn from(a: DraftArg) -> Self {
+        match a {
+            DraftArg::Auto => DraftChoice::Auto,
+            DraftArg::Feature => DraftChoice::Feature,
+            DraftArg::Hat => DraftChoice::Hat,
+        }
+    }
+}
+
 pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
     check_args(&args)?;
     let dev = default_device();
-    let device = DeviceRuntime::open(&args.artifacts.join(DEVICE_DIR))?;
+    let device = DeviceRuntime::open(&args.artifacts.join(DEVICE_DIR))?.with_draft_choice(args.draft_head.into(), args.draft_threshold);
+    if args.mode == Mode::Hat && !quiet && !args.json {
+        if let Some(note) = device.draft_note() {
+            eprintln!("note: {note}");
+        }
+    }
     let prompt = prompt_ids(&device.package, &args.prompt, args.chat)?;
     let opts = GenerateOptions {
         max_tokens: args.max_tokens,
@@ -160,6 +193,7 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
     let tokenizer = &device.package.tokenizer;
     let mut stream = TextStream::new(tokenizer, !args.json);
     let mut chunk = None;
+    let mut draft_head = String::new();
     let gen = match (args.mode, args.cloud.as_deref()) {
         (Mode::Local, _) => {
             let cloud = CloudPackage::open(&args.artifacts.join(CLOUD_DIR), &dev)?;
@@ -177,15 +211,23 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
             };
             let gen = session.generate(&prompt, &opts, mode, |t| stream.push(t))?;
             chunk = session.last_chunk();
+            draft_head = session.drafter().describe();
             gen
         }
         (_, None) => unreachable!("checked by check_args"),
     };
     stream.finish();
-    report(&args, &device, &gen, chunk, quiet)
+    report(&args, &device, &gen, chunk, &draft_head, quiet)
 }
 
-fn report(args: &GenerateArgs, device: &DeviceRuntime, gen: &Generation, chunk: Option<usize>, quiet: bool) -> Result<()> {
+fn report(
+    args: &GenerateArgs,
+    device: &DeviceRuntime,
+    gen: &Generation,
+    chunk: Option<usize>,
+    draft_head: &str,
+    quiet: bool,
+) -> Result<()> {
     let text = device.package.tokenizer.decode(&gen.tokens, true).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
     let mode = format!("{:?}", args.mode).to_lowercase();
     let decode_tokens = gen.tokens.len().saturating_sub(1).max(1) as f64;
@@ -210,6 +252,7 @@ fn report(args: &GenerateArgs, device: &DeviceRuntime, gen: &Generation, chunk: 
             out["drafted"] = gen.drafted.into();
             out["accepted"] = gen.accepted.into();
             out["adapter"] = device.adapter().origin.to_string().into();
+            out["draft_head"] = draft_head.into();
             out["prefill_chunk"] = chunk.into();
         }
         if args.mode != Mode::Local {

@@ -62,6 +62,8 @@ pub fn run(args: SplitArgs, quiet: bool) -> Result<()> {
     };
     let report = split_model(&model, &opts)?;
     let s = report.split;
+    // A draft head the project trained for exactly this model and split ships in the binary.
+    let head = hat_runtime::draft_head::install_shipped_head(&report.device_dir)?;
     if args.json {
         let out = serde_json::json!({
             "fingerprint": report.fingerprint,
@@ -71,6 +73,7 @@ pub fn run(args: SplitArgs, quiet: bool) -> Result<()> {
                         "output": [s.output_range().start, s.output_range().end]},
             "shards": report.shards.iter().map(|(f, b)| serde_json::json!({"file": f, "bytes": b})).collect::<Vec<_>>(),
             "seconds": report.elapsed.as_secs_f64(),
+            "draft_head": head,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
@@ -87,6 +90,13 @@ pub fn run(args: SplitArgs, quiet: bool) -> Result<()> {
         }
         println!("fingerprint: {}", report.fingerprint);
         println!("split time (writing): {:.2} s", report.elapsed.as_secs_f64());
+        match head {
+            Some(name) => println!("draft head: the shipped head for {name} ({})", hat_runtime::draft_head::DRAFT_HEAD_FILE),
+            None => println!(
+                "draft head: none ships for this model and split; --mode hat drafts with the paper's untrained adapter \
+                 until `hat train-adapter --draft-head feature` trains one"
+            ),
+        }
     }
     Ok(())
 }

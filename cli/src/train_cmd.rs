@@ -2,10 +2,19 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Args, ValueEnum};
-use hat_adapter_trainer::{run, DeviceChoice, TrainAdapterOptions};
+use hat_adapter_trainer::{run, run_feature, DeviceChoice, HeadLossConfig, HeadReport, TrainAdapterOptions};
 
-/// Train the device's draft adapter by distilling the middle submodel.
+/// Train the device's draft model: the feature draft head (default) or the paper's adapter.
 ///
+/// --draft-head feature (default) trains hat's draft head: it reads the input submodel's, the
+/// middle's and the output submodel's states of verified positions plus the next token's embedding,
+/// runs one decoder layer (started from the model's last layer) and a draft LM head over the most
+/// frequent tokens. The full split model first answers the prompts (adapter-trainer/prompts/
+/// draft-head.txt, or --data's) greedily in batches; the teacher states are cached; training unrolls
+/// --unroll self-feeding steps. Writes DIR/device/draft-head.safetensors (f16) and
+/// draft-head-report.json with held-out teacher-forced top-1 per draft step and live accept_len.
+///
+/// --draft-head hat trains the paper's adapter, as follows.
 /// The adapter (decoder layers of the model's width, initialised from the middle layer `hat split`
 /// copied) learns to map the input submodel's states to the middle submodel's output. The loss is
 /// the relative squared error to the middle's output plus a weighted cross-entropy, through the
@@ -64,9 +73,42 @@ pub struct TrainArgs {
     /// Continue from the checkpoint in DIR/device/adapter-train/.
     #[arg(long)]
     resume: bool,
+    /// Save a checkpoint and stop once this many steps are done, as Ctrl-C would (train in pieces;
+    /// --resume continues, and may set a new --steps).
+    #[arg(long)]
+    stop_after: Option<usize>,
+    /// Which draft model to train.
+    #[arg(long, value_enum, default_value_t = HeadArg::Feature)]
+    draft_head: HeadArg,
+    /// Draft head: tokens in its draft vocabulary (the most frequent in the training text).
+    #[arg(long, default_value_t = hat_runtime::draft_head::DEFAULT_DRAFT_VOCAB)]
+    draft_vocab: usize,
+    /// Draft head: unrolled self-feeding steps per window (1 is plain teacher forcing).
+    #[arg(long, default_value_t = 3)]
+    unroll: usize,
+    /// Draft head: weight of unrolled step s is DECAY^s.
+    #[arg(long, default_value_t = 0.8)]
+    step_decay: f64,
+    /// Draft head: weight of the SmoothL1 term on the normalised final state.
+    #[arg(long, default_value_t = 0.1)]
+    feature_weight: f64,
+    /// Draft head: prompts of equal length answered at once while self-distilling.
+    #[arg(long, default_value_t = 16)]
+    distill_batch: usize,
+    /// Draft head: the confidence threshold stored in the head (drafting stops below it).
+    #[arg(long, default_value_t = 0.0)]
+    threshold: f32,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
+enum HeadArg {
+    /// The feature-conditioned draft head.
+    Feature,
+    /// The paper's adapter.
+    Hat,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -97,7 +139,22 @@ pub fn run_cmd(args: TrainArgs, quiet: bool) -> Result<()> {
     o.eval_tokens = args.eval_tokens;
     o.seed = args.seed;
     o.resume = args.resume;
+    o.stop_after = args.stop_after;
     o.progress = !quiet;
+    if args.draft_head == HeadArg::Feature {
+        o.draft_vocab = args.draft_vocab;
+        o.head_loss = HeadLossConfig { unroll: args.unroll, step_decay: args.step_decay, feature_weight: args.feature_weight };
+        o.distill_batch = args.distill_batch;
+        o.threshold = args.threshold;
+        o.made_by = std::env::args().map(|a| if a.contains(' ') { format!("'{a}'") } else { a }).collect::<Vec<_>>().join(" ");
+        let r = run_feature(&o)?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            return Ok(());
+        }
+        print_head_report(&r);
+        return Ok(());
+    }
     let r = run(&o)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
@@ -115,4 +172,24 @@ pub fn run_cmd(args: TrainArgs, quiet: bool) -> Result<()> {
     println!("  accept_len (tokens per round): {:.3} -> {:.3}", r.before.accept_len, r.after.accept_len);
     println!("  top-1 agreement:               {:.3} -> {:.3}", r.before.top1, r.after.top1);
     Ok(())
+}
+
+fn print_head_report(r: &HeadReport) {
+    let steps = |v: &[f64]| v.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>().join(" / ");
+    println!("draft head: {} (draft vocabulary {}, trained on {})", r.head.display(), r.draft_vocab, r.device);
+    println!(
+        "data: {} self-distilled sequences, {} teacher positions; alignment check {:.4}; held-out answer tokens in the draft vocabulary {:.3}",
+        r.sequences, r.teacher_positions, r.alignment, r.heldout_vocab_coverage
+    );
+    println!(
+        "training: {} steps, {} tokens, {:.1} s ({:.0} tokens/s); distilling {:.1} s, teacher {:.1} s",
+        r.steps, r.train_tokens, r.train_seconds, r.train_tokens_per_s, r.distill_seconds, r.teacher_seconds
+    );
+    println!("held-out ({} sequences), draft length {}:", r.heldout_sequences, r.after.fixed.draft_len);
+    println!("  teacher-forced top-1 per draft step: {} -> {}", steps(&r.before.teacher_forced_top1), steps(&r.after.teacher_forced_top1));
+    println!("  accept_len (tokens per round):       {:.3} -> {:.3}", r.before.fixed.accept_len, r.after.fixed.accept_len);
+    println!("  first-draft acceptance:              {:.3} -> {:.3}", r.before.fixed.top1, r.after.fixed.top1);
+    for t in &r.adaptive {
+        println!("  threshold {:.2}: accept_len {:.3}, {:.2} drafts per round", t.threshold, t.result.accept_len, t.drafts_per_round);
+    }
 }

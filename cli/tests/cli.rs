@@ -142,7 +142,11 @@ fn generate_json_reports_tokens_and_timings() {
     let tmp = tempfile::tempdir().expect("tmp");
     let src = TinyLlama::default().write_dir(&tmp.path().join("src"), 1);
     let art = tmp.path().join("art");
-    assert!(split(&src, &art, 1, 1, &[]).status.success());
+    let out = split(&src, &art, 1, 1, &[]);
+    assert!(out.status.success());
+    // Only the default model's split 2/2 has a shipped head; others are told so.
+    assert!(String::from_utf8_lossy(&out.stdout).contains("draft head: none ships for this model and split"));
+    assert!(!art.join("device/draft-head.safetensors").exists());
     let res = hat(&["generate", "--artifacts", art.to_str().expect("utf8"), "--prompt", "w5 w9 w17", "--max-tokens", "6", "--json"], &[]);
     assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
     let v: serde_json::Value = serde_json::from_slice(&res.stdout).expect("one JSON object");
@@ -210,6 +214,15 @@ fn serve_cloud_and_generate_remotely_report_round_trips_and_bytes() {
         assert!(v["rounds"].as_u64().expect("rounds") >= 1);
         assert!(v["accept_len"].as_f64().expect("accept_len") >= 1.0);
         assert!(v["bytes_up"].as_u64().expect("up") > 0 && v["bytes_down"].as_u64().expect("down") > 0);
+        if mode == "hat" {
+            // No head ships for the tiny model: auto drafts with the adapter, and says which.
+            assert!(v["draft_head"].as_str().expect("draft_head").starts_with("hat adapter"), "{}", v["draft_head"]);
+            let feature = hat(&[&args[..], &["--draft-head", "feature", "--auth-token-file", token.to_str().expect("utf8")]].concat(), &[]);
+            let f: serde_json::Value = serde_json::from_slice(&feature.stdout).expect("json");
+            assert_eq!(f["tokens"], local["tokens"], "no head: U-shaped steps, same tokens");
+            assert!(f["draft_head"].as_str().expect("draft_head").starts_with("none"), "{}", f["draft_head"]);
+            assert_eq!(f["drafted"], 0);
+        }
         // Without the token the cloud refuses, and the error says so in one line.
         let refused = hat(&args, &[]);
         assert_one_line_error(&refused, "auth token missing");
@@ -259,19 +272,19 @@ fn profile_then_bench_every_mode_on_the_tiny_model() {
     assert!(profile["table"]["chunk"].as_array().is_some_and(|rows| !rows.is_empty()));
     assert!(profile["costs"]["cloud_middle"]["ms"][0][0].as_f64().is_some_and(|ms| ms > 0.0));
 
-    let res = bench("cloud,ushape,sd,hat-nochunk,hat,hat@7", svg_s);
+    let res = bench("cloud,ushape,sd,hat-nochunk,hat,hat@7,hat-adapter", svg_s);
     assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).expect("bench.json")).expect("json");
     let runs = v["runs"].as_array().expect("runs");
-    assert_eq!(runs.len(), 2 * 2 * 6, "2 links x 2 prompts x 6 modes");
-    assert_eq!(v["summaries"].as_array().expect("summaries").len(), 2 * 2 * 6);
+    assert_eq!(runs.len(), 2 * 2 * 7, "2 links x 2 prompts x 7 modes");
+    assert_eq!(v["summaries"].as_array().expect("summaries").len(), 2 * 2 * 7);
     assert_eq!(v["hat_over_ushape"].as_array().expect("ratios").len(), 2 * 2);
     let tokens = |link: &str, prompt: &str, mode: &str| {
         runs.iter().find(|r| r["link"] == link && r["prompt"] == prompt && r["mode"] == mode).expect("run")["tokens"].clone()
     };
     for link in ["100 Mbps / 1 ms", "20 Mbps / 2 ms ±1 ms"] {
         for prompt in ["a", "b"] {
-            for mode in ["hat-nochunk", "hat", "hat@7"] {
+            for mode in ["hat-nochunk", "hat", "hat@7", "hat-adapter"] {
                 assert_eq!(tokens(link, prompt, mode), tokens(link, prompt, "ushape"), "{link} {prompt} {mode}");
             }
         }

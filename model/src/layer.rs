@@ -67,6 +67,36 @@ impl Attention {
         self.attend(&q, &k, &v, 0, true)
     }
 
+    /// One unrolled draft step in training (EAGLE-3's training-time test), differentiable. Step
+    /// `s = past.len()` of a chain that started from true features `s` positions earlier: the query at
+    /// position q sees step 0's keys at positions `..=q - s` (the true context) and step j's key at
+    /// `q - s + j` (the chain's own earlier drafts), exactly what the draft cache holds at inference.
+    /// This step's keys and values are pushed onto `past`.
+    ///
+    /// # Shapes
+    /// x: (batch, seq, hidden) -> (batch, seq, hidden); past: per step (batch, kv_heads, seq, head_dim) keys and values
+    fn forward_unrolled(&self, x: &Tensor, rope: &Rope, past: &mut Vec<(Tensor, Tensor)>) -> Result<Tensor> {
+        let (q, k, v) = self.project(x)?;
+        let q = rope.apply_differentiable(&q, 0)?;
+        let k = rope.apply_differentiable(&k, 0)?;
+        past.push((k, v));
+        let (b, _, seq, _) = q.dims4()?;
+        let step = past.len() - 1;
+        let keys: Vec<&Tensor> = past.iter().map(|(k, _)| k).collect();
+        let values: Vec<&Tensor> = past.iter().map(|(_, v)| v).collect();
+        let (k, v) = (Tensor::cat(&keys, 2)?, Tensor::cat(&values, 2)?);
+        let rep = self.num_heads / self.num_kv_heads;
+        let q = q.reshape((b, self.num_kv_heads, rep * seq, self.head_dim))?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.transpose(2, 3)?)? * scale)?;
+        let mask = unrolled_mask(seq, step, rep, scores.dtype(), scores.device())?;
+        let probs = candle_nn::ops::softmax(&scores.broadcast_add(&mask)?, candle_core::D::Minus1)?;
+        let out = probs.matmul(&v)?;
+        let out =
+            out.reshape((b, self.num_heads, seq, self.head_dim))?.transpose(1, 2)?.reshape((b, seq, self.num_heads * self.head_dim))?;
+        Ok(self.o_proj.forward(&out)?)
+    }
+
     /// # Shapes
     /// q: (batch, heads, seq, head_dim), k and v: (batch, kv_heads, pos + seq, head_dim) -> (batch, seq, hidden)
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, pos: usize, differentiable: bool) -> Result<Tensor> {
@@ -109,6 +139,27 @@ fn causal_mask(seq: usize, pos: usize, rep: usize, dtype: DType, device: &Device
         }
     }
     Ok(Tensor::from_vec(data, (rep * seq, total), device)?.to_dtype(dtype)?)
+}
+
+/// The additive mask of unrolled step `step` over the keys of steps `0..=step`, each `seq` long (see
+/// `Attention::forward_unrolled`). Every query sees at least its own key, so no row is all masked.
+///
+/// # Shapes
+/// -> (rep * seq, (step + 1) * seq)
+fn unrolled_mask(seq: usize, step: usize, rep: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let total = (step + 1) * seq;
+    let mut row = vec![0f32; total];
+    let mut data = Vec::with_capacity(rep * seq * total);
+    for q in 0..seq {
+        for (j, r) in row.iter_mut().enumerate() {
+            let (s, key) = (j / seq, j % seq);
+            let visible = if s == 0 { key + step <= q } else { key + step == q + s };
+            *r = if visible || (s == step && key == q) { 0.0 } else { f32::NEG_INFINITY };
+        }
+        data.extend_from_slice(&row);
+    }
+    let one = Tensor::from_vec(data, (seq, total), device)?;
+    Ok(Tensor::cat(&vec![&one; rep], 0)?.to_dtype(dtype)?)
 }
 
 #[derive(Debug, Clone)]
@@ -158,6 +209,10 @@ impl Norm {
     pub fn forward_differentiable(&self, x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)?)
     }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -189,6 +244,17 @@ impl DecoderLayer {
         Ok((x + h)?)
     }
 
+    /// One unrolled draft step of training (see `Attention::forward_unrolled`), differentiable.
+    ///
+    /// # Shapes
+    /// x: (batch, seq, hidden) -> (batch, seq, hidden)
+    pub fn forward_unrolled(&self, x: &Tensor, rope: &Rope, past: &mut Vec<(Tensor, Tensor)>) -> Result<Tensor> {
+        let h = self.self_attn.forward_unrolled(&self.input_layernorm.forward_differentiable(x)?, rope, past)?;
+        let x = (x + h)?;
+        let h = self.mlp.forward(&self.post_attention_layernorm.forward_differentiable(&x)?)?;
+        Ok((x + h)?)
+    }
+
     /// The block on positions `0..seq` without a cache, differentiable end to end (training).
     ///
     /// # Shapes
@@ -198,5 +264,35 @@ impl DecoderLayer {
         let x = (x + h)?;
         let h = self.mlp.forward(&self.post_attention_layernorm.forward_differentiable(&x)?)?;
         Ok((x + h)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn visible(mask: &Tensor) -> Vec<Vec<bool>> {
+        let m = mask.to_vec2::<f32>().expect("mask");
+        m.iter().map(|r| r.iter().map(|v| v.is_finite()).collect()).collect()
+    }
+
+    /// Step 0 is plain causal attention; at step s the query at q sees the true keys up to q - s and
+    /// one key of each later step, on its own chain.
+    #[test]
+    fn unrolled_mask_follows_the_draft_chain() -> Result<()> {
+        let seq = 5;
+        let step0 = visible(&unrolled_mask(seq, 0, 1, DType::F32, &Device::Cpu)?);
+        let causal = visible(&causal_mask(seq, 0, 1, DType::F32, &Device::Cpu)?);
+        assert_eq!(step0, causal);
+        let step2 = visible(&unrolled_mask(seq, 2, 2, DType::F32, &Device::Cpu)?);
+        assert_eq!(step2.len(), 2 * seq, "one block per folded query head");
+        let q = 4;
+        let seen: Vec<usize> = (0..3 * seq).filter(|&j| step2[q][j]).collect();
+        // Step 0 keys 0..=2, step 1 key at 3, step 2 key at 4.
+        assert_eq!(seen, vec![0, 1, 2, seq + 3, 2 * seq + 4]);
+        assert_eq!(step2[q], step2[seq + q], "the second folded head sees the same");
+        // A query whose chain starts before the window still sees itself.
+        assert_eq!((0..3 * seq).filter(|&j| step2[0][j]).collect::<Vec<_>>(), vec![2 * seq]);
+        Ok(())
     }
 }

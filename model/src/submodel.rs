@@ -157,6 +157,44 @@ impl Submodel {
         Ok(h)
     }
 
+    /// One unrolled draft step through every layer (training-time test of a draft head); `past`
+    /// holds each layer's keys and values of the earlier steps (see `DecoderLayer::forward_unrolled`).
+    ///
+    /// # Shapes
+    /// hidden: (batch, seq, hidden) -> (batch, seq, hidden)
+    pub fn forward_unrolled(&self, hidden: &Tensor, past: &mut Vec<Vec<(Tensor, Tensor)>>) -> Result<Tensor> {
+        past.resize_with(self.layers.len(), Vec::new);
+        let mut h = hidden.clone();
+        for (layer, past) in self.layers.iter().zip(past.iter_mut()) {
+            h = layer.forward_unrolled(&h, &self.rope, past)?;
+        }
+        Ok(h)
+    }
+
+    /// The LM head's weight (the output submodel's or the unsplit model's).
+    ///
+    /// # Shapes
+    /// -> (vocab, hidden)
+    pub fn lm_head_weight(&self) -> Result<&Tensor> {
+        Ok(self.lm_head.as_ref().ok_or_else(|| missing_part(self.kind, "LM head"))?.weight())
+    }
+
+    /// The final norm's weight.
+    ///
+    /// # Shapes
+    /// -> (hidden,)
+    pub fn final_norm_weight(&self) -> Result<&Tensor> {
+        Ok(self.norm.as_ref().ok_or_else(|| missing_part(self.kind, "final norm"))?.weight())
+    }
+
+    /// The embedding matrix.
+    ///
+    /// # Shapes
+    /// -> (vocab, hidden)
+    pub fn embedding_weight(&self) -> Result<&Tensor> {
+        Ok(self.embed_tokens.as_ref().ok_or_else(|| missing_part(self.kind, "embedding"))?.embeddings())
+    }
+
     /// [`Submodel::head`], differentiably.
     ///
     /// # Shapes

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use candle_core::Device;
 
 use crate::draft::{Adapter, Drafter};
+use crate::draft_head::{FeatureHead, DRAFT_HEAD_FILE};
 use crate::error::{Result, RuntimeError};
 use crate::generate::{generate, GenerateOptions, Generation, SplitPipeline};
 use crate::link::LinkEstimate;
@@ -65,21 +66,89 @@ pub enum Chunking {
     Auto(Arc<dyn ChunkPolicy>),
 }
 
-/// The device package and adapter, loaded once and shared by sessions.
+/// Which draft model HAT mode uses (`--draft-head`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DraftChoice {
+    /// The feature head when the package has one that fits, else the adapter.
+    #[default]
+    Auto,
+    /// The paper's adapter.
+    Hat,
+    /// The feature head; without a usable one, no drafting (U-shaped steps), never wrong drafts.
+    Feature,
+}
+
+/// The device package, adapter and draft head, loaded once and shared by sessions.
 #[derive(Debug)]
 pub struct DeviceRuntime {
     pub package: DevicePackage,
     adapter: Adapter,
+    head: Option<FeatureHead>,
+    /// Why the package's head file was refused.
+    head_problem: Option<String>,
+    choice: DraftChoice,
+    threshold: Option<f32>,
     device: Device,
 }
 
 impl DeviceRuntime {
-    /// Opens `dir` (a `hat split` device package) with its trained or initial adapter.
+    /// Opens `dir` (a `hat split` device package) with its trained or initial adapter and its draft
+    /// head, if it has one made for this split.
     pub fn open(dir: &Path) -> Result<Self> {
         let device = default_device();
         let package = DevicePackage::open(dir, &device)?;
         let adapter = Adapter::load(&package, &device)?;
-        Ok(Self { package, adapter, device })
+        let (head, head_problem) = match FeatureHead::load_from_package(&package, &device) {
+            Ok(h) => (h, None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        Ok(Self { package, adapter, head, head_problem, choice: DraftChoice::Auto, threshold: None, device })
+    }
+
+    /// Chooses the draft model, and overrides the head's confidence threshold (0 drafts every time).
+    pub fn with_draft_choice(mut self, choice: DraftChoice, threshold: Option<f32>) -> Self {
+        self.choice = choice;
+        self.threshold = threshold;
+        self
+    }
+
+    /// Replaces the draft head (tests, evaluation).
+    pub fn with_head(mut self, head: FeatureHead) -> Self {
+        self.head = Some(head);
+        self.head_problem = None;
+        self
+    }
+
+    pub fn head(&self) -> Option<&FeatureHead> {
+        self.head.as_ref()
+    }
+
+    /// A fresh drafter for a session, as [`DraftChoice`] says.
+    pub fn new_drafter(&self) -> Drafter {
+        match (self.choice, &self.head) {
+            (DraftChoice::Hat, _) => Drafter::new(self.adapter.clone()),
+            (_, Some(h)) => Drafter::feature(h.clone(), self.threshold),
+            (DraftChoice::Auto, None) if self.head_problem.is_none() => Drafter::new(self.adapter.clone()),
+            _ => Drafter::Off,
+        }
+    }
+
+    /// A line for the user when the draft model is not the one they would expect.
+    pub fn draft_note(&self) -> Option<String> {
+        match (self.choice, &self.head, &self.head_problem) {
+            (DraftChoice::Hat, _, _) | (_, Some(_), _) => None,
+            (_, None, Some(why)) => Some(format!("draft head refused, drafting off (U-shaped steps): {why}")),
+            (DraftChoice::Feature, None, None) => Some(format!(
+                "{} has no {DRAFT_HEAD_FILE}: drafting off (U-shaped steps); train one with `hat train-adapter --draft-head feature`",
+                self.package.dir.display()
+            )),
+            (DraftChoice::Auto, None, None) => Some(format!(
+                "{} has no trained draft head for this model and split: drafting with the paper's adapter ({}); \
+                 `hat train-adapter --draft-head feature` trains a head",
+                self.package.dir.display(),
+                self.adapter.origin
+            )),
+        }
     }
 
     /// Replaces the adapter (tests use the middle submodel itself as an oracle).
@@ -102,12 +171,17 @@ impl DeviceRuntime {
 
     /// Connects to `hat serve cloud` and opens a session (retrying per `opts`).
     pub fn connect(&self, opts: CloudOptions) -> Result<DeviceSession> {
+        self.connect_with(opts, self.new_drafter())
+    }
+
+    /// [`DeviceRuntime::connect`] with a given draft model (benchmarks compare them).
+    pub fn connect_with(&self, opts: CloudOptions, drafter: Drafter) -> Result<DeviceSession> {
         let cfg = &self.package.config;
         let middle =
             RemoteMiddle::connect(opts, &self.package.manifest.fingerprint, cfg.hidden_size, cfg.max_position_embeddings, &self.device)?;
         Ok(DeviceSession {
             pipeline: SplitPipeline::with_middle(self.package.input.clone(), self.package.output.clone(), middle),
-            drafter: Drafter::new(self.adapter.clone()),
+            drafter,
             chunking: Chunking::Whole,
             last_chunk: None,
         })
@@ -124,6 +198,11 @@ pub struct DeviceSession {
 }
 
 impl DeviceSession {
+    /// The draft model this session uses.
+    pub fn drafter(&self) -> &Drafter {
+        &self.drafter
+    }
+
     /// How HAT mode sends prompts from now on (U-shaped mode always sends them whole).
     pub fn set_chunking(&mut self, chunking: Chunking) {
         self.chunking = chunking;

@@ -14,6 +14,7 @@ use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
 use hat_model::{names, Config, KvCache, Submodel, SubmodelKind};
 
+use crate::draft_head::{FeatureDrafter, FeatureHead};
 use crate::error::{Result, RuntimeError};
 use crate::generate::SplitPipeline;
 use crate::middle::Middle;
@@ -153,16 +154,120 @@ pub struct Draft {
     pub states: Tensor,
 }
 
+/// What a verification round established, for the drafter to catch up on.
+#[derive(Debug)]
+pub struct Verified<'a> {
+    pub draft: &'a Draft,
+    /// Position of the draft's first state (the last accepted token before the round).
+    pub pos: usize,
+    /// Drafts the verifier kept.
+    pub accepted: usize,
+    /// The middle's output (high) and the output submodel's final states (top) of the draft's
+    /// positions, as verification computed them.
+    ///
+    /// # Shapes
+    /// (1, draft.tokens.len() + 1, hidden) each
+    pub high: &'a Tensor,
+    pub top: &'a Tensor,
+}
+
+/// The proposer HAT mode drafts with.
+#[derive(Debug)]
+pub enum Drafter {
+    /// The paper's adapter between the input and output submodels (`--draft-head hat`).
+    Adapter(Box<AdapterDrafter>),
+    /// The feature-conditioned draft head (`--draft-head feature`).
+    Feature(Box<FeatureDrafter>),
+    /// No drafting: every round is a U-shaped step (a head that could not be used).
+    Off,
+}
+
+impl Drafter {
+    pub fn new(adapter: Adapter) -> Self {
+        Drafter::Adapter(Box::new(AdapterDrafter::new(adapter)))
+    }
+
+    pub fn feature(head: FeatureHead, threshold: Option<f32>) -> Self {
+        Drafter::Feature(Box::new(FeatureDrafter::new(head, threshold)))
+    }
+
+    /// Which draft model this is, for reports (`hat generate --json`).
+    pub fn describe(&self) -> String {
+        match self {
+            Drafter::Adapter(d) => format!("hat adapter, {}", d.adapter.origin),
+            Drafter::Feature(d) => format!("feature head ({}), threshold {}", d.head().path.display(), d.threshold()),
+            Drafter::Off => "none (U-shaped steps)".into(),
+        }
+    }
+
+    /// `hat` or `feature` or `none`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Drafter::Adapter(_) => "hat",
+            Drafter::Feature(_) => "feature",
+            Drafter::Off => "none",
+        }
+    }
+
+    /// The prompt's input states (positions `0..`), while the cloud works on the prompt.
+    ///
+    /// # Shapes
+    /// input_states: (1, prompt, hidden)
+    pub fn prefill(&mut self, input_states: &Tensor) -> Result<()> {
+        match self {
+            Drafter::Adapter(d) => d.prefill(input_states),
+            Drafter::Feature(d) => d.prefill(input_states),
+            Drafter::Off => Ok(()),
+        }
+    }
+
+    /// The prompt's middle and output-submodel states, once the prompt's round is back.
+    ///
+    /// # Shapes
+    /// high, top: (1, prompt, hidden)
+    pub fn prefilled(&mut self, prompt: &[u32], high: &Tensor, top: &Tensor) -> Result<()> {
+        match self {
+            Drafter::Feature(d) => d.prefilled(prompt, high, top),
+            _ => Ok(()),
+        }
+    }
+
+    /// Proposes up to `k` tokens after `last` (at position `pos`); the feature head may stop early.
+    pub fn propose<M: Middle>(
+        &mut self,
+        pipeline: &mut SplitPipeline<M>,
+        last: u32,
+        pos: usize,
+        k: usize,
+        sampler: &mut Sampler,
+    ) -> Result<Draft> {
+        match self {
+            Drafter::Adapter(d) => d.propose(pipeline, last, pos, k, sampler),
+            Drafter::Feature(d) => d.propose(pipeline, last, pos, k, sampler),
+            Drafter::Off => Ok(Draft { tokens: Vec::new(), q: Vec::new(), states: pipeline.input_states(&[last], pos)? }),
+        }
+    }
+
+    /// After verification: positions up to `pos + accepted` are final.
+    pub fn commit(&mut self, round: &Verified) -> Result<()> {
+        match self {
+            Drafter::Adapter(d) => d.commit(&round.draft.states, round.pos, round.pos + round.accepted + 1),
+            Drafter::Feature(d) => d.commit(round),
+            Drafter::Off => Ok(()),
+        }
+    }
+}
+
 /// Drafts tokens with the adapter and keeps the adapter's cache in step with accepted positions.
 #[derive(Debug)]
-pub struct Drafter {
+pub struct AdapterDrafter {
     adapter: Adapter,
     cache: KvCache,
     /// Input states of accepted positions the adapter has not seen yet (`cache.len()..`).
     unseen: Option<Tensor>,
 }
 
-impl Drafter {
+impl AdapterDrafter {
     pub fn new(adapter: Adapter) -> Self {
         Self { cache: adapter.layers.new_cache(), adapter, unseen: None }
     }

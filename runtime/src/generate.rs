@@ -79,6 +79,23 @@ pub struct SplitPipeline<M> {
     middle: M,
 }
 
+/// What the prompt's round gives: the last position's logits, and the middle's output (high) and the
+/// output submodel's final states (top) of every prompt position, which the feature draft head reads.
+#[derive(Debug)]
+pub struct Prefilled {
+    /// # Shapes
+    /// (vocab,)
+    pub logits: Tensor,
+    /// # Shapes
+    /// (1, prompt, hidden) each
+    pub high: Tensor,
+    pub top: Tensor,
+}
+
+fn cat_rows(mut parts: Vec<Tensor>) -> Result<Tensor> {
+    Ok(if parts.len() == 1 { parts.pop().expect("one part") } else { Tensor::cat(&parts, 1)? })
+}
+
 /// All three submodels in one process.
 pub type LocalPipeline = SplitPipeline<LocalMiddle>;
 
@@ -116,6 +133,16 @@ impl<M: Middle> SplitPipeline<M> {
         Ok(self.output.head(&h)?.squeeze(0)?)
     }
 
+    /// The output submodel's final states (what the LM head reads) and their logits.
+    ///
+    /// # Shapes
+    /// middle_states: (1, seq, hidden) -> (1, seq, hidden), (seq, vocab)
+    pub fn output_states_logits(&mut self, middle_states: &Tensor, pos: usize) -> Result<(Tensor, Tensor)> {
+        let h = self.output.forward_layers(middle_states, pos, &mut self.output_cache)?;
+        let logits = self.output.head(&h)?.squeeze(0)?;
+        Ok((h, logits))
+    }
+
     /// Logits of the last position only; the LM head runs once.
     ///
     /// # Shapes
@@ -126,17 +153,15 @@ impl<M: Middle> SplitPipeline<M> {
         Ok(self.output.head(&last)?.squeeze(0)?.squeeze(0)?)
     }
 
-    /// Prefills the prompt (positions `0..`) and returns the last position's logits. With `chunk`, the
-    /// prompt goes to the middle in pieces of that many positions, pipelined: the device runs the input
-    /// submodel on every chunk and submits each as soon as it is ready (so uploads and cloud work on
-    /// chunk c overlap input work on chunk c+1), then hands the prompt's input states to `after_input`
-    /// (the drafter's prefill), then runs the output submodel on each chunk as it comes back (overlapping
-    /// the transfers and cloud work on later chunks). Every position sees the same keys and values as in
-    /// one piece, so the logits equal the unchunked ones.
-    ///
-    /// # Shapes
-    /// -> (vocab,)
-    pub fn prefill(&mut self, prompt: &[u32], chunk: Option<usize>, after_input: impl FnOnce(&Tensor) -> Result<()>) -> Result<Tensor> {
+    /// Prefills the prompt (positions `0..`) and returns the last position's logits with the prompt's
+    /// middle and output-submodel states. With `chunk`, the prompt goes to the middle in pieces of that
+    /// many positions, pipelined: the device runs the input submodel on every chunk and submits each as
+    /// soon as it is ready (so uploads and cloud work on chunk c overlap input work on chunk c+1), then
+    /// hands the prompt's input states to `after_input` (the drafter's prefill), then runs the output
+    /// submodel on each chunk as it comes back (overlapping the transfers and cloud work on later
+    /// chunks). Every position sees the same keys and values as in one piece, so the logits equal the
+    /// unchunked ones.
+    pub fn prefill(&mut self, prompt: &[u32], chunk: Option<usize>, after_input: impl FnOnce(&Tensor) -> Result<()>) -> Result<Prefilled> {
         let n = prompt.len();
         if n == 0 {
             return Err(RuntimeError::BadInput("the prompt is empty".into()));
@@ -148,14 +173,17 @@ impl<M: Middle> SplitPipeline<M> {
             self.middle.submit(s, &h)?;
             states.push(h);
         }
-        after_input(&if states.len() == 1 { states.pop().expect("one chunk") } else { Tensor::cat(&states, 1)? })?;
-        let ((last, _), body) = chunks.split_last().expect("at least one chunk");
-        for &(s, _) in body {
+        after_input(&cat_rows(states)?)?;
+        let (mut high, mut top) = (Vec::with_capacity(chunks.len()), Vec::with_capacity(chunks.len()));
+        for &(s, _) in &chunks {
             let m = self.middle.collect()?;
-            self.output.forward_layers(&m, s, &mut self.output_cache)?;
+            top.push(self.output.forward_layers(&m, s, &mut self.output_cache)?);
+            high.push(m);
         }
-        let m = self.middle.collect()?;
-        self.output_logits_last(&m, *last)
+        let top = cat_rows(top)?;
+        let last = top.narrow(1, n - 1, 1)?;
+        let logits = self.output.head(&last)?.squeeze(0)?.squeeze(0)?;
+        Ok(Prefilled { logits, high: cat_rows(high)?, top })
     }
 
     pub fn middle(&mut self) -> &mut M {

@@ -5,6 +5,7 @@ pub mod baseline;
 pub mod chat;
 pub mod device;
 pub mod draft;
+pub mod draft_head;
 pub mod error;
 pub mod generate;
 pub mod link;
@@ -17,8 +18,9 @@ pub mod server;
 pub mod speculative;
 pub mod verify;
 
-pub use device::{ChunkPolicy, Chunking, DeviceRuntime, DeviceSession, Mode};
+pub use device::{ChunkPolicy, Chunking, DeviceRuntime, DeviceSession, DraftChoice, Mode};
 pub use draft::{Adapter, AdapterOrigin, Drafter};
+pub use draft_head::{FeatureDrafter, FeatureHead, HeadMeta};
 pub use error::{Result, RuntimeError};
 pub use generate::{generate, GenerateOptions, Generation, LocalPipeline, SplitPipeline, TokenModel, UnsplitModel};
 pub use link::{LinkEmulation, LinkEstimate};

@@ -8,14 +8,15 @@
 //! The prompt's round overlaps the adapter's prefill with the cloud's work, and with
 //! `GenerateOptions::prefill_chunk` the prompt is pipelined in chunks ([`SplitPipeline::prefill`]).
 
-use crate::draft::Drafter;
+use crate::draft::{Drafter, Verified};
 use crate::error::Result;
 use crate::generate::{token_budget, DraftCounts, Emitter, GenerateOptions, Generation, SplitPipeline, TokenModel};
 use crate::middle::Middle;
 use crate::sampling::{logits_rows, Sampler};
 use crate::verify::{verify_greedy, verify_sampled};
 
-/// Generates after `prompt` with drafts of up to `draft_len` tokens per round.
+/// Generates after `prompt` with drafts of up to `draft_len` tokens per round (the feature head stops
+/// a draft early when its confidence drops; zero drafts is a U-shaped step).
 pub fn generate_speculative<M: Middle>(
     pipeline: &mut SplitPipeline<M>,
     drafter: &mut Drafter,
@@ -34,18 +35,21 @@ pub fn generate_speculative<M: Middle>(
         return Ok(out.finish(prompt.len(), 0, counts, pipeline.traffic().since(&traffic_before), None));
     }
 
-    let logits = pipeline.prefill(prompt, opts.prefill_chunk, |states| drafter.prefill(states))?;
+    let pre = pipeline.prefill(prompt, opts.prefill_chunk, |states| drafter.prefill(states))?;
     let prefill_traffic = pipeline.traffic().since(&traffic_before);
-    let mut last = sampler.sample(&logits)?;
+    let mut last = sampler.sample(&pre.logits)?;
     // `pos` is the position of `last`, the newest token no model has run on yet.
     let mut pos = prompt.len();
     let mut going = out.push(last);
+    // The draft head takes in the prompt's features after the first token is out, not before it.
+    drafter.prefilled(prompt, &pre.high, &pre.top)?;
     while going {
         // Never draft past the budget: a round yields at most k + 1 tokens.
         let k = draft_len.min(out.remaining() - 1);
         let draft = drafter.propose(pipeline, last, pos, k, &mut sampler)?;
         let middle_states = pipeline.middle().forward(pos, &draft.states)?;
-        let target = logits_rows(&pipeline.output_logits(&middle_states, pos)?)?;
+        let (top, logits) = pipeline.output_states_logits(&middle_states, pos)?;
+        let target = logits_rows(&logits)?;
         let verdict = if sampler.is_greedy() {
             verify_greedy(&draft.tokens, &target)
         } else {
@@ -61,7 +65,7 @@ pub fn generate_speculative<M: Middle>(
                 break;
             }
         }
-        drafter.commit(&draft.states, pos, pos + verdict.accepted + 1)?;
+        drafter.commit(&Verified { draft: &draft, pos, accepted: verdict.accepted, high: &middle_states, top: &top })?;
         pos += verdict.accepted + 1;
         last = verdict.next;
     }

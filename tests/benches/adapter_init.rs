@@ -46,6 +46,7 @@ fn main() {
     let mut best = (0.0, String::new());
     for adapter in candidates {
         let name = adapter.origin.to_string();
+        let middle_layer = matches!(adapter.origin, AdapterOrigin::MiddleLayer(_));
         let mut drafter = Drafter::new(adapter);
         let (mut gained, mut rounds) = (0usize, 0usize);
         for p in &prompts {
@@ -56,7 +57,7 @@ fn main() {
         }
         let accept_len = gained as f64 / rounds as f64;
         println!("{name:40} accept_len {accept_len:.3}");
-        if matches!(drafter.adapter().origin, AdapterOrigin::MiddleLayer(_)) && accept_len > best.0 {
+        if middle_layer && accept_len > best.0 {
             best = (accept_len, name);
         }
     }

@@ -306,3 +306,45 @@ pub fn bench_prompts() -> Vec<(String, String, String)> {
         })
         .collect()
 }
+
+/// Pearson's statistic of `counts` against probabilities `p`, pooling bins with expected count under
+/// 5, and the 0.1 % critical value for its degrees of freedom (Wilson-Hilferty, rounded up).
+pub fn chi_square(counts: &[usize], p: &[f64]) -> (f64, f64) {
+    let n: usize = counts.iter().sum();
+    let (mut stat, mut bins) = (0.0, 0usize);
+    let (mut pool_o, mut pool_e) = (0.0, 0.0);
+    for (c, q) in counts.iter().zip(p) {
+        let e = q * n as f64;
+        if e < 5.0 {
+            pool_o += *c as f64;
+            pool_e += e;
+            continue;
+        }
+        stat += (*c as f64 - e).powi(2) / e;
+        bins += 1;
+    }
+    if pool_e > 0.0 {
+        stat += (pool_o - pool_e).powi(2) / pool_e.max(1e-9);
+        bins += 1;
+    }
+    let dof = bins.saturating_sub(1) as f64;
+    (stat, dof + 3.09 * (2.0 * dof).sqrt() + 3.0)
+}
+
+/// The exact distribution of the second token generated after `prompt` when sampling with `sampler`:
+/// P(t2) = sum over t1 of p(t1 | prompt) p(t2 | prompt, t1).
+pub fn second_token_distribution(
+    model: &mut impl hat_runtime::TokenModel,
+    prompt: &[u32],
+    sampler: &hat_runtime::Sampler,
+) -> (Vec<f32>, Vec<f64>) {
+    use hat_runtime::sampling::logits_rows;
+    let p1 = sampler.distribution(&logits_rows(&model.logits_last(prompt, 0).expect("logits")).expect("rows")[0]);
+    let mut exact = vec![0f64; p1.len()];
+    for (t1, w) in p1.iter().enumerate() {
+        let ids: Vec<u32> = prompt.iter().copied().chain([t1 as u32]).collect();
+        let p2 = sampler.distribution(&logits_rows(&model.logits_last(&ids, 0).expect("logits")).expect("rows")[0]);
+        p2.iter().enumerate().for_each(|(t2, v)| exact[t2] += *w as f64 * *v as f64);
+    }
+    (p1, exact)
+}

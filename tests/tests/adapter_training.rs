@@ -54,7 +54,7 @@ fn autograd_matches_finite_differences_on_a_tiny_model() {
     let device = DevicePackage::open(&art.join("device"), &Device::Cpu).expect("device");
     let cloud = CloudPackage::open(&art.join("cloud"), &Device::Cpu).expect("cloud");
     let seq: Vec<u32> = (0..12).map(|i| 3 + (i * 5) % 60).collect();
-    let teacher = TeacherSet::compute(&device, &cloud, &[seq], 8, &indicatif::ProgressBar::hidden()).expect("teacher");
+    let teacher = TeacherSet::compute(&device, &cloud, &[seq], 8, false, &indicatif::ProgressBar::hidden()).expect("teacher");
     let bias = Tensor::zeros(device.config.hidden_size, candle_core::DType::F32, &Device::Cpu).expect("bias");
     let adapter =
         TrainableAdapter::from_init(&art.join("device/adapter-init.safetensors"), &device.config, 1, &bias, &Device::Cpu).expect("adapter");

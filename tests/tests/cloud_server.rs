@@ -9,12 +9,11 @@ use std::time::Duration;
 use candle_core::{Device, Tensor};
 use hat_runtime::link::read_frame;
 use hat_runtime::protocol::{frame, ClientMsg, ErrorCode, HiddenFrame, ServerMsg, WireDType, WireFormat, PROTOCOL_VERSION};
-use hat_runtime::sampling::logits_rows;
 use hat_runtime::{
     generate_speculative, Adapter, CloudOptions, CloudPackage, CloudServer, DevicePackage, Drafter, GenerateOptions, LocalMiddle,
-    LocalPipeline, Middle, RemoteMiddle, Sampler, SamplingOptions, ServerConfig, TokenModel,
+    LocalPipeline, Middle, RemoteMiddle, Sampler, SamplingOptions, ServerConfig,
 };
-use hat_tests::{tiny_artifacts, TinyLlama};
+use hat_tests::{chi_square, second_token_distribution, tiny_artifacts, TinyLlama};
 
 struct Tiny {
     _dir: tempfile::TempDir,
@@ -222,17 +221,8 @@ fn speculative_sampling_draws_the_models_distribution() {
     let dist = Sampler::new(sampling);
     let vocab = t.device.config.vocab_size;
 
-    let mut exact = vec![0f64; vocab];
     let mut model = LocalPipeline::new(&t.device, &t.cloud).expect("pipeline");
-    let p1 = dist.distribution(&logits_rows(&model.logits_last(&prompt, 0).expect("logits")).expect("rows")[0]);
-    for (t1, w) in p1.iter().enumerate() {
-        let mut ids = prompt.to_vec();
-        ids.push(t1 as u32);
-        let p2 = dist.distribution(&logits_rows(&model.logits_last(&ids, 0).expect("logits")).expect("rows")[0]);
-        for (t2, v) in p2.iter().enumerate() {
-            exact[t2] += *w as f64 * *v as f64;
-        }
-    }
+    let (p1, exact) = second_token_distribution(&mut model, &prompt, &dist);
 
     let samples = 4000;
     let mut counts = vec![0usize; vocab];
@@ -247,36 +237,11 @@ fn speculative_sampling_draws_the_models_distribution() {
         drafted += g.drafted;
     }
     assert!(accepted > 0 && accepted < drafted, "both branches ran: {accepted} of {drafted} drafts accepted");
-    let chi2 = chi_square(&counts, &exact);
-    // 0.1 % critical values of chi-square; bins with expected count < 5 are pooled.
-    let (stat, dof) = chi2;
-    let critical = dof as f64 + 3.09 * (2.0 * dof as f64).sqrt() + 3.0;
-    eprintln!("chi-square {stat:.1} over {dof} degrees of freedom (critical ~{critical:.1}); {accepted}/{drafted} drafts accepted");
+    let (stat, critical) = chi_square(&counts, &exact);
+    eprintln!("chi-square {stat:.1} (critical ~{critical:.1}); {accepted}/{drafted} drafts accepted");
     assert!(stat < critical, "speculative samples do not follow the model: chi-square {stat:.1} > {critical:.1}");
 
     // The test has power: the same samples against the distribution of the first token are refused.
     let (wrong, _) = chi_square(&counts, &p1.iter().map(|v| *v as f64).collect::<Vec<_>>());
     assert!(wrong > critical, "the check cannot tell distributions apart ({wrong:.1})");
-}
-
-/// Pearson's statistic, pooling bins with expected count under 5; returns (statistic, dof).
-fn chi_square(counts: &[usize], p: &[f64]) -> (f64, usize) {
-    let n: usize = counts.iter().sum();
-    let (mut stat, mut bins) = (0.0, 0usize);
-    let (mut pool_o, mut pool_e) = (0.0, 0.0);
-    for (c, q) in counts.iter().zip(p) {
-        let e = q * n as f64;
-        if e < 5.0 {
-            pool_o += *c as f64;
-            pool_e += e;
-            continue;
-        }
-        stat += (*c as f64 - e).powi(2) / e;
-        bins += 1;
-    }
-    if pool_e > 0.0 {
-        stat += (pool_o - pool_e).powi(2) / pool_e.max(1e-9);
-        bins += 1;
-    }
-    (stat, bins.saturating_sub(1))
 }

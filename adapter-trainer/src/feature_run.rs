@@ -1,0 +1,290 @@
+//! `hat train-adapter --draft-head feature`, end to end: batched self-distillation, the draft
+//! vocabulary, teacher features (cached), the alignment check, training with unrolled steps, and a
+//! held-out evaluation before and after (teacher-forced top-1 per draft step, and live accept_len at
+//! a fixed draft length and at adaptive thresholds). Writes DIR/device/draft-head.safetensors (f16)
+//! and draft-head-report.json.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::DType;
+use hat_runtime::draft_head::{save_head, split_label, HeadMeta, DRAFT_HEAD_FILE, HEAD_FORMAT_VERSION};
+use hat_runtime::package::{default_device, CLOUD_DIR, DEVICE_DIR};
+use hat_runtime::{CloudPackage, DevicePackage, Drafter};
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+
+use crate::data::{chat_prompt, prompt_lines, read_data, Example, HELDOUT_PROMPTS};
+use crate::distill::{distill_greedy, Distilled};
+use crate::error::{Result, TrainError};
+use crate::eval::{evaluate_drafter, EvalResult};
+use crate::feature::{alignment, draft_vocab, initial_tensors, teacher_forced_top1, HeadLossConfig, HeadStudent, TrainableHead};
+use crate::optim::AdamW;
+use crate::teacher::{teacher_key_for, TeacherSet};
+use crate::train::{Checkpoint, CheckpointMeta, TrainConfig};
+use crate::{bar, interrupt_flag, select_device, train_config, write_atomically, TrainAdapterOptions, WORK_DIR};
+
+/// The prompts the project ships for training the draft head (none of them held out).
+pub const HEAD_PROMPTS: &str = include_str!("../prompts/draft-head.txt");
+pub const HEAD_REPORT_FILE: &str = "draft-head-report.json";
+
+/// Held-out measurement of a draft head.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeadEval {
+    /// Teacher-forced top-1 of draft steps 1, 2, 3... on held-out answers.
+    pub teacher_forced_top1: Vec<f64>,
+    /// Live speculative decoding at the fixed draft length (no early stop).
+    pub fixed: EvalResult,
+}
+
+/// Live decoding at one confidence threshold.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ThresholdEval {
+    pub threshold: f32,
+    pub result: EvalResult,
+    /// Mean drafts proposed per round.
+    pub drafts_per_round: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeadReport {
+    pub head: PathBuf,
+    pub device: String,
+    pub made_by: String,
+    pub draft_vocab: usize,
+    /// Share of held-out answer tokens inside the draft vocabulary (a ceiling on acceptance).
+    pub heldout_vocab_coverage: f64,
+    pub sequences: usize,
+    pub teacher_positions: usize,
+    pub heldout_sequences: usize,
+    /// Share of answer positions where the teacher's top token is the next token of the greedy text
+    /// (1.0 means features and targets line up).
+    pub alignment: f64,
+    pub distill_seconds: f64,
+    pub teacher_seconds: f64,
+    pub steps: usize,
+    pub train_tokens: usize,
+    pub train_seconds: f64,
+    pub train_tokens_per_s: f64,
+    pub loss_curve: Vec<f64>,
+    pub top1_curve: Vec<f64>,
+    pub before: HeadEval,
+    pub after: HeadEval,
+    pub adaptive: Vec<ThresholdEval>,
+    pub threshold: f32,
+    pub config: TrainConfig,
+    pub loss: HeadLossConfig,
+}
+
+/// Distilled answers, cached by everything that decides them.
+fn distilled(
+    opts: &TrainAdapterOptions,
+    device: &DevicePackage,
+    cloud: &CloudPackage,
+    prompts: &[String],
+    what: &str,
+) -> Result<(Vec<Distilled>, f64)> {
+    let ids = prompts.iter().map(|p| chat_prompt(device, p)).collect::<Result<Vec<_>>>()?;
+    let context = device.config.max_position_embeddings;
+    if let Some((i, p)) = ids.iter().enumerate().find(|(_, p)| p.len() + 1 >= context) {
+        return Err(TrainError::BadInput(format!("prompt {} has {} tokens, longer than the model's context of {context}", i + 1, p.len())));
+    }
+    let key = format!("{}|{}|{ids:?}", device.manifest.fingerprint, opts.distill_tokens);
+    let key = &hex::encode(sha2::Sha256::digest(key.as_bytes()))[..16];
+    let cache = device.dir.join(WORK_DIR).join(format!("distill-{what}-{key}.json"));
+    if let Some(d) = std::fs::read_to_string(&cache).ok().and_then(|t| serde_json::from_str::<Vec<Distilled>>(&t).ok()) {
+        return Ok((d, 0.0));
+    }
+    let started = Instant::now();
+    let b = bar(opts.progress, ids.len() as u64, &format!("distilling {what}"));
+    let d = distill_greedy(device, cloud, &ids, opts.distill_tokens, opts.distill_batch, &b)?;
+    b.finish_and_clear();
+    let json = serde_json::to_string(&d).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+    write_atomically(&cache, |tmp| std::fs::write(tmp, &json).map_err(|e| TrainError::io(format!("cannot write {}", tmp.display()), e)))?;
+    Ok((d, started.elapsed().as_secs_f64()))
+}
+
+fn teacher(
+    opts: &TrainAdapterOptions,
+    device: &DevicePackage,
+    cloud: &CloudPackage,
+    seqs: &[Vec<u32>],
+    what: &str,
+) -> Result<(TeacherSet, f64, String)> {
+    let key = teacher_key_for(&device.manifest.fingerprint, seqs, opts.top_k, true);
+    let path = device.dir.join(WORK_DIR).join(format!("teacher-{key}.safetensors"));
+    if path.is_file() {
+        return Ok((TeacherSet::load(&path)?, 0.0, key));
+    }
+    let started = Instant::now();
+    let b = bar(opts.progress, seqs.len() as u64, &format!("teacher {what}"));
+    let t = TeacherSet::compute(device, cloud, seqs, opts.top_k, true, &b)?;
+    b.finish_and_clear();
+    t.save(&path)?;
+    Ok((t, started.elapsed().as_secs_f64(), key))
+}
+
+fn head_eval(
+    opts: &TrainAdapterOptions,
+    head: &TrainableHead,
+    device: &DevicePackage,
+    cloud: &CloudPackage,
+    heldout: (&TeacherSet, &[usize], &[Vec<u32>]),
+    meta: &HeadMeta,
+) -> Result<HeadEval> {
+    let (t, prompt_lens, prompts) = heldout;
+    let teacher_forced_top1 = teacher_forced_top1(head, t, prompt_lens, opts.head_loss.unroll.max(3))?;
+    let runtime = head.to_runtime(device, meta.clone(), device.dir.join(DRAFT_HEAD_FILE))?;
+    let fixed = evaluate_drafter(device, cloud, Drafter::feature(runtime, Some(0.0)), prompts, opts.eval_tokens, opts.eval_draft_len)?;
+    Ok(HeadEval { teacher_forced_top1, fixed })
+}
+
+pub fn run_feature(opts: &TrainAdapterOptions) -> Result<HeadReport> {
+    if opts.batch == 0 || opts.seq_len < 3 || opts.draft_vocab == 0 || opts.head_loss.unroll == 0 {
+        return Err(TrainError::BadInput("--batch, --draft-vocab and --unroll must be at least 1, --seq-len at least 3".into()));
+    }
+    let train_device = select_device(opts.device)?;
+    let cpu = default_device();
+    let device_dir = opts.artifacts.join(DEVICE_DIR);
+    let device = DevicePackage::open(&device_dir, &cpu)?;
+    let cloud = CloudPackage::open(&opts.artifacts.join(CLOUD_DIR), &cpu)?;
+    device.check_pair(&cloud.manifest, &cloud.dir)?;
+    let work = device_dir.join(WORK_DIR);
+    std::fs::create_dir_all(&work).map_err(|e| TrainError::io(format!("cannot create {}", work.display()), e))?;
+
+    // Prompts: the data file's, or the shipped set; the held-out prompts are never among them.
+    let heldout_prompts: Vec<String> = prompt_lines(HELDOUT_PROMPTS).into_iter().take(opts.eval_prompts).collect();
+    let mut prompts: Vec<String> = match &opts.data {
+        Some(p) => read_data(p)?.iter().map(Example::prompt).filter(|p| !p.trim().is_empty()).collect(),
+        None => prompt_lines(HEAD_PROMPTS),
+    };
+    prompts.retain(|p| !heldout_prompts.contains(p));
+    if let Some(n) = opts.self_distill {
+        prompts.truncate(n);
+    }
+    if prompts.is_empty() {
+        return Err(TrainError::BadInput("no prompts to self-distill from".into()));
+    }
+    let (train_seqs, t1) = distilled(opts, &device, &cloud, &prompts, "train")?;
+    let (held_seqs, t2) = distilled(opts, &device, &cloud, &heldout_prompts, "heldout")?;
+    let seqs: Vec<Vec<u32>> = train_seqs.iter().map(|d| d.tokens.clone()).collect();
+    let held: Vec<Vec<u32>> = held_seqs.iter().map(|d| d.tokens.clone()).collect();
+    let held_lens: Vec<usize> = held_seqs.iter().map(|d| d.prompt_len).collect();
+    let held_prompts: Vec<Vec<u32>> = held_seqs.iter().map(|d| d.tokens[..d.prompt_len].to_vec()).collect();
+
+    let vocab = draft_vocab(&seqs.concat(), opts.draft_vocab, device.config.vocab_size, &device.eos_ids());
+    let in_vocab: std::collections::HashSet<u32> = vocab.iter().copied().collect();
+    let held_answers: Vec<u32> = held_seqs.iter().flat_map(|d| d.tokens[d.prompt_len..].iter().copied()).collect();
+    let coverage = held_answers.iter().filter(|t| in_vocab.contains(t)).count() as f64 / held_answers.len().max(1) as f64;
+
+    let (train_teacher, t3, key) = teacher(opts, &device, &cloud, &seqs, "train")?;
+    let (held_teacher, t4, _) = teacher(opts, &device, &cloud, &held, "heldout")?;
+    let train_lens: Vec<usize> = train_seqs.iter().map(|d| d.prompt_len).collect();
+    let aligned = alignment(&train_teacher, &train_lens)?;
+
+    let config = train_config(opts, train_teacher.num_positions());
+    let steps = config.steps;
+    let meta_for = |threshold: f32| HeadMeta {
+        version: HEAD_FORMAT_VERSION,
+        fingerprint: device.manifest.fingerprint.clone(),
+        split: split_label(&device),
+        source: device.manifest.source.clone(),
+        threshold,
+        made_by: opts.made_by.clone(),
+    };
+    let checkpoint = Checkpoint { dir: work.join("feature") };
+    let ckpt_key = format!("{key}-v{}", vocab.len());
+    let (head, mut opt, mut meta) = if opts.resume {
+        if !checkpoint.exists() {
+            return Err(TrainError::BadInput(format!(
+                "nothing to resume: no checkpoint in {}; run without --resume",
+                checkpoint.dir.display()
+            )));
+        }
+        let meta = checkpoint.load_meta()?;
+        if meta.teacher_key != ckpt_key {
+            return Err(TrainError::Checkpoint(format!(
+                "the checkpoint in {} was made with other data or --draft-vocab; run without --resume to start over",
+                checkpoint.dir.display()
+            )));
+        }
+        let tensors = checkpoint.load_tensors()?;
+        let weights = crate::train::weights_only(&tensors);
+        let head = TrainableHead::new(weights, vocab, &device, &train_device)?;
+        let mut opt = AdamW::new(head.vars(), config.optimizer)?;
+        opt.restore(&tensors, meta.step)?;
+        let meta = CheckpointMeta { config: TrainConfig { steps, ..meta.config.clone() }, ..meta };
+        (head, opt, meta)
+    } else {
+        let head = TrainableHead::new(initial_tensors(&device, opts.seed)?, vocab, &device, &train_device)?;
+        let opt = AdamW::new(head.vars(), config.optimizer)?;
+        let meta = CheckpointMeta {
+            step: 0,
+            config: config.clone(),
+            teacher_key: ckpt_key,
+            adapter_layers: 1,
+            losses: Vec::new(),
+            train_tokens: 0,
+            train_seconds: 0.0,
+            before: None,
+        };
+        (head, opt, meta)
+    };
+    let heldout = (&held_teacher, held_lens.as_slice(), held_prompts.as_slice());
+    // The untrained head is measured afresh each time (the checkpoint keeps only the adapter's numbers).
+    let before = if opts.resume {
+        let fresh = TrainableHead::new(initial_tensors(&device, opts.seed)?, head.vocab.clone(), &device, &train_device)?;
+        head_eval(opts, &fresh, &device, &cloud, heldout, &meta_for(0.0))?
+    } else {
+        head_eval(opts, &head, &device, &cloud, heldout, &meta_for(0.0))?
+    };
+    meta.before.get_or_insert(before.fixed);
+
+    let b = bar(opts.progress, steps as u64, "training");
+    let student = HeadStudent { head: &head, teacher: &train_teacher, loss: opts.head_loss };
+    let meta = crate::train::train(&student, &mut opt, meta, &checkpoint, interrupt_flag(), opts.stop_after, &b)?;
+    b.finish_and_clear();
+
+    let after = head_eval(opts, &head, &device, &cloud, heldout, &meta_for(0.0))?;
+    let mut adaptive = Vec::new();
+    for &threshold in &opts.thresholds {
+        let runtime = head.to_runtime(&device, meta_for(threshold), device_dir.join(DRAFT_HEAD_FILE))?;
+        let result =
+            evaluate_drafter(&device, &cloud, Drafter::feature(runtime, None), &held_prompts, opts.eval_tokens, opts.eval_draft_len)?;
+        adaptive.push(ThresholdEval { threshold, drafts_per_round: result.drafted as f64 / result.rounds.max(1) as f64, result });
+    }
+
+    let path = device_dir.join(DRAFT_HEAD_FILE);
+    let head_meta = meta_for(opts.threshold);
+    save_head(&head.file_tensors(DType::F16)?, &head_meta, &path)?;
+    let report = HeadReport {
+        head: path,
+        device: format!("{train_device:?}"),
+        made_by: opts.made_by.clone(),
+        draft_vocab: head.vocab.len(),
+        heldout_vocab_coverage: coverage,
+        sequences: train_teacher.num_sequences(),
+        teacher_positions: train_teacher.num_positions(),
+        heldout_sequences: held_teacher.num_sequences(),
+        alignment: aligned,
+        distill_seconds: t1 + t2,
+        teacher_seconds: t3 + t4,
+        steps: meta.step,
+        train_tokens: meta.train_tokens,
+        train_seconds: meta.train_seconds,
+        train_tokens_per_s: meta.train_tokens as f64 / meta.train_seconds.max(1e-9),
+        loss_curve: meta.losses.iter().map(|l| l.total).collect(),
+        top1_curve: meta.losses.iter().map(|l| l.top1).collect(),
+        before,
+        after,
+        adaptive,
+        threshold: opts.threshold,
+        config: meta.config.clone(),
+        loss: opts.head_loss,
+    };
+    let json = serde_json::to_string_pretty(&report).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+    write_atomically(&device_dir.join(HEAD_REPORT_FILE), |tmp| {
+        std::fs::write(tmp, &json).map_err(|e| TrainError::io(format!("cannot write {}", tmp.display()), e))
+    })?;
+    Ok(report)
+}

@@ -1,0 +1,399 @@
+//! The feature-conditioned draft head (after EAGLE-3), hat's default draft model. Every verification
+//! round hands the device, for each verified position, the input submodel's output (low), the
+//! middle's output (high) and the output submodel's final state (top). The head fuses them, adds the
+//! embedding of the next token, runs one decoder layer and reads a draft LM head restricted to the
+//! most frequent tokens. Later drafts feed the head's own output back in place of the fused feature.
+//! A draft step runs no output layers and no full-vocabulary head, and nothing new leaves the device.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{linear_no_bias, Linear, VarBuilder};
+use hat_model::layer::Norm;
+use hat_model::{Config, KvCache, Submodel, SubmodelKind};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, RuntimeError};
+use crate::package::DevicePackage;
+
+/// The trained head in a device package (`hat train-adapter --draft-head feature`, or shipped).
+pub const DRAFT_HEAD_FILE: &str = "draft-head.safetensors";
+/// Key of the head's description in the safetensors header.
+pub const HEAD_META_KEY: &str = "hat-draft-head";
+pub const HEAD_FORMAT_VERSION: u32 = 1;
+/// Tokens in the draft vocabulary unless training says otherwise.
+pub const DEFAULT_DRAFT_VOCAB: usize = 8192;
+/// Name of the draft vocabulary tensor (full-vocabulary ids, most frequent first).
+pub const VOCAB_TENSOR: &str = "vocab";
+
+/// What a head file says about itself: the split it was made for and how it was made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeadMeta {
+    pub version: u32,
+    /// Fingerprint of the split package the head was trained on.
+    pub fingerprint: String,
+    /// Input / middle / output layers, e.g. "2/26/2".
+    pub split: String,
+    pub source: String,
+    /// Default confidence threshold: drafting stops when the head's top-1 probability falls below it.
+    pub threshold: f32,
+    /// How the head was made (the command line), for the record.
+    #[serde(default)]
+    pub made_by: String,
+}
+
+/// `input/middle/output` layer counts of a package.
+pub fn split_label(package: &DevicePackage) -> String {
+    split_of(&package.manifest)
+}
+
+fn split_of(manifest: &hat_model::Manifest) -> String {
+    let s = &manifest.split;
+    format!("{}/{}/{}", s.input_layers, s.num_layers - s.input_layers - s.output_layers, s.output_layers)
+}
+
+/// Draft heads the project trained and ships inside the binary, so a fresh `hat split` of the same
+/// model and split drafts well at once: (name, head file).
+pub const SHIPPED_HEADS: &[(&str, &[u8])] =
+    &[("SmolLM2-135M-Instruct Q4_1 GGUF, split 2/26/2, f32", include_bytes!("../heads/smollm2-135m-instruct-2-2.safetensors"))];
+
+/// The shipped head made for this package's fingerprint and split, if any.
+pub fn shipped_head(manifest: &hat_model::Manifest) -> Option<(&'static str, &'static [u8])> {
+    let split = split_of(manifest);
+    SHIPPED_HEADS.iter().copied().find(|(name, bytes)| {
+        read_head_meta(bytes, Path::new(name)).is_ok_and(|m| m.fingerprint == manifest.fingerprint && m.split == split)
+    })
+}
+
+/// Writes the shipped head that fits the device package in `dir` as its draft head (through a
+/// rename); returns its name, or `None` when no shipped head was made for this model and split.
+pub fn install_shipped_head(dir: &Path) -> Result<Option<&'static str>> {
+    let manifest = hat_model::Manifest::read(dir)?;
+    let Some((name, bytes)) = shipped_head(&manifest) else { return Ok(None) };
+    let path = dir.join(DRAFT_HEAD_FILE);
+    let tmp = path.with_extension("partial");
+    let io = |e: std::io::Error| RuntimeError::Io { context: format!("cannot write {}", path.display()), source: e };
+    std::fs::write(&tmp, bytes).map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)?;
+    Ok(Some(name))
+}
+
+impl HeadMeta {
+    /// Refuses a head made for another model or split, naming both.
+    pub fn check(&self, path: &Path, package: &DevicePackage) -> Result<()> {
+        let split = split_label(package);
+        if self.fingerprint != package.manifest.fingerprint || self.split != split {
+            return Err(RuntimeError::Adapter(format!(
+                "{} was made for model {} split {} (fingerprint {}), but this package is {} split {} (fingerprint {}); \
+                 train one with `hat train-adapter --draft-head feature`",
+                path.display(),
+                self.source,
+                self.split,
+                short(&self.fingerprint),
+                package.manifest.source,
+                split,
+                short(&package.manifest.fingerprint)
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn short(fp: &str) -> &str {
+    &fp[..fp.len().min(12)]
+}
+
+/// Reads the description from a head file's header without loading the tensors.
+pub fn read_head_meta(bytes: &[u8], path: &Path) -> Result<HeadMeta> {
+    let bad = |why: String| RuntimeError::Adapter(format!("{} is not a hat draft head: {why}", path.display()));
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
+    let text = meta.metadata().as_ref().and_then(|m| m.get(HEAD_META_KEY)).ok_or_else(|| bad(format!("no `{HEAD_META_KEY}` entry")))?;
+    let meta: HeadMeta = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+    if meta.version != HEAD_FORMAT_VERSION {
+        return Err(bad(format!("format version {} (this hat reads {HEAD_FORMAT_VERSION})", meta.version)));
+    }
+    Ok(meta)
+}
+
+/// Writes head tensors with their description, through a temporary file and a rename.
+pub fn save_head(tensors: &HashMap<String, Tensor>, meta: &HeadMeta, path: &Path) -> Result<()> {
+    let json = serde_json::to_string(meta).map_err(|e| RuntimeError::Adapter(e.to_string()))?;
+    let info: HashMap<String, String> = [(HEAD_META_KEY.to_string(), json)].into();
+    let tmp = path.with_extension("partial");
+    let io = |e: std::io::Error| RuntimeError::Io { context: format!("cannot write {}", tmp.display()), source: e };
+    let data: Vec<(String, Tensor)> = tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let views: Vec<(&str, &Tensor)> = data.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    safetensors::tensor::serialize_to_file(views, Some(info), &tmp)
+        .map_err(|e| RuntimeError::Adapter(format!("cannot write {}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// The draft head's weights, ready for inference.
+#[derive(Debug, Clone)]
+pub struct FeatureHead {
+    low_norm: Norm,
+    high_norm: Norm,
+    top_norm: Norm,
+    fuse: Linear,
+    combine: Linear,
+    layer: Submodel,
+    norm: Norm,
+    /// Full-vocabulary ids of the draft vocabulary.
+    vocab: Vec<u32>,
+    /// The model's LM head rows of the draft vocabulary.
+    ///
+    /// # Shapes
+    /// (draft_vocab, hidden)
+    head_rows: Tensor,
+    /// # Shapes
+    /// (vocab, hidden)
+    embedding: Tensor,
+    full_vocab: usize,
+    pub meta: HeadMeta,
+    pub path: PathBuf,
+}
+
+impl FeatureHead {
+    /// The package's head file, if it has one: `Ok(None)` when absent, an error when it was made for
+    /// another model or split or is damaged.
+    pub fn load_from_package(package: &DevicePackage, device: &Device) -> Result<Option<Self>> {
+        let path = package.dir.join(DRAFT_HEAD_FILE);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        Self::load(&path, package, device).map(Some)
+    }
+
+    pub fn load(path: &Path, package: &DevicePackage, device: &Device) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| RuntimeError::Io { context: format!("cannot read {}", path.display()), source: e })?;
+        let meta = read_head_meta(&bytes, path)?;
+        meta.check(path, package)?;
+        let bad = |why: String| RuntimeError::Adapter(format!("{}: {why}", path.display()));
+        let mut tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| bad(e.to_string()))?;
+        let vocab = tensors.remove(VOCAB_TENSOR).ok_or_else(|| bad(format!("no `{VOCAB_TENSOR}` tensor")))?;
+        let vocab = vocab.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+        Self::from_tensors(tensors, vocab, meta, path.to_path_buf(), package, device)
+    }
+
+    /// Builds a head from its tensors (every name but `vocab`) and the draft vocabulary.
+    pub fn from_tensors(
+        tensors: HashMap<String, Tensor>,
+        vocab: Vec<u32>,
+        meta: HeadMeta,
+        path: PathBuf,
+        package: &DevicePackage,
+        device: &Device,
+    ) -> Result<Self> {
+        let cfg = &package.config;
+        let bad = |why: String| RuntimeError::Adapter(format!("{}: {why}", path.display()));
+        if vocab.is_empty() || vocab.iter().any(|&t| t as usize >= cfg.vocab_size) {
+            return Err(bad(format!("the draft vocabulary must hold 1 to {} ids below {}", cfg.vocab_size, cfg.vocab_size)));
+        }
+        let dtype = package.input.dtype();
+        let vb = VarBuilder::from_tensors(tensors, dtype, device);
+        let load = || -> hat_model::Result<_> {
+            let d = cfg.hidden_size;
+            Ok((
+                Norm::load(d, cfg.rms_norm_eps, vb.pp("low_norm"))?,
+                Norm::load(d, cfg.rms_norm_eps, vb.pp("high_norm"))?,
+                Norm::load(d, cfg.rms_norm_eps, vb.pp("top_norm"))?,
+                linear_no_bias(3 * d, d, vb.pp("fuse"))?,
+                linear_no_bias(2 * d, d, vb.pp("combine"))?,
+                Submodel::load(vb.clone(), cfg, SubmodelKind::Middle, 0..1)?,
+                Norm::load(d, cfg.rms_norm_eps, vb.pp("norm"))?,
+            ))
+        };
+        let (low_norm, high_norm, top_norm, fuse, combine, layer, norm) = load().map_err(|e| bad(e.to_string()))?;
+        let ids = Tensor::new(vocab.as_slice(), device)?;
+        let head_rows = package.output.lm_head_weight()?.to_device(device)?.index_select(&ids, 0)?.contiguous()?;
+        let embedding = package.input.embedding_weight()?.to_device(device)?;
+        Ok(Self {
+            low_norm,
+            high_norm,
+            top_norm,
+            fuse,
+            combine,
+            layer,
+            norm,
+            vocab,
+            head_rows,
+            embedding,
+            full_vocab: cfg.vocab_size,
+            meta,
+            path,
+        })
+    }
+
+    pub fn vocab(&self) -> &[u32] {
+        &self.vocab
+    }
+
+    pub fn config(&self) -> &Config {
+        self.layer.config()
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        self.layer.new_cache()
+    }
+
+    /// Fuses the three verified features of each position.
+    ///
+    /// # Shapes
+    /// low, high, top: (1, seq, hidden) -> (1, seq, hidden)
+    pub fn fuse(&self, low: &Tensor, high: &Tensor, top: &Tensor) -> Result<Tensor> {
+        let x = Tensor::cat(&[self.low_norm.forward(low)?, self.high_norm.forward(high)?, self.top_norm.forward(top)?], D::Minus1)?;
+        Ok(self.fuse.forward(&x)?)
+    }
+
+    /// Runs the head at positions `pos..` of its cache: `g` is the fused feature (or the head's own
+    /// previous output) of each position, `next` the token that follows it.
+    ///
+    /// # Shapes
+    /// g: (1, seq, hidden) -> (1, seq, hidden)
+    pub fn step(&self, g: &Tensor, next: &[u32], pos: usize, cache: &mut KvCache) -> Result<Tensor> {
+        let ids = Tensor::new(next, g.device())?;
+        let e = self.embedding.index_select(&ids, 0)?.unsqueeze(0)?;
+        let x = self.combine.forward(&Tensor::cat(&[g, &e], D::Minus1)?)?;
+        Ok(self.layer.forward_layers(&x, pos, cache)?)
+    }
+
+    /// Draft-vocabulary logits of one position.
+    ///
+    /// # Shapes
+    /// h: (1, 1, hidden) -> (draft_vocab,)
+    pub fn logits(&self, h: &Tensor) -> Result<Vec<f32>> {
+        let n = self.norm.forward(h)?.squeeze(0)?;
+        Ok(n.matmul(&self.head_rows.t()?)?.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+    }
+
+    /// Full-vocabulary logits with every id outside the draft vocabulary at -inf (sampling: the
+    /// rejection rule needs q over the whole vocabulary).
+    pub fn full_logits(&self, draft: &[f32]) -> Vec<f32> {
+        let mut full = vec![f32::NEG_INFINITY; self.full_vocab];
+        for (&id, &l) in self.vocab.iter().zip(draft) {
+            full[id as usize] = l;
+        }
+        full
+    }
+}
+
+/// Top-1 index and its softmax probability.
+pub fn top1(logits: &[f32]) -> (usize, f32) {
+    let best = crate::sampling::argmax(logits) as usize;
+    let m = logits[best];
+    let z: f32 = logits.iter().map(|l| (l - m).exp()).sum();
+    (best, 1.0 / z)
+}
+
+/// Confidence threshold used when neither the head file nor the caller sets one.
+pub const FALLBACK_THRESHOLD: f32 = 0.0;
+
+/// Drafts with a [`FeatureHead`] and keeps its cache in step with verified positions.
+///
+/// Entry q of the head's cache holds (feature of position q, token at q + 1) and predicts the token
+/// at q + 2. Verified positions enter with their true fused features; a draft's own entries use the
+/// head's output and are dropped after the round, when the accepted positions re-enter with the
+/// features the cloud returned.
+#[derive(Debug)]
+pub struct FeatureDrafter {
+    head: FeatureHead,
+    cache: KvCache,
+    threshold: f32,
+    /// The prompt's input states, kept from the prefill until the prompt's round is back.
+    prompt_low: Option<Tensor>,
+    /// Fused true features of positions `cache.len()..` not yet entered into the head.
+    pending: Option<Tensor>,
+    /// The tokens after each pending position, less the newest (the next `last`).
+    pending_next: Vec<u32>,
+}
+
+impl FeatureDrafter {
+    /// `threshold` overrides the head's own default confidence threshold.
+    pub fn new(head: FeatureHead, threshold: Option<f32>) -> Self {
+        let threshold = threshold.unwrap_or(head.meta.threshold);
+        Self { cache: head.new_cache(), head, threshold, prompt_low: None, pending: None, pending_next: Vec::new() }
+    }
+
+    pub fn head(&self) -> &FeatureHead {
+        &self.head
+    }
+
+    pub fn threshold(&self) -> f32 {
+        self.threshold
+    }
+
+    /// # Shapes
+    /// input_states: (1, prompt, hidden)
+    pub fn prefill(&mut self, input_states: &Tensor) -> Result<()> {
+        self.prompt_low = Some(input_states.clone());
+        Ok(())
+    }
+
+    /// # Shapes
+    /// high, top: (1, prompt, hidden)
+    pub fn prefilled(&mut self, prompt: &[u32], high: &Tensor, top: &Tensor) -> Result<()> {
+        let low = self.prompt_low.take().ok_or_else(|| RuntimeError::BadInput("draft head: prompt states missing".into()))?;
+        self.cache.truncate(0);
+        self.pending = Some(self.head.fuse(&low, high, top)?);
+        self.pending_next = prompt[1..].to_vec();
+        Ok(())
+    }
+
+    pub fn propose<M: crate::middle::Middle>(
+        &mut self,
+        pipeline: &mut crate::generate::SplitPipeline<M>,
+        last: u32,
+        pos: usize,
+        k: usize,
+        sampler: &mut crate::sampling::Sampler,
+    ) -> Result<crate::draft::Draft> {
+        let start = self.cache.len();
+        let g = self.pending.take().ok_or_else(|| RuntimeError::BadInput("draft head: no verified features to draft from".into()))?;
+        let mut next = std::mem::take(&mut self.pending_next);
+        next.push(last);
+        if start + next.len() != pos || g.dim(1)? != next.len() {
+            return Err(RuntimeError::BadInput(format!(
+                "draft head out of step: cache {start} + {} pending positions, drafting at {pos}",
+                next.len()
+            )));
+        }
+        let h = self.head.step(&g, &next, start, &mut self.cache)?;
+        let mut h = h.narrow(1, h.dim(1)? - 1, 1)?;
+        let (mut tokens, mut q) = (Vec::with_capacity(k), Vec::new());
+        for j in 0..k {
+            let logits = self.head.logits(&h)?;
+            let (token, confidence) = if sampler.is_greedy() {
+                let (i, p) = top1(&logits);
+                (self.head.vocab[i], p)
+            } else {
+                let dist = sampler.distribution(&self.head.full_logits(&logits));
+                let p = dist.iter().copied().fold(0.0, f32::max);
+                let t = sampler.draw(&dist);
+                q.push(dist);
+                (t, p)
+            };
+            if confidence < self.threshold {
+                q.truncate(tokens.len());
+                break;
+            }
+            tokens.push(token);
+            if j + 1 < k {
+                h = self.head.step(&h, &[token], pos + j, &mut self.cache)?;
+            }
+        }
+        let ids: Vec<u32> = std::iter::once(last).chain(tokens.iter().copied()).collect();
+        let states = pipeline.input_states(&ids, pos)?;
+        Ok(crate::draft::Draft { tokens, q, states })
+    }
+
+    /// Drops the draft's own entries and queues the accepted positions' true features.
+    pub fn commit(&mut self, round: &crate::draft::Verified) -> Result<()> {
+        self.cache.truncate(round.pos);
+        let rows = round.accepted + 1;
+        let low = round.draft.states.narrow(1, 0, rows)?;
+        self.pending = Some(self.head.fuse(&low, &round.high.narrow(1, 0, rows)?, &round.top.narrow(1, 0, rows)?)?);
+        self.pending_next = round.draft.tokens[..round.accepted].to_vec();
+        Ok(())
+    }
+}

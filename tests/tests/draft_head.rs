@@ -1,0 +1,316 @@
+//! The feature draft head. On a tiny random Llama: training's unrolled steps compute exactly what the
+//! drafter's cache computes at inference (the off-by-one guard); sampling with the head still draws
+//! the model's own distribution; a head made for another split is refused and drafting falls back to
+//! U-shaped steps. On the real default model with the shipped head: greedy `hat` over TCP equals
+//! `--mode local` token for token at fixed and adaptive draft lengths; a head that never agrees
+//! loses nothing; `hat split` installs the shipped head by fingerprint.
+
+use std::sync::OnceLock;
+
+use candle_core::{Device, Tensor};
+use hat_adapter_trainer::feature::{initial_tensors, TrainableHead};
+use hat_adapter_trainer::teacher::TeacherSet;
+use hat_adapter_trainer::{run_feature, DeviceChoice, TrainAdapterOptions, TrainError};
+use hat_runtime::draft_head::{install_shipped_head, save_head, split_label, HeadMeta, DRAFT_HEAD_FILE, HEAD_FORMAT_VERSION, VOCAB_TENSOR};
+use hat_runtime::protocol::{WireDType, WireFormat};
+use hat_runtime::{
+    generate, generate_speculative, CloudOptions, CloudPackage, CloudServer, DevicePackage, DeviceRuntime, DraftChoice, Drafter,
+    FeatureHead, GenerateOptions, Generation, LocalPipeline, Mode, Sampler, SamplingOptions, ServerConfig,
+};
+use hat_tests::{chi_square, default_artifacts, max_abs_diff, open_default, second_token_distribution, tiny_artifacts, TinyLlama, PROMPTS};
+
+struct Tiny {
+    _dir: tempfile::TempDir,
+    device: DevicePackage,
+    cloud: CloudPackage,
+}
+
+fn tiny(input: usize, output: usize) -> Tiny {
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = tiny_artifacts(dir.path(), &TinyLlama::default(), input, output);
+    let device = DevicePackage::open(&out.join("device"), &Device::Cpu).expect("device");
+    let cloud = CloudPackage::open(&out.join("cloud"), &Device::Cpu).expect("cloud");
+    Tiny { _dir: dir, device, cloud }
+}
+
+fn meta_for(device: &DevicePackage, threshold: f32) -> HeadMeta {
+    HeadMeta {
+        version: HEAD_FORMAT_VERSION,
+        fingerprint: device.manifest.fingerprint.clone(),
+        split: split_label(device),
+        source: device.manifest.source.clone(),
+        threshold,
+        made_by: "test".into(),
+    }
+}
+
+/// An untrained head over the whole tiny vocabulary.
+fn untrained(t: &Tiny) -> TrainableHead {
+    let vocab: Vec<u32> = (0..t.device.config.vocab_size as u32).collect();
+    TrainableHead::new(initial_tensors(&t.device, 3).expect("init"), vocab, &t.device, &Device::Cpu).expect("head")
+}
+
+/// Step s of training's unrolled forward at entry r is the drafter's state after entering true
+/// features up to position r - s and then s self-fed drafts: the same numbers, at every s and r.
+#[test]
+fn unrolled_training_steps_equal_the_drafters_cache() {
+    let t = tiny(1, 1);
+    let head = untrained(&t);
+    let seq: Vec<u32> = vec![3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 9, 3, 2, 38];
+    let teacher =
+        TeacherSet::compute(&t.device, &t.cloud, std::slice::from_ref(&seq), 4, true, &indicatif::ProgressBar::hidden()).expect("teacher");
+    let top = teacher.top.as_ref().expect("top states");
+    let n = seq.len();
+    let m = n - 1;
+    let steps = 3;
+    let outs = head
+        .unrolled(
+            &teacher.x.narrow(0, 0, m).expect("tensor"),
+            &teacher.y.narrow(0, 0, m).expect("tensor"),
+            &top.narrow(0, 0, m).expect("tensor"),
+            &seq[1..],
+            steps,
+        )
+        .expect("unrolled");
+    let runtime = head.to_runtime(&t.device, meta_for(&t.device, 0.0), "test".into()).expect("runtime head");
+    let mut worst = 0f32;
+    for start in 0..m - steps {
+        let mut cache = runtime.new_cache();
+        let rows = |x: &Tensor| x.narrow(0, 0, start + 1).expect("tensor").unsqueeze(0).expect("tensor");
+        let g = runtime.fuse(&rows(&teacher.x), &rows(&teacher.y), &rows(top)).expect("fuse");
+        let h = runtime.step(&g, &seq[1..start + 2], 0, &mut cache).expect("step");
+        let mut h = h.narrow(1, start, 1).expect("tensor");
+        worst = worst.max(max_abs_diff(&h, &outs[0].narrow(1, start, 1).expect("tensor")));
+        for (s, out) in outs.iter().enumerate().skip(1) {
+            let r = start + s;
+            h = runtime.step(&h, &seq[r + 1..r + 2], r, &mut cache).expect("chain step");
+            worst = worst.max(max_abs_diff(&h, &out.narrow(1, r, 1).expect("tensor")));
+        }
+    }
+    eprintln!("unrolled training vs drafter cache: max abs diff {worst:e}");
+    assert!(worst < 1e-4, "training's unrolled steps and the drafter disagree by {worst}");
+}
+
+/// With temperature, speculation with the head (q restricted to its vocabulary) keeps the model's own
+/// distribution of the second generated token (chi-square over many seeds; see cloud_server.rs).
+#[test]
+fn sampling_with_the_head_draws_the_models_distribution() {
+    let t = tiny(1, 1);
+    // A head over half the vocabulary: some of the model's tokens can never be drafted.
+    let vocab: Vec<u32> = (0..t.device.config.vocab_size as u32 / 2).collect();
+    let trainable = TrainableHead::new(initial_tensors(&t.device, 5).expect("init"), vocab, &t.device, &Device::Cpu).expect("head");
+    let head = trainable.to_runtime(&t.device, meta_for(&t.device, 0.0), "test".into()).expect("runtime head");
+    let sampling = SamplingOptions { temperature: 0.7, top_p: None, seed: 0 };
+    let prompt = [5u32, 17, 9, 30];
+    let dist = Sampler::new(sampling);
+    let vocab = t.device.config.vocab_size;
+    let mut model = LocalPipeline::new(&t.device, &t.cloud).expect("pipeline");
+    let (_, exact) = second_token_distribution(&mut model, &prompt, &dist);
+    let mut counts = vec![0usize; vocab];
+    let (mut accepted, mut drafted) = (0, 0);
+    let mut drafter = Drafter::feature(head, Some(0.0));
+    for seed in 0..4000 {
+        let opts = GenerateOptions { max_tokens: 5, sampling: SamplingOptions { seed, ..sampling }, eos: vec![], ..Default::default() };
+        let g = generate_speculative(&mut model, &mut drafter, &prompt, &opts, 3, |_| {}).expect("generate");
+        counts[g.tokens[1] as usize] += 1;
+        accepted += g.accepted;
+        drafted += g.drafted;
+    }
+    assert!(accepted > 0 && accepted < drafted, "both branches ran: {accepted} of {drafted} drafts accepted");
+    let (stat, critical) = chi_square(&counts, &exact);
+    eprintln!("chi-square {stat:.1} (critical ~{critical:.1}); {accepted}/{drafted} drafts accepted");
+    assert!(stat < critical, "speculative samples with the head do not follow the model: {stat:.1} > {critical:.1}");
+}
+
+/// A head saved for one split is refused by a package of another, with both named; the device then
+/// drafts nothing (U-shaped steps, same tokens) instead of drafting wrongly.
+#[test]
+fn a_head_for_another_split_is_refused_and_drafting_falls_back_to_none() {
+    let a = tiny(1, 1);
+    let b = tiny(2, 1);
+    let trainable = untrained(&a);
+    let path = b.device.dir.join(DRAFT_HEAD_FILE);
+    save_head(&trainable.file_tensors(candle_core::DType::F16).expect("tensors"), &meta_for(&a.device, 0.0), &path).expect("save");
+    let err = FeatureHead::load(&path, &b.device, &Device::Cpu).expect_err("refused");
+    let msg = err.to_string();
+    assert!(msg.contains("split 1/2/1") && msg.contains("split 2/1/1"), "{msg}");
+    assert_eq!(msg.lines().count(), 1, "{msg}");
+
+    let runtime = DeviceRuntime::open(&b.device.dir).expect("device runtime").with_draft_choice(DraftChoice::Feature, None);
+    assert_eq!(runtime.new_drafter().kind(), "none");
+    assert!(runtime.draft_note().expect("a note").contains("split 1/2/1"), "{:?}", runtime.draft_note());
+    let prompt = [4u32, 8, 15, 16];
+    let opts = GenerateOptions { max_tokens: 12, ..Default::default() };
+    let mut pipeline = LocalPipeline::new(&b.device, &b.cloud).expect("pipeline");
+    let want = generate(&mut pipeline, &prompt, &opts, |_| {}).expect("local").tokens;
+    let mut pipeline = LocalPipeline::new(&b.device, &b.cloud).expect("pipeline");
+    let g = generate_speculative(&mut pipeline, &mut runtime.new_drafter(), &prompt, &opts, 4, |_| {}).expect("hat");
+    assert_eq!(g.tokens, want);
+    assert_eq!((g.drafted, g.rounds), (0, want.len() - 1), "no drafts, one round per token");
+
+    // A file that is not a head at all gets a one-line cause too.
+    std::fs::write(&path, b"not safetensors").expect("write");
+    let msg = FeatureHead::load(&path, &b.device, &Device::Cpu).expect_err("refused").to_string();
+    assert!(msg.contains("not a hat draft head"), "{msg}");
+}
+
+fn head_options(art: &std::path::Path, data: &std::path::Path, steps: usize) -> TrainAdapterOptions {
+    let mut o = TrainAdapterOptions::new(art);
+    o.data = Some(data.to_path_buf());
+    o.steps = Some(steps);
+    o.device = DeviceChoice::Cpu;
+    o.batch = 2;
+    o.seq_len = 16;
+    o.distill_tokens = 10;
+    o.draft_vocab = 32;
+    o.eval_prompts = 2;
+    o.eval_tokens = 6;
+    o.thresholds = vec![0.3];
+    o.checkpoint_every = 2;
+    o.progress = false;
+    o.optimizer.lr = 3e-3;
+    o.optimizer.warmup_steps = 2;
+    o
+}
+
+/// `hat train-adapter --draft-head feature` on the tiny model: the data lines up (the alignment
+/// check), the report says what it measured, and a run interrupted and resumed ends bit-identical
+/// to an uninterrupted one, with no head file until training ends.
+#[test]
+fn head_training_reports_and_resumes_bit_identically() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let art_a = tiny_artifacts(&a, &TinyLlama::default(), 1, 1);
+    let art_b = tiny_artifacts(&b, &TinyLlama::default(), 1, 1);
+    let data = tmp.path().join("data.txt");
+    let docs: Vec<String> =
+        (0..6).map(|d| (0..12).map(|i| format!("w{}", 3 + (i * 7 + d * 13) % 60)).collect::<Vec<_>>().join(" ")).collect();
+    std::fs::write(&data, docs.join("\n\n")).expect("data");
+
+    let report = run_feature(&head_options(&art_a, &data, 8)).expect("uninterrupted");
+    assert_eq!(report.steps, 8);
+    assert!(report.alignment > 0.99, "teacher targets and tokens line up: {}", report.alignment);
+    assert_eq!(report.before.teacher_forced_top1.len(), 3);
+    assert_eq!(report.adaptive.len(), 1);
+    assert!(report.after.fixed.rounds > 0);
+    let head_a = art_a.join("device").join(DRAFT_HEAD_FILE);
+    let runtime = DeviceRuntime::open(&art_a.join("device")).expect("runtime");
+    assert_eq!(runtime.new_drafter().kind(), "feature", "the runtime picks the trained head up");
+
+    let mut cut = head_options(&art_b, &data, 8);
+    cut.stop_after = Some(3);
+    match run_feature(&cut) {
+        Err(TrainError::Interrupted { step: 3, total: 8 }) => {}
+        other => panic!("expected an interruption at step 3, got {other:?}"),
+    }
+    let head_b = art_b.join("device").join(DRAFT_HEAD_FILE);
+    assert!(!head_b.exists(), "no head until training finishes");
+    let mut resume = head_options(&art_b, &data, 8);
+    resume.resume = true;
+    assert_eq!(run_feature(&resume).expect("resumed").steps, 8);
+    let wa = candle_core::safetensors::load(&head_a, &Device::Cpu).expect("a");
+    let wb = candle_core::safetensors::load(&head_b, &Device::Cpu).expect("b");
+    assert_eq!(wa.len(), wb.len());
+    for (name, t) in &wa {
+        assert_eq!(
+            max_abs_diff(
+                &t.to_dtype(candle_core::DType::F32).expect("tensor"),
+                &wb[name].to_dtype(candle_core::DType::F32).expect("tensor")
+            ),
+            0.0,
+            "{name} differs after resuming"
+        );
+    }
+}
+
+// ---- The real default model with the shipped head.
+
+const NEW_TOKENS: usize = 64;
+
+struct Real {
+    device: DeviceRuntime,
+    cloud: CloudPackage,
+    prompts: Vec<Vec<u32>>,
+    local: Vec<Vec<u32>>,
+}
+
+fn real() -> &'static Real {
+    static REAL: OnceLock<Real> = OnceLock::new();
+    REAL.get_or_init(|| {
+        let dir = default_artifacts().join("device");
+        let name = install_shipped_head(&dir).expect("install").expect("a head ships for the default model split 2/2");
+        eprintln!("shipped head: {name}");
+        let (device, cloud) = open_default();
+        assert!(device.head().is_some(), "the shipped head loads");
+        let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|p| device.prompt_ids(p, true).expect("encode")).collect();
+        let local = prompts
+            .iter()
+            .map(|p| {
+                let mut pipeline = LocalPipeline::new(&device.package, &cloud).expect("pipeline");
+                generate(&mut pipeline, p, &GenerateOptions { max_tokens: NEW_TOKENS, ..Default::default() }, |_| {}).expect("local").tokens
+            })
+            .collect();
+        Real { device, cloud, prompts, local }
+    })
+}
+
+fn run_all(device: &DeviceRuntime, server: &CloudServer, k: usize) -> Vec<Generation> {
+    let mut o = CloudOptions::new(server.local_addr().to_string());
+    o.wire = WireFormat { dtype: WireDType::F32, zstd: false };
+    let mut session = device.connect(o).expect("connect");
+    assert_eq!(session.drafter().kind(), "feature");
+    let opts = GenerateOptions { max_tokens: NEW_TOKENS, ..Default::default() };
+    real().prompts.iter().map(|p| session.generate(p, &opts, Mode::Hat { draft_len: k }, |_| {}).expect("generate")).collect()
+}
+
+fn assert_equal_local(label: &str, gens: &[Generation]) -> f64 {
+    for (i, g) in gens.iter().enumerate() {
+        assert_eq!(g.tokens, real().local[i], "{label}, prompt {i}: tokens differ from --mode local");
+    }
+    let rounds: usize = gens.iter().map(|g| g.rounds).sum();
+    let gained: usize = gens.iter().map(|g| g.tokens.len() - 1).sum();
+    let drafted: usize = gens.iter().map(|g| g.drafted).sum();
+    let a = gained as f64 / rounds as f64;
+    eprintln!("{label}: equal to local; accept_len {a:.3}, {:.2} drafts per round", drafted as f64 / rounds as f64);
+    a
+}
+
+#[test]
+fn shipped_head_greedy_equals_local_at_fixed_and_adaptive_draft_lengths() {
+    let r = real();
+    let server = CloudServer::start(&r.cloud, ServerConfig { log: false, ..Default::default() }, "127.0.0.1:0").expect("cloud");
+    let dir = default_artifacts().join("device");
+    let fixed = DeviceRuntime::open(&dir).expect("device").with_draft_choice(DraftChoice::Feature, Some(0.0));
+    let a4 = assert_equal_local("feature head, k=4, no early stop", &run_all(&fixed, &server, 4));
+    assert_equal_local("feature head, k=1", &run_all(&fixed, &server, 1));
+    let adaptive = DeviceRuntime::open(&dir).expect("device").with_draft_choice(DraftChoice::Feature, None);
+    assert_equal_local("feature head, k=6, adaptive", &run_all(&adaptive, &server, 6));
+    let strict = DeviceRuntime::open(&dir).expect("device").with_draft_choice(DraftChoice::Feature, Some(0.9));
+    assert_equal_local("feature head, k=4, threshold 0.9", &run_all(&strict, &server, 4));
+    // These prompts were not in the head's training prompts; the trained head must gain well over
+    // the one token per round of U-shaped decoding.
+    assert!(a4 > 1.2, "the shipped head gains only {a4:.3} tokens per round");
+}
+
+/// The worst case: a head whose only draft token the model never produces here. Every draft is
+/// rejected and the output is still exact.
+#[test]
+fn a_head_that_never_agrees_loses_no_token() {
+    let r = real();
+    let dir = default_artifacts().join("device");
+    let bytes = std::fs::read(dir.join(DRAFT_HEAD_FILE)).expect("head file");
+    let mut tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).expect("tensors");
+    tensors.remove(VOCAB_TENSOR);
+    let never =
+        (0..r.device.package.config.vocab_size as u32).rev().find(|t| r.local.iter().all(|l| !l.contains(t))).expect("an unused id");
+    let meta = r.device.head().expect("head").meta.clone();
+    let head =
+        FeatureHead::from_tensors(tensors, vec![never], meta, dir.join(DRAFT_HEAD_FILE), &r.device.package, &Device::Cpu).expect("head");
+    let device = DeviceRuntime::open(&dir).expect("device").with_head(head).with_draft_choice(DraftChoice::Feature, Some(0.0));
+    let server = CloudServer::start(&r.cloud, ServerConfig { log: false, ..Default::default() }, "127.0.0.1:0").expect("cloud");
+    let gens = run_all(&device, &server, 4);
+    assert_equal_local("head that never agrees", &gens);
+    let (accepted, drafted) = gens.iter().fold((0, 0), |(a, d), g| (a + g.accepted, d + g.drafted));
+    assert_eq!(accepted, 0, "{accepted} of {drafted} drafts accepted");
+    assert!(drafted > 0);
+}
