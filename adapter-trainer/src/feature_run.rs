@@ -9,7 +9,6 @@ use std::time::Instant;
 
 use candle_core::DType;
 use hat_runtime::draft_head::{save_head, split_label, HeadMeta, DRAFT_HEAD_FILE, HEAD_FORMAT_VERSION};
-use hat_runtime::package::{default_device, CLOUD_DIR, DEVICE_DIR};
 use hat_runtime::{CloudPackage, DevicePackage, Drafter};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
@@ -22,7 +21,7 @@ use crate::feature::{alignment, draft_vocab, initial_tensors, teacher_forced_top
 use crate::optim::AdamW;
 use crate::teacher::{teacher_key_for, TeacherSet};
 use crate::train::{Checkpoint, CheckpointMeta, TrainConfig};
-use crate::{bar, interrupt_flag, select_device, train_config, write_atomically, TrainAdapterOptions, WORK_DIR};
+use crate::{bar, interrupt_flag, open_packages, train_config, write_atomically, Opened, TrainAdapterOptions, WORK_DIR};
 
 /// The prompts the project ships for training the draft head (none of them held out).
 pub const HEAD_PROMPTS: &str = include_str!("../prompts/draft-head.txt");
@@ -143,14 +142,7 @@ pub fn run_feature(opts: &TrainAdapterOptions) -> Result<HeadReport> {
     if opts.batch == 0 || opts.seq_len < 3 || opts.draft_vocab == 0 || opts.head_loss.unroll == 0 {
         return Err(TrainError::BadInput("--batch, --draft-vocab and --unroll must be at least 1, --seq-len at least 3".into()));
     }
-    let train_device = select_device(opts.device)?;
-    let cpu = default_device();
-    let device_dir = opts.artifacts.join(DEVICE_DIR);
-    let device = DevicePackage::open(&device_dir, &cpu)?;
-    let cloud = CloudPackage::open(&opts.artifacts.join(CLOUD_DIR), &cpu)?;
-    device.check_pair(&cloud.manifest, &cloud.dir)?;
-    let work = device_dir.join(WORK_DIR);
-    std::fs::create_dir_all(&work).map_err(|e| TrainError::io(format!("cannot create {}", work.display()), e))?;
+    let Opened { train_device, device_dir, device, cloud, work } = open_packages(opts)?;
 
     // Prompts: the data file's, or the shipped set; the held-out prompts are never among them.
     let heldout_prompts: Vec<String> = prompt_lines(HELDOUT_PROMPTS).into_iter().take(opts.eval_prompts).collect();

@@ -247,14 +247,7 @@ pub fn run(opts: &TrainAdapterOptions) -> Result<TrainReport> {
     if opts.adapter_layers == 0 || opts.batch == 0 || opts.seq_len < 2 {
         return Err(TrainError::BadInput("--adapter-layers and --batch must be at least 1, --seq-len at least 2".into()));
     }
-    let train_device = select_device(opts.device)?;
-    let cpu = default_device();
-    let device_dir = opts.artifacts.join(DEVICE_DIR);
-    let device = DevicePackage::open(&device_dir, &cpu)?;
-    let cloud = CloudPackage::open(&opts.artifacts.join(CLOUD_DIR), &cpu)?;
-    device.check_pair(&cloud.manifest, &cloud.dir)?;
-    let work = device_dir.join(WORK_DIR);
-    std::fs::create_dir_all(&work).map_err(|e| TrainError::io(format!("cannot create {}", work.display()), e))?;
+    let Opened { train_device, device_dir, device, cloud, work } = open_packages(opts)?;
 
     // Data and teacher targets (both cached by content).
     let seqs = sequences(opts, &device, &cloud)?;
@@ -368,6 +361,27 @@ pub fn run(opts: &TrainAdapterOptions) -> Result<TrainReport> {
         std::fs::write(tmp, &json).map_err(|e| TrainError::io(format!("cannot write {}", tmp.display()), e))
     })?;
     Ok(report)
+}
+
+/// The packages training reads, opened on the CPU and checked to be one split, and the work folder.
+struct Opened {
+    train_device: Device,
+    device_dir: PathBuf,
+    device: DevicePackage,
+    cloud: CloudPackage,
+    work: PathBuf,
+}
+
+fn open_packages(opts: &TrainAdapterOptions) -> Result<Opened> {
+    let train_device = select_device(opts.device)?;
+    let cpu = default_device();
+    let device_dir = opts.artifacts.join(DEVICE_DIR);
+    let device = DevicePackage::open(&device_dir, &cpu)?;
+    let cloud = CloudPackage::open(&opts.artifacts.join(CLOUD_DIR), &cpu)?;
+    device.check_pair(&cloud.manifest, &cloud.dir)?;
+    let work = device_dir.join(WORK_DIR);
+    std::fs::create_dir_all(&work).map_err(|e| TrainError::io(format!("cannot create {}", work.display()), e))?;
+    Ok(Opened { train_device, device_dir, device, cloud, work })
 }
 
 /// Steps (from --steps, or --epochs over `positions` teacher positions) and the rest of the loop's
