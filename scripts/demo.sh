@@ -27,7 +27,13 @@ done
 
 echo "== HAT: the device drafts with its draft head, the cloud verifies every draft in one round trip" >&2
 target/release/hat generate --artifacts artifacts --cloud "$addr" --mode hat --draft-len 4 \
-    --link-mbps 50 --link-rtt-ms 40 --chat --prompt "$PROMPT"
+    --link-mbps 50 --link-rtt-ms 40 --chat --prompt "$PROMPT" 2> >(tee "$work/hat.stats" >&2)
 echo "== U-shaped: one round trip per token, same link, same reply" >&2
 target/release/hat generate --artifacts artifacts --cloud "$addr" --mode ushape \
-    --link-mbps 50 --link-rtt-ms 40 --chat --prompt "$PROMPT"
+    --link-mbps 50 --link-rtt-ms 40 --chat --prompt "$PROMPT" 2> >(tee "$work/ushape.stats" >&2)
+sleep 0.2 # let tee finish writing
+tbt() { sed -n 's/.*TBT \([0-9.]*\) ms.*/\1/p' "$1" | tail -1; }
+hat_tbt=$(tbt "$work/hat.stats") ushape_tbt=$(tbt "$work/ushape.stats")
+if [ -n "$hat_tbt" ] && [ -n "$ushape_tbt" ]; then
+    awk -v h="$hat_tbt" -v u="$ushape_tbt" 'BEGIN { printf "== time per token: HAT %.1f ms, U-shaped %.1f ms: HAT takes %.2fx U-shaped'"'"'s time\n", h, u, h / u }' >&2
+fi

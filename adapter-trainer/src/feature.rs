@@ -93,8 +93,7 @@ pub fn initial_tensors(package: &DevicePackage, seed: u64) -> Result<HashMap<Str
     let d = cfg.hidden_size;
     let cpu = Device::Cpu;
     let last = cfg.num_layers - 1;
-    let path = package.dir.join("output.safetensors");
-    let shard = candle_core::safetensors::load(&path, &cpu)?;
+    let shard = hat_runtime::package::dense_shard_tensors(&package.dir, &package.manifest, "output")?;
     let prefix = format!("{}.{last}.", hat_model::names::LAYERS_PREFIX);
     let mut t = HashMap::new();
     for (name, w) in &shard {
@@ -103,7 +102,10 @@ pub fn initial_tensors(package: &DevicePackage, seed: u64) -> Result<HashMap<Str
         }
     }
     if t.is_empty() {
-        return Err(TrainError::BadInput(format!("{} holds no layer {last} to start the draft head from", path.display())));
+        return Err(TrainError::BadInput(format!(
+            "{}'s output shard holds no layer {last} to start the draft head from",
+            package.dir.display()
+        )));
     }
     let norm = package.output.final_norm_weight()?.to_dtype(DType::F32)?.to_device(&cpu)?;
     let ones = Tensor::ones(d, DType::F32, &cpu)?;

@@ -178,7 +178,7 @@ pub fn run_feature(opts: &TrainAdapterOptions) -> Result<HeadReport> {
     let steps = config.steps;
     let meta_for = |threshold: f32| HeadMeta {
         version: HEAD_FORMAT_VERSION,
-        fingerprint: device.manifest.fingerprint.clone(),
+        fingerprint: device.manifest.weights_fingerprint().to_string(),
         split: split_label(&device),
         source: device.manifest.source.clone(),
         threshold,

@@ -12,7 +12,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
 
 use crate::bench_report::{self, Run};
-use crate::common::{read_token, spawn_cloud, LinkArg};
+use crate::common::{read_token, LinkArg};
+use crate::placement::spawn_cloud_process;
 
 /// Benchmark HAT against its baselines: the same prompts, the same emulated links, modes interleaved.
 ///
@@ -34,8 +35,8 @@ use crate::common::{read_token, spawn_cloud, LinkArg};
 /// For every link, every prompt runs in every mode before the next prompt starts, and the mode order
 /// rotates from prompt to prompt, so machine noise hits all modes alike. Greedy decoding; every mode's
 /// tokens are compared with the `cloud` (or else `ushape`) tokens of the same prompt. The cloud and
-/// sd baselines need a cloud that serves the unsplit model: `--spawn-cloud` starts one in this
-/// process, or start yours with `hat serve cloud --token-baselines DIR/device`.
+/// sd baselines need a cloud that serves the unsplit model: `--spawn-cloud` starts one (its own
+/// process on its own cores), or start yours with `hat serve cloud --token-baselines DIR/device`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// The directory `hat split --out` wrote.
@@ -44,9 +45,13 @@ pub struct BenchArgs {
     /// host:port of `hat serve cloud`.
     #[arg(long, required_unless_present = "spawn_cloud", conflicts_with = "spawn_cloud")]
     cloud: Option<String>,
-    /// Run the cloud in this process from DIR/cloud (cloud and device then share this machine).
+    /// Start the cloud from DIR/cloud as its own `hat serve cloud` process on its own CPUs, with this
+    /// process (the device) pinned to the others, so the two never compete for a core.
     #[arg(long)]
     spawn_cloud: bool,
+    /// With --spawn-cloud: CPUs given to the cloud process (default: half of them).
+    #[arg(long, requires = "spawn_cloud")]
+    cloud_cores: Option<usize>,
     /// Prompt file: JSON lines with `text`, and optional `name` and `kind` (short, long, ...).
     /// The project ships profiles/bench-prompts.jsonl.
     #[arg(long)]
@@ -234,6 +239,19 @@ pub fn run(args: BenchArgs, quiet: bool) -> Result<()> {
     }
     let mut modes = args.modes.clone();
     modes.dedup();
+    // Before any compute starts threads: the spawned cloud takes its cores, this process the rest.
+    let server = if args.spawn_cloud {
+        Some(spawn_cloud_process(&args.artifacts, modes.iter().any(BenchMode::exposes_tokens), args.cloud_cores)?)
+    } else {
+        None
+    };
+    let placement = match &server {
+        Some(s) => s.placement.clone(),
+        None => format!("cloud at {} (not placed by hat bench)", args.cloud.as_deref().unwrap_or("?")),
+    };
+    if !quiet {
+        eprintln!("placement: {placement}");
+    }
     let device = DeviceRuntime::open(&args.artifacts.join(DEVICE_DIR))?.with_draft_choice(DraftChoice::Auto, args.draft_threshold);
     if !quiet {
         if let Some(note) = device.draft_note() {
@@ -242,10 +260,8 @@ pub fn run(args: BenchArgs, quiet: bool) -> Result<()> {
     }
     let prompts = read_prompts(&args, &device)?;
     let table = Profile::load_if_present(&device.package.dir, &device.package.manifest.fingerprint)?.map(|p| Arc::new(p.table));
-    let server =
-        if args.spawn_cloud { Some(spawn_cloud(&args.artifacts, &device, modes.iter().any(BenchMode::exposes_tokens))?) } else { None };
     let addr = match (&server, &args.cloud) {
-        (Some(s), _) => s.local_addr().to_string(),
+        (Some(s), _) => s.addr.clone(),
         (None, Some(a)) => a.clone(),
         (None, None) => bail!("pass --cloud HOST:PORT or --spawn-cloud"),
     };
@@ -288,7 +304,8 @@ pub fn run(args: BenchArgs, quiet: bool) -> Result<()> {
     bar.finish_and_clear();
     drop(server);
 
-    let report = bench_report::Report::new(&args.links.iter().map(LinkArg::label).collect::<Vec<_>>(), &modes, runs, args.max_tokens);
+    let report =
+        bench_report::Report::new(&args.links.iter().map(LinkArg::label).collect::<Vec<_>>(), &modes, runs, args.max_tokens, placement);
     print!("{}", report.render());
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write {}", path.display()))?;

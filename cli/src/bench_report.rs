@@ -156,13 +156,15 @@ pub struct Ratio {
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub max_tokens: usize,
+    /// Where device and cloud computed (which CPUs, which process).
+    pub placement: String,
     pub summaries: Vec<Summary>,
     pub hat_over_ushape: Vec<Ratio>,
     pub runs: Vec<Run>,
 }
 
 impl Report {
-    pub fn new(links: &[String], modes: &[BenchMode], runs: Vec<Run>, max_tokens: usize) -> Self {
+    pub fn new(links: &[String], modes: &[BenchMode], runs: Vec<Run>, max_tokens: usize, placement: String) -> Self {
         let kinds: Vec<String> = runs.iter().map(|r| r.kind.clone()).collect::<BTreeSet<_>>().into_iter().rev().collect();
         let mut summaries = Vec::new();
         let mut ratios = Vec::new();
@@ -183,12 +185,13 @@ impl Report {
                 }
             }
         }
-        Report { max_tokens, summaries, hat_over_ushape: ratios, runs }
+        Report { max_tokens, placement, summaries, hat_over_ushape: ratios, runs }
     }
 
     /// The summary as a Markdown table, then the ratios.
     pub fn render(&self) -> String {
-        let mut out = String::from(
+        let mut out = format!("placement: {}\n\n", self.placement);
+        out += &String::from(
             "| link | prompts | mode | TTFT ms mean / p50 / p99 | TBT ms mean / p50 / p99 | tok/s | accept_len | B/token up / down | prefill kB up | chunk | same tokens |\n\
              |---|---|---|---|---|---|---|---|---|---|---|\n",
         );

@@ -1,5 +1,4 @@
-//! Argument handling shared by several subcommands: secrets, emulated links, chunk sizes, and a
-//! cloud started inside this process.
+//! Argument handling shared by several subcommands: secrets, emulated links, chunk sizes.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -8,9 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use hat_profiles::Profile;
-use hat_runtime::baseline::WholeModel;
-use hat_runtime::package::{default_device, CLOUD_DIR};
-use hat_runtime::{Chunking, CloudPackage, CloudServer, DeviceRuntime, LinkEmulation, ServerConfig};
+use hat_runtime::{Chunking, DeviceRuntime, LinkEmulation};
 
 /// Reads a shared secret from a file (whitespace around it is ignored).
 pub fn read_token(path: &Path) -> Result<String> {
@@ -104,15 +101,6 @@ pub fn chunking(arg: Option<ChunkArg>, device: &DeviceRuntime, quiet: bool) -> R
             }
         },
     })
-}
-
-/// Starts a cloud server in this process on a free loopback port, from `artifacts/cloud`, optionally
-/// with the unsplit model for the token baselines.
-pub fn spawn_cloud(artifacts: &Path, device: &DeviceRuntime, baselines: bool) -> Result<CloudServer> {
-    let cloud = CloudPackage::open(&artifacts.join(CLOUD_DIR), &default_device())?;
-    let whole = if baselines { Some(Arc::new(WholeModel::new(&device.package, &cloud)?)) } else { None };
-    let cfg = ServerConfig { log: false, baselines: whole, ..ServerConfig::default() };
-    Ok(CloudServer::start(&cloud, cfg, "127.0.0.1:0")?)
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@ mod bench_cmd;
 mod bench_report;
 mod common;
 mod generate_cmd;
+mod placement;
 mod plot;
 mod profile_cmd;
 mod serve_cmd;

@@ -6,7 +6,8 @@ use hat_profiles::{measure, Profile, ProfileOptions};
 use hat_runtime::package::DEVICE_DIR;
 use hat_runtime::{CloudOptions, DeviceRuntime};
 
-use crate::common::{read_token, spawn_cloud, LinkArg};
+use crate::common::{read_token, LinkArg};
+use crate::placement::spawn_cloud_process;
 
 /// Measure the device, the cloud and the link, and write the prompt chunk-size table.
 ///
@@ -22,10 +23,13 @@ pub struct ProfileArgs {
     /// The directory `hat split --out` wrote.
     #[arg(long)]
     artifacts: PathBuf,
-    /// host:port of `hat serve cloud`; without it a cloud runs in this process from DIR/cloud (then
-    /// cloud and device share this machine's cores).
+    /// host:port of `hat serve cloud`; without it the cloud runs from DIR/cloud as its own process
+    /// pinned to its own CPUs, and this process (the device) to the others.
     #[arg(long)]
     cloud: Option<String>,
+    /// Without --cloud: CPUs given to the cloud process (default: half of them).
+    #[arg(long, conflicts_with = "cloud")]
+    cloud_cores: Option<usize>,
     /// Where to write the profile (default DIR/device/profile.json).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -50,6 +54,12 @@ pub fn run(args: ProfileArgs, quiet: bool) -> Result<()> {
     if args.reps == 0 {
         bail!("--reps must be at least 1");
     }
+    // Without --cloud, the cloud runs as its own process on its own cores (before any compute here
+    // starts threads), as it would on its own machine.
+    let spawned = match &args.cloud {
+        Some(_) => None,
+        None => Some(spawn_cloud_process(&args.artifacts, false, args.cloud_cores)?),
+    };
     let device = DeviceRuntime::open(&args.artifacts.join(DEVICE_DIR))?;
     let mut sizes = args.sizes.clone();
     sizes.sort_unstable();
@@ -58,9 +68,9 @@ pub fn run(args: ProfileArgs, quiet: bool) -> Result<()> {
     let (server, addr, label) = match &args.cloud {
         Some(a) => (None, a.clone(), a.clone()),
         None => {
-            let s = spawn_cloud(&args.artifacts, &device, false)?;
-            let a = s.local_addr().to_string();
-            (Some(s), a, "in-process (same machine)".to_string())
+            let s = spawned.context("the cloud process")?;
+            let (a, label) = (s.addr.clone(), format!("local process: {}", s.placement));
+            (Some(s), a, label)
         }
     };
     let mut cloud = CloudOptions::new(addr);

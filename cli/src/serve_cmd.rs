@@ -46,10 +46,17 @@ struct CloudArgs {
     /// `cloud` and `sd` baselines. Those send token ids to the cloud: for benchmarks only.
     #[arg(long, value_name = "DEVICE_DIR")]
     token_baselines: Option<PathBuf>,
+    /// Run only on these CPUs (e.g. `1` or `2-3`), with one compute thread per CPU. `hat bench
+    /// --spawn-cloud` uses it to keep the cloud off the device's cores.
+    #[arg(long, value_name = "LIST")]
+    cpus: Option<crate::placement::Cpus>,
 }
 
 pub fn run(args: ServeArgs, quiet: bool) -> Result<()> {
     let Side::Cloud(args) = args.side;
+    if let Some(cpus) = &args.cpus {
+        crate::placement::pin_self(&cpus.0)?;
+    }
     if args.max_sessions == 0 {
         anyhow::bail!("--max-sessions must be at least 1");
     }

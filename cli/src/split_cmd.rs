@@ -2,13 +2,14 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
+use hat_model::Quant;
 use hat_splitter::{load_model, split_model, DType, ModelSource, SplitOptions};
 
 /// Cut a model into a device package and a cloud package.
 ///
-/// Writes OUT/device (hat.json, tokenizer.json, input.safetensors, output.safetensors,
-/// adapter-init.safetensors) and OUT/cloud
-/// (hat.json, middle.safetensors). The cloud package holds no embedding, no LM head and no tokenizer.
+/// Writes OUT/device (hat.json, tokenizer.json, input and output shards, adapter-init.safetensors)
+/// and OUT/cloud (hat.json, the middle shard). The cloud package holds no embedding, no LM head and
+/// no tokenizer. Shards are GGUF (input.gguf, ...) when quantized, safetensors when f32 or f16.
 #[derive(Args, Debug)]
 pub struct SplitArgs {
     /// A Hugging Face model id (org/name; honours HF_HOME and HF_HUB_OFFLINE), a directory with
@@ -21,9 +22,18 @@ pub struct SplitArgs {
     /// Decoder layers kept on the device after the cloud part (with the final norm and LM head).
     #[arg(long)]
     output_layers: usize,
-    /// Storage dtype of the packages.
+    /// Storage dtype of dense tensors: norms and biases, and every tensor of an f32 side.
     #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
     dtype: DTypeArg,
+    /// How the device's matrices (input and output submodels, LM head) are stored and run:
+    /// q8_0 | q4_0 | q4_k (candle's quantized matmuls), f16 | f32 (dense), or keep (a GGUF source's
+    /// own types). q8_0 is the default: on SmolLM2-135M it keeps greedy output closest to f32 among
+    /// the fast types (see README, "Quantized packages").
+    #[arg(long, default_value = "q8_0", value_parser = Quant::parse)]
+    device_quant: Quant,
+    /// How the cloud's matrices (middle submodel) are stored and run; same choices.
+    #[arg(long, default_value = "q8_0", value_parser = Quant::parse)]
+    cloud_quant: Quant,
     /// Output directory; must be new, empty, or hold a split of this same model.
     #[arg(long)]
     out: PathBuf,
@@ -59,6 +69,8 @@ pub fn run(args: SplitArgs, quiet: bool) -> Result<()> {
         out: args.out.clone(),
         progress: !quiet,
         adapter_init_layer: args.adapter_init_layer,
+        device_quant: args.device_quant,
+        cloud_quant: args.cloud_quant,
     };
     let report = split_model(&model, &opts)?;
     let s = report.split;
@@ -73,6 +85,8 @@ pub fn run(args: SplitArgs, quiet: bool) -> Result<()> {
                         "output": [s.output_range().start, s.output_range().end]},
             "shards": report.shards.iter().map(|(f, b)| serde_json::json!({"file": f, "bytes": b})).collect::<Vec<_>>(),
             "seconds": report.elapsed.as_secs_f64(),
+            "device_quant": args.device_quant.name(),
+            "cloud_quant": args.cloud_quant.name(),
             "draft_head": head,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -88,6 +102,7 @@ pub fn run(args: SplitArgs, quiet: bool) -> Result<()> {
         for (f, b) in &report.shards {
             println!("  {f}: {:.1} MB", *b as f64 / 1e6);
         }
+        println!("storage: device {}, cloud {}", args.device_quant.name(), args.cloud_quant.name());
         println!("fingerprint: {}", report.fingerprint);
         println!("split time (writing): {:.2} s", report.elapsed.as_secs_f64());
         match head {

@@ -2,32 +2,33 @@
 //! Blocks are loaded under their Hugging Face names, so `vb.pp("model.layers").pp(i)` finds layer i.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{linear_b, Linear, RmsNorm, VarBuilder};
+use candle_nn::{RmsNorm, VarBuilder};
 
 use crate::config::Config;
 use crate::error::Result;
 use crate::kv_cache::LayerCache;
 use crate::rope::Rope;
+use crate::weights::{Proj, Weights};
 
 #[derive(Debug, Clone)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: Proj,
+    k_proj: Proj,
+    v_proj: Proj,
+    o_proj: Proj,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
 }
 
 impl Attention {
-    fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+    fn load(w: &Weights, cfg: &Config) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         Ok(Self {
-            q_proj: linear_b(h, cfg.num_heads * d, cfg.attention_bias, vb.pp("q_proj"))?,
-            k_proj: linear_b(h, cfg.num_kv_heads * d, cfg.attention_bias, vb.pp("k_proj"))?,
-            v_proj: linear_b(h, cfg.num_kv_heads * d, cfg.attention_bias, vb.pp("v_proj"))?,
-            o_proj: linear_b(cfg.num_heads * d, h, false, vb.pp("o_proj"))?,
+            q_proj: w.proj(h, cfg.num_heads * d, cfg.attention_bias, "q_proj")?,
+            k_proj: w.proj(h, cfg.num_kv_heads * d, cfg.attention_bias, "k_proj")?,
+            v_proj: w.proj(h, cfg.num_kv_heads * d, cfg.attention_bias, "v_proj")?,
+            o_proj: w.proj(cfg.num_heads * d, h, false, "o_proj")?,
             num_heads: cfg.num_heads,
             num_kv_heads: cfg.num_kv_heads,
             head_dim: d,
@@ -53,6 +54,13 @@ impl Attention {
         let q = rope.apply(&q, pos)?;
         let k = rope.apply(&k, pos)?;
         let (k, v) = cache.append(&k, &v)?;
+        if q.device().is_cpu() && q.dtype() == DType::F32 {
+            // Batch-invariant: see `crate::attention`.
+            let (b, _, seq, _) = q.dims4()?;
+            let out = crate::attention::attend_rows(&q, &k, &v, pos)?;
+            let out = out.transpose(1, 2)?.reshape((b, seq, self.num_heads * self.head_dim))?;
+            return self.o_proj.forward(&out);
+        }
         self.attend(&q, &k, &v, pos, false)
     }
 
@@ -94,7 +102,7 @@ impl Attention {
         let out = probs.matmul(&v)?;
         let out =
             out.reshape((b, self.num_heads, seq, self.head_dim))?.transpose(1, 2)?.reshape((b, seq, self.num_heads * self.head_dim))?;
-        Ok(self.o_proj.forward(&out)?)
+        self.o_proj.forward(&out)
     }
 
     /// # Shapes
@@ -121,7 +129,7 @@ impl Attention {
         let out = probs.matmul(v)?; // (b, kv, rep*seq, d)
         let out =
             out.reshape((b, self.num_heads, seq, self.head_dim))?.transpose(1, 2)?.reshape((b, seq, self.num_heads * self.head_dim))?;
-        Ok(self.o_proj.forward(&out)?)
+        self.o_proj.forward(&out)
     }
 }
 
@@ -164,18 +172,18 @@ fn unrolled_mask(seq: usize, step: usize, rep: usize, dtype: DType, device: &Dev
 
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    gate_proj: Proj,
+    up_proj: Proj,
+    down_proj: Proj,
 }
 
 impl Mlp {
-    fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+    fn load(w: &Weights, cfg: &Config) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_proj: linear_b(h, i, cfg.mlp_bias, vb.pp("gate_proj"))?,
-            up_proj: linear_b(h, i, cfg.mlp_bias, vb.pp("up_proj"))?,
-            down_proj: linear_b(i, h, cfg.mlp_bias, vb.pp("down_proj"))?,
+            gate_proj: w.proj(h, i, cfg.mlp_bias, "gate_proj")?,
+            up_proj: w.proj(h, i, cfg.mlp_bias, "up_proj")?,
+            down_proj: w.proj(i, h, cfg.mlp_bias, "down_proj")?,
         })
     }
 
@@ -183,7 +191,7 @@ impl Mlp {
     /// x: (batch, seq, hidden) -> (batch, seq, hidden)
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        Ok(self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)?)
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
     }
 }
 
@@ -224,13 +232,19 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+    pub fn load(w: &Weights, cfg: &Config) -> Result<Self> {
         Ok(Self {
-            input_layernorm: Norm::load(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
-            self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
-            post_attention_layernorm: Norm::load(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
-            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+            input_layernorm: Norm::load(cfg.hidden_size, cfg.rms_norm_eps, w.vb().pp("input_layernorm"))?,
+            self_attn: Attention::load(&w.pp("self_attn"), cfg)?,
+            post_attention_layernorm: Norm::load(cfg.hidden_size, cfg.rms_norm_eps, w.vb().pp("post_attention_layernorm"))?,
+            mlp: Mlp::load(&w.pp("mlp"), cfg)?,
         })
+    }
+
+    /// Every projection of the block.
+    pub fn projs(&self) -> impl Iterator<Item = &Proj> {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj].into_iter()
     }
 
     /// Runs the block on `seq` new positions starting at `pos`, appending their keys and values to `cache`.

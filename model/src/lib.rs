@@ -2,6 +2,7 @@
 //! One Llama-family implementation lives here, so the unsplit model and its three submodels are the
 //! same code and differ only in which layers they hold.
 
+pub mod attention;
 pub mod config;
 pub mod error;
 pub mod kv_cache;
@@ -10,6 +11,7 @@ pub mod manifest;
 pub mod names;
 pub mod rope;
 pub mod submodel;
+pub mod weights;
 
 pub use config::{Config, HfConfig};
 pub use error::{ModelError, Result};
@@ -17,3 +19,4 @@ pub use kv_cache::{KvCache, LayerCache};
 pub use manifest::{Manifest, Role, ShardInfo, SplitSpec};
 pub use rope::Rope;
 pub use submodel::{Submodel, SubmodelKind};
+pub use weights::{Proj, Quant, Weights};

@@ -69,6 +69,10 @@ pub struct ShardInfo {
     /// Original decoder-layer indices held by the shard, `[start, end)`.
     pub layers: [usize; 2],
     pub tensors: usize,
+    /// GGUF shards only: the ggml types of its matrices, `+`-joined (`q8_0`, or `q4_1+q6_k` when a
+    /// GGUF source's types were kept). The loader refuses a shard whose matrices say otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quant: Option<String>,
 }
 
 /// Tokenizer facts the device needs; the cloud never receives them.
@@ -101,6 +105,14 @@ pub struct Manifest {
     /// What the user passed to `hat split`, for people reading the manifest.
     pub source: String,
     pub dtype: String,
+    /// How this side's matrices are stored when not dense `dtype`: `q8_0`, `q4_0` or `keep`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quant: Option<String>,
+    /// The fingerprint the f32 split of the same weights has (absent when this is that split). Draft
+    /// heads and adapters are trained on f32 features and match on it, so one trained head serves every
+    /// storage type of its split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_fingerprint: Option<String>,
     pub config: HfConfig,
     pub split: SplitSpec,
     pub shards: Vec<ShardInfo>,
@@ -131,6 +143,16 @@ impl Manifest {
             });
         }
         Ok(manifest)
+    }
+
+    /// See [`Manifest::base_fingerprint`].
+    pub fn weights_fingerprint(&self) -> &str {
+        self.base_fingerprint.as_deref().unwrap_or(&self.fingerprint)
+    }
+
+    /// The shard holding submodel `stem` (`input`, `middle`, `output`), dense or quantized.
+    pub fn shard(&self, stem: &str) -> Option<&ShardInfo> {
+        self.shards.iter().find(|s| s.file.strip_suffix(".safetensors").or_else(|| s.file.strip_suffix(".gguf")) == Some(stem))
     }
 
     pub fn to_json(&self) -> Result<String> {

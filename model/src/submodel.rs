@@ -5,7 +5,7 @@
 use std::ops::Range;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{embedding, linear_no_bias, Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 
 use crate::config::Config;
 use crate::error::{ModelError, Result};
@@ -13,6 +13,7 @@ use crate::kv_cache::KvCache;
 use crate::layer::{DecoderLayer, Norm};
 use crate::names::LAYERS_PREFIX;
 use crate::rope::Rope;
+use crate::weights::{Proj, Weights};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubmodelKind {
@@ -42,7 +43,7 @@ pub struct Submodel {
     embed_tokens: Option<Embedding>,
     layers: Vec<DecoderLayer>,
     norm: Option<Norm>,
-    lm_head: Option<Linear>,
+    lm_head: Option<Proj>,
     rope: Rope,
     cfg: Config,
     dtype: DType,
@@ -52,6 +53,11 @@ pub struct Submodel {
 impl Submodel {
     /// Loads layers `layer_range` (original indices) and, depending on `kind`, the embedding or head.
     pub fn load(vb: VarBuilder, cfg: &Config, kind: SubmodelKind, layer_range: Range<usize>) -> Result<Self> {
+        Self::load_weights(&Weights::from(vb), cfg, kind, layer_range)
+    }
+
+    /// [`Submodel::load`] from dense or quantized weights.
+    pub fn load_weights(w: &Weights, cfg: &Config, kind: SubmodelKind, layer_range: Range<usize>) -> Result<Self> {
         if layer_range.end > cfg.num_layers || layer_range.start > layer_range.end {
             return Err(ModelError::InvalidConfig(format!(
                 "layer range {layer_range:?} does not fit a model of {} layers",
@@ -59,18 +65,18 @@ impl Submodel {
             )));
         }
         let embed_tokens =
-            if kind.has_embedding() { Some(embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("model.embed_tokens"))?) } else { None };
-        let layers_vb = vb.pp(LAYERS_PREFIX);
-        let layers = layer_range.clone().map(|i| DecoderLayer::load(layers_vb.pp(i), cfg)).collect::<Result<Vec<_>>>()?;
+            if kind.has_embedding() { Some(w.embedding(cfg.vocab_size, cfg.hidden_size, "model.embed_tokens")?) } else { None };
+        let layers_w = w.pp(LAYERS_PREFIX);
+        let layers = layer_range.clone().map(|i| DecoderLayer::load(&layers_w.pp(i), cfg)).collect::<Result<Vec<_>>>()?;
         let (norm, lm_head) = if kind.has_head() {
             (
-                Some(Norm::load(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("model.norm"))?),
-                Some(linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?),
+                Some(Norm::load(cfg.hidden_size, cfg.rms_norm_eps, w.vb().pp("model.norm"))?),
+                Some(w.proj(cfg.hidden_size, cfg.vocab_size, false, "lm_head")?),
             )
         } else {
             (None, None)
         };
-        let rope = Rope::new(cfg, vb.dtype(), vb.device())?;
+        let rope = Rope::new(cfg, w.dtype(), w.device())?;
         Ok(Self {
             kind,
             layer_range,
@@ -80,8 +86,8 @@ impl Submodel {
             lm_head,
             rope,
             cfg: cfg.clone(),
-            dtype: vb.dtype(),
-            device: vb.device().clone(),
+            dtype: w.dtype(),
+            device: w.device().clone(),
         })
     }
 
@@ -171,12 +177,23 @@ impl Submodel {
         Ok(h)
     }
 
-    /// The LM head's weight (the output submodel's or the unsplit model's).
+    /// The LM head's weight (the output submodel's or the unsplit model's), dense (a dequantized copy
+    /// when the head is quantized).
     ///
     /// # Shapes
     /// -> (vocab, hidden)
-    pub fn lm_head_weight(&self) -> Result<&Tensor> {
-        Ok(self.lm_head.as_ref().ok_or_else(|| missing_part(self.kind, "LM head"))?.weight())
+    pub fn lm_head_weight(&self) -> Result<Tensor> {
+        self.lm_head.as_ref().ok_or_else(|| missing_part(self.kind, "LM head"))?.weight()
+    }
+
+    /// The ggml types this submodel's matrices run in, by name and count (empty when all dense).
+    pub fn quant_types(&self) -> Vec<(&'static str, usize)> {
+        let mut counts: std::collections::BTreeMap<&'static str, usize> = Default::default();
+        let projs = self.layers.iter().flat_map(DecoderLayer::projs).chain(self.lm_head.iter());
+        for t in projs.filter_map(Proj::quant_type) {
+            *counts.entry(crate::weights::ggml_name(t)).or_default() += 1;
+        }
+        counts.into_iter().collect()
     }
 
     /// The final norm's weight.
@@ -204,7 +221,7 @@ impl Submodel {
             (Some(n), Some(l)) => (n, l),
             _ => return Err(missing_part(self.kind, "LM head")),
         };
-        Ok(lm_head.forward(&norm.forward_differentiable(hidden)?)?)
+        lm_head.forward(&norm.forward_differentiable(hidden)?)
     }
 
     /// Final norm and LM head.
@@ -216,7 +233,7 @@ impl Submodel {
             (Some(n), Some(l)) => (n, l),
             _ => return Err(missing_part(self.kind, "LM head")),
         };
-        Ok(lm_head.forward(&norm.forward(hidden)?)?)
+        lm_head.forward(&norm.forward(hidden)?)
     }
 }
 

@@ -58,11 +58,11 @@ fn split_of(manifest: &hat_model::Manifest) -> String {
 pub const SHIPPED_HEADS: &[(&str, &[u8])] =
     &[("SmolLM2-135M-Instruct Q4_1 GGUF, split 2/26/2, f32", include_bytes!("../heads/smollm2-135m-instruct-2-2.safetensors"))];
 
-/// The shipped head made for this package's fingerprint and split, if any.
+/// The shipped head made for this package's weights and split (whatever their storage), if any.
 pub fn shipped_head(manifest: &hat_model::Manifest) -> Option<(&'static str, &'static [u8])> {
     let split = split_of(manifest);
     SHIPPED_HEADS.iter().copied().find(|(name, bytes)| {
-        read_head_meta(bytes, Path::new(name)).is_ok_and(|m| m.fingerprint == manifest.fingerprint && m.split == split)
+        read_head_meta(bytes, Path::new(name)).is_ok_and(|m| m.fingerprint == manifest.weights_fingerprint() && m.split == split)
     })
 }
 
@@ -83,7 +83,7 @@ impl HeadMeta {
     /// Refuses a head made for another model or split, naming both.
     pub fn check(&self, path: &Path, package: &DevicePackage) -> Result<()> {
         let split = split_label(package);
-        if self.fingerprint != package.manifest.fingerprint || self.split != split {
+        if self.fingerprint != package.manifest.weights_fingerprint() || self.split != split {
             return Err(RuntimeError::Adapter(format!(
                 "{} was made for model {} split {} (fingerprint {}), but this package is {} split {} (fingerprint {}); \
                  train one with `hat train-adapter --draft-head feature`",
@@ -93,7 +93,7 @@ impl HeadMeta {
                 short(&self.fingerprint),
                 package.manifest.source,
                 split,
-                short(&package.manifest.fingerprint)
+                short(package.manifest.weights_fingerprint())
             )));
         }
         Ok(())

@@ -3,10 +3,15 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use candle_core::quantized::{gguf_file, GgmlDType};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use hat_model::manifest::{sha256_file, Manifest, Role, ShardInfo};
-use hat_model::{Config, Submodel, SubmodelKind};
+use hat_model::weights::{ggml_name, QuantMap};
+use hat_model::{Config, Submodel, SubmodelKind, Weights};
 
 use crate::error::{Result, RuntimeError};
 
@@ -31,14 +36,13 @@ fn open_manifest(dir: &Path, expected: Role) -> Result<Manifest> {
     Ok(m)
 }
 
-/// Loads one shard after checking it is the file the manifest describes.
-fn load_shard(dir: &Path, manifest: &Manifest, file: &str, kind: SubmodelKind, device: &Device, dtype: DType) -> Result<Submodel> {
-    let info: &ShardInfo = manifest
-        .shards
-        .iter()
-        .find(|s| s.file == file)
-        .ok_or_else(|| RuntimeError::DamagedShard { path: dir.join(file), reason: "not listed in hat.json".into() })?;
-    let path = dir.join(file);
+/// The shard of submodel `stem` (`input`, `middle`, `output`) after checking it is the file the
+/// manifest describes: its path and its manifest entry.
+fn checked_shard<'m>(dir: &Path, manifest: &'m Manifest, stem: &str) -> Result<(PathBuf, &'m ShardInfo)> {
+    let info = manifest
+        .shard(stem)
+        .ok_or_else(|| RuntimeError::DamagedShard { path: dir.join(format!("{stem}.*")), reason: "not listed in hat.json".into() })?;
+    let path = dir.join(&info.file);
     let damaged = |reason: String| RuntimeError::DamagedShard { path: path.clone(), reason };
     let len = std::fs::metadata(&path).map_err(|e| damaged(e.to_string()))?.len();
     if len != info.bytes {
@@ -48,10 +52,66 @@ fn load_shard(dir: &Path, manifest: &Manifest, file: &str, kind: SubmodelKind, d
     if hash != info.sha256 {
         return Err(damaged("sha256 does not match the manifest".into()));
     }
-    let tensors = candle_core::safetensors::load(&path, device).map_err(|e| damaged(e.to_string()))?;
+    Ok((path, info))
+}
+
+/// A checked shard's tensors: dense ones (safetensors, and the vectors of a GGUF shard, in f32) and
+/// the quantized matrices of a GGUF shard, whose types must be the ones the manifest records.
+/// `dequantize` expands those matrices into the dense map too (training needs gradients through them).
+fn read_shard(path: &Path, info: &ShardInfo, device: &Device, dequantize: bool) -> Result<(HashMap<String, Tensor>, QuantMap)> {
+    let damaged = |reason: String| RuntimeError::DamagedShard { path: path.to_path_buf(), reason };
+    if !info.file.ends_with(".gguf") {
+        let tensors = candle_core::safetensors::load(path, device).map_err(|e| damaged(e.to_string()))?;
+        return Ok((tensors, QuantMap::new()));
+    }
+    let file = std::fs::File::open(path).map_err(|e| damaged(e.to_string()))?;
+    let mut reader = std::io::BufReader::new(file);
+    let content = gguf_file::Content::read(&mut reader).map_err(|e| damaged(e.to_string()))?;
+    let (mut dense, mut quant, mut types) = (HashMap::new(), QuantMap::new(), BTreeSet::new());
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    for name in names {
+        let q = content.tensor(&mut reader, name, device).map_err(|e| damaged(format!("tensor `{name}`: {e}")))?;
+        if q.rank() >= 2 {
+            types.insert(ggml_name(q.dtype()));
+        }
+        match q.dtype() {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                dense.insert(name.clone(), q.dequantize(device)?);
+            }
+            _ => {
+                if dequantize {
+                    dense.insert(name.clone(), q.dequantize(device)?);
+                } else {
+                    quant.insert(name.clone(), Arc::new(q));
+                }
+            }
+        }
+    }
+    let found = types.into_iter().collect::<Vec<_>>().join("+");
+    let expected = info.quant.as_deref().unwrap_or("none (a dense shard)");
+    if found != expected {
+        return Err(damaged(format!("its matrices are {found}, the manifest says {expected}")));
+    }
+    Ok((dense, quant))
+}
+
+/// Loads one shard after checking it is the file the manifest describes.
+fn load_shard(dir: &Path, manifest: &Manifest, stem: &str, kind: SubmodelKind, device: &Device, dtype: DType) -> Result<Submodel> {
+    let (path, info) = checked_shard(dir, manifest, stem)?;
+    let (dense, quant) = read_shard(&path, info, device, false)?;
     let cfg = manifest.config.validate()?;
-    let vb = VarBuilder::from_tensors(tensors, dtype, device);
-    Ok(Submodel::load(vb, &cfg, kind, info.layers[0]..info.layers[1])?)
+    let vb = VarBuilder::from_tensors(dense, dtype, device);
+    let weights = if quant.is_empty() { Weights::from(vb) } else { Weights::mixed(vb, quant) };
+    Ok(Submodel::load_weights(&weights, &cfg, kind, info.layers[0]..info.layers[1])?)
+}
+
+/// Every tensor of the checked shard of submodel `stem`, dense f32 on the CPU (quantized matrices
+/// expanded): what training starts from.
+pub fn dense_shard_tensors(dir: &Path, manifest: &Manifest, stem: &str) -> Result<HashMap<String, Tensor>> {
+    let (path, info) = checked_shard(dir, manifest, stem)?;
+    let (dense, _) = read_shard(&path, info, &Device::Cpu, true)?;
+    dense.into_iter().map(|(n, t)| Ok((n, t.to_dtype(DType::F32)?))).collect()
 }
 
 /// CPU matmuls are fastest in f32 whatever the package dtype; other devices run the stored dtype.
@@ -81,8 +141,8 @@ impl DevicePackage {
     pub fn open(dir: &Path, device: &Device) -> Result<Self> {
         let manifest = open_manifest(dir, Role::Device)?;
         let dtype = compute_dtype(&manifest, device);
-        let input = load_shard(dir, &manifest, "input.safetensors", SubmodelKind::Input, device, dtype)?;
-        let output = load_shard(dir, &manifest, "output.safetensors", SubmodelKind::Output, device, dtype)?;
+        let input = load_shard(dir, &manifest, "input", SubmodelKind::Input, device, dtype)?;
+        let output = load_shard(dir, &manifest, "output", SubmodelKind::Output, device, dtype)?;
         let info =
             manifest.tokenizer.as_ref().ok_or_else(|| RuntimeError::Tokenizer(format!("{} has no tokenizer entry", dir.display())))?;
         let tokenizer = tokenizers::Tokenizer::from_file(dir.join(&info.file))
@@ -122,7 +182,7 @@ impl CloudPackage {
     pub fn open(dir: &Path, device: &Device) -> Result<Self> {
         let manifest = Self::read_manifest(dir)?;
         let dtype = compute_dtype(&manifest, device);
-        let middle = load_shard(dir, &manifest, "middle.safetensors", SubmodelKind::Middle, device, dtype)?;
+        let middle = load_shard(dir, &manifest, "middle", SubmodelKind::Middle, device, dtype)?;
         Ok(Self { dir: dir.to_path_buf(), manifest, middle })
     }
 

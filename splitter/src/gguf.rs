@@ -7,6 +7,7 @@ use std::io::BufReader;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{QStorage, QTensor};
 use candle_core::{Device, Tensor};
 use hat_model::{HfConfig, ModelError};
 
@@ -74,15 +75,30 @@ pub fn load(path: &Path, progress: bool) -> Result<LoadedModel> {
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     let mut tensors = HashMap::with_capacity(names.len());
+    let mut quantized = HashMap::new();
     for gguf_name in names {
         let hf_name = hf_name(gguf_name)
             .ok_or_else(|| SplitError::BadInput(format!("{}: unexpected tensor `{gguf_name}` for a llama GGUF", path.display())))?;
         let qtensor = content.tensor(&mut reader, gguf_name, &Device::Cpu).map_err(|e| corrupt(format!("tensor `{gguf_name}`: {e}")))?;
         let mut t = qtensor.dequantize(&Device::Cpu).map_err(|e| SplitError::candle(format!("dequantizing `{gguf_name}`"), e))?;
-        if hf_name.ends_with("self_attn.q_proj.weight") || hf_name.ends_with("self_attn.q_proj.bias") {
-            t = unpermute_rope_rows(&t, config.num_heads)?;
+        let rope_heads = if hf_name.ends_with("self_attn.q_proj.weight") || hf_name.ends_with("self_attn.q_proj.bias") {
+            Some(config.num_heads)
         } else if hf_name.ends_with("self_attn.k_proj.weight") || hf_name.ends_with("self_attn.k_proj.bias") {
-            t = unpermute_rope_rows(&t, config.num_kv_heads)?;
+            Some(config.num_kv_heads)
+        } else {
+            None
+        };
+        if let Some(heads) = rope_heads {
+            t = unpermute_rope_rows(&t, heads)?;
+        }
+        if qtensor.rank() == 2 {
+            let q = match rope_heads {
+                Some(heads) => {
+                    unpermute_quantized_rows(&qtensor, heads).map_err(|e| SplitError::candle(format!("reordering `{gguf_name}`"), e))?
+                }
+                None => qtensor,
+            };
+            quantized.insert(hf_name.clone(), std::sync::Arc::new(q));
         }
         tensors.insert(hf_name, t);
         bar.inc(1);
@@ -90,8 +106,13 @@ pub fn load(path: &Path, progress: bool) -> Result<LoadedModel> {
     bar.finish_and_clear();
     let source = path.display().to_string();
     normalise_tensors(&mut tensors, &config, &source)?;
+    if !quantized.contains_key(hat_model::names::LM_HEAD) {
+        if let Some(embed) = quantized.get(hat_model::names::EMBED_TOKENS).cloned() {
+            quantized.insert(hat_model::names::LM_HEAD.to_string(), embed);
+        }
+    }
     let (tokenizer_json, tokenizer) = crate::gguf_tokenizer::build(&content.metadata).map_err(corrupt)?;
-    Ok(LoadedModel { source, hf_config, config, tensors, tokenizer_json, tokenizer })
+    Ok(LoadedModel { source, hf_config, config, tensors, quantized: Some(quantized), tokenizer_json, tokenizer })
 }
 
 /// llama.cpp's converter reorders each head's rows from [first half, second half] to interleaved
@@ -101,6 +122,31 @@ pub fn load(path: &Path, progress: bool) -> Result<LoadedModel> {
 /// t: (heads * head_dim, in) or (heads * head_dim,) -> same
 pub fn unpermute_rope_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
     reorder_rope_rows(t, heads, false)
+}
+
+/// [`unpermute_rope_rows`] on a quantized matrix: ggml blocks run along a row, so rows move as
+/// whole byte runs and the values stay bit for bit the source's.
+///
+/// # Shapes
+/// q: (heads * head_dim, in) -> same
+fn unpermute_quantized_rows(q: &QTensor, heads: usize) -> candle_core::Result<QTensor> {
+    let (rows, cols) = q.shape().dims2()?;
+    let data = q.data()?;
+    let row_bytes = cols / q.dtype().block_size() * q.dtype().type_size();
+    if row_bytes * rows != data.len() || rows % (2 * heads) != 0 {
+        candle_core::bail!("{rows}x{cols} {:?} matrix cannot be reordered for {heads} heads", q.dtype());
+    }
+    let (head_dim, half) = (rows / heads, rows / heads / 2);
+    let mut out = Vec::with_capacity(data.len());
+    for h in 0..heads {
+        for a in 0..2 {
+            for b in 0..half {
+                let src = h * head_dim + b * 2 + a;
+                out.extend_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
+            }
+        }
+    }
+    QTensor::new(QStorage::from_data(std::borrow::Cow::Owned(out), &Device::Cpu, q.dtype())?, (rows, cols))
 }
 
 /// The converter's own permutation (the inverse of [`unpermute_rope_rows`]); tests use it to build

@@ -38,7 +38,7 @@ pub fn load(dir: &Path, source: &str) -> Result<LoadedModel> {
         tensors.extend(read_safetensors(&file)?);
     }
     normalise_tensors(&mut tensors, &config, source)?;
-    Ok(LoadedModel { source: source.to_string(), hf_config, config, tensors, tokenizer_json, tokenizer: info })
+    Ok(LoadedModel { source: source.to_string(), hf_config, config, tensors, quantized: None, tokenizer_json, tokenizer: info })
 }
 
 /// The safetensors files to read: the index's shards, or every `*.safetensors` in the directory.

@@ -7,10 +7,16 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Tensor};
 use hat_model::manifest::{fingerprint, sha256_file, Manifest, Role, ShardInfo, SplitSpec, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE};
-use hat_model::names;
+use hat_model::weights::{ggml_name, unfit};
+use hat_model::{names, Quant};
 use indicatif::{ProgressBar, ProgressStyle};
+use sha2::{Digest, Sha256};
 
 use crate::error::{Result, SplitError};
 use crate::source::LoadedModel;
@@ -20,6 +26,8 @@ pub const CLOUD_DIR: &str = "cloud";
 pub const INPUT_SHARD: &str = "input.safetensors";
 pub const MIDDLE_SHARD: &str = "middle.safetensors";
 pub const OUTPUT_SHARD: &str = "output.safetensors";
+/// What a quantized shard's GGUF metadata says it is.
+pub const GGUF_SHARD_ARCH: &str = "hat-shard";
 /// The device's initial adapter: a copy of one middle layer, under its original tensor names.
 pub const ADAPTER_INIT_SHARD: &str = "adapter-init.safetensors";
 
@@ -40,12 +48,25 @@ pub struct SplitOptions {
     /// Middle layer copied into the device package as the initial adapter (default:
     /// [`default_adapter_layer`]).
     pub adapter_init_layer: Option<usize>,
+    /// How the device's (input, output) and the cloud's (middle) matrices are stored. `F32`/`F16`
+    /// write dense safetensors shards (`F16` overrides `dtype` for that side).
+    pub device_quant: Quant,
+    pub cloud_quant: Quant,
 }
 
 impl SplitOptions {
     /// f32, no progress bar, the default adapter layer.
     pub fn new(input_layers: usize, output_layers: usize, out: impl Into<PathBuf>) -> Self {
-        Self { input_layers, output_layers, dtype: DType::F32, out: out.into(), progress: false, adapter_init_layer: None }
+        Self {
+            input_layers,
+            output_layers,
+            dtype: DType::F32,
+            out: out.into(),
+            progress: false,
+            adapter_init_layer: None,
+            device_quant: Quant::F32,
+            cloud_quant: Quant::F32,
+        }
     }
 }
 
@@ -148,32 +169,53 @@ pub fn split_model(model: &LoadedModel, opts: &SplitOptions) -> Result<SplitRepo
     }
 
     let groups = partition(model.tensors.keys().cloned(), &split)?;
-    let layout: [(&str, &Path, Range<usize>); 3] = [
-        (INPUT_SHARD, &device_dir, split.input_range()),
-        (MIDDLE_SHARD, &cloud_dir, split.middle_range()),
-        (OUTPUT_SHARD, &device_dir, split.output_range()),
+    let layout: [(&str, &Path, Range<usize>, Quant); 3] = [
+        ("input", &device_dir, split.input_range(), opts.device_quant),
+        ("middle", &cloud_dir, split.middle_range(), opts.cloud_quant),
+        ("output", &device_dir, split.output_range(), opts.device_quant),
     ];
+    if (opts.device_quant == Quant::Keep || opts.cloud_quant == Quant::Keep) && model.quantized.is_none() {
+        return Err(SplitError::BadInput(format!("`keep` keeps a GGUF source's own types, but {} is not a GGUF", model.source)));
+    }
     let bar = progress_bar(opts.progress, model.tensors.len() as u64, "writing shards");
     let mut shards = Vec::new();
-    for (file, dir, layers) in layout {
-        let names = groups.get(file).cloned().unwrap_or_default();
-        let mut converted: HashMap<String, Tensor> = HashMap::with_capacity(names.len());
-        for name in &names {
-            let t =
-                model.tensors[name].to_dtype(opts.dtype).map_err(|e| SplitError::candle(format!("converting `{name}` to {dtype}"), e))?;
-            converted.insert(name.clone(), t);
-            bar.inc(1);
+    // The f32 shards' hashes, when the shards written are not those: the base fingerprint.
+    let mut f32_hashes: Vec<(String, String)> = Vec::new();
+    let dense_f32 = opts.dtype == DType::F32 && opts.device_quant == Quant::F32 && opts.cloud_quant == Quant::F32;
+    for (stem, dir, layers, quant) in layout {
+        let safetensors_file = format!("{stem}.safetensors");
+        let names = groups.get(safetensors_file.as_str()).cloned().unwrap_or_default();
+        if !dense_f32 {
+            f32_hashes.push((safetensors_file.clone(), f32_shard_hash(model, &names)?));
         }
-        let path = dir.join(file);
-        candle_core::safetensors::save(&converted, &path).map_err(|e| SplitError::candle(format!("writing {}", path.display()), e))?;
-        drop(converted);
+        let (file, kinds) = if quant.is_quantized() {
+            let file = format!("{stem}.gguf");
+            let kinds = write_gguf_shard(model, &names, quant, &dir.join(&file), &bar)?;
+            (file, Some(kinds))
+        } else {
+            let dtype = if quant == Quant::F16 { DType::F16 } else { opts.dtype };
+            let dtype_label = dtype_name(dtype)?;
+            let mut converted: HashMap<String, Tensor> = HashMap::with_capacity(names.len());
+            for name in &names {
+                let t = model.tensors[name]
+                    .to_dtype(dtype)
+                    .map_err(|e| SplitError::candle(format!("converting `{name}` to {dtype_label}"), e))?;
+                converted.insert(name.clone(), t);
+                bar.inc(1);
+            }
+            let path = dir.join(&safetensors_file);
+            candle_core::safetensors::save(&converted, &path).map_err(|e| SplitError::candle(format!("writing {}", path.display()), e))?;
+            (safetensors_file, None)
+        };
+        let path = dir.join(&file);
         let bytes = std::fs::metadata(&path).map_err(|e| SplitError::io(format!("cannot stat {}", path.display()), e))?.len();
         shards.push(ShardInfo {
-            file: file.to_string(),
+            file,
             sha256: sha256_file(&path)?,
             bytes,
             layers: [layers.start, layers.end],
             tensors: names.len(),
+            quant: kinds,
         });
     }
     bar.finish_and_clear();
@@ -182,25 +224,34 @@ pub fn split_model(model: &LoadedModel, opts: &SplitOptions) -> Result<SplitRepo
     // business, so it is hashed for integrity but kept out of the fingerprint.
     let hashes: Vec<(&str, &str)> = shards.iter().map(|s| (s.file.as_str(), s.sha256.as_str())).collect();
     let fp = fingerprint(&model.hf_config, &split, dtype, &hashes);
+    let base_fp = (!dense_f32).then(|| {
+        let hashes: Vec<(&str, &str)> = f32_hashes.iter().map(|(f, h)| (f.as_str(), h.as_str())).collect();
+        fingerprint(&model.hf_config, &split, "f32", &hashes)
+    });
+    let device_files = [shards[0].file.clone(), shards[2].file.clone(), ADAPTER_INIT_SHARD.to_string()];
+    let cloud_files = [shards[1].file.clone()];
     shards.push(write_adapter_init(model, &split, adapter_layer, opts.dtype, &device_dir)?);
-    let manifest = |role: Role, files: &[&str]| Manifest {
+    let quant_label = |q: Quant| q.is_quantized().then(|| q.name().to_string());
+    let manifest = |role: Role, files: &[String], quant: Quant| Manifest {
         format: FORMAT_NAME.into(),
         format_version: FORMAT_VERSION,
         role,
         fingerprint: fp.clone(),
         source: model.source.clone(),
-        dtype: dtype.into(),
+        dtype: if quant == Quant::F16 { "f16".into() } else { dtype.into() },
+        quant: quant_label(quant),
+        base_fingerprint: base_fp.clone(),
         config: model.hf_config.clone(),
         split,
-        shards: shards.iter().filter(|s| files.contains(&s.file.as_str())).cloned().collect(),
+        shards: shards.iter().filter(|s| files.contains(&s.file)).cloned().collect(),
         tokenizer: (role == Role::Device).then(|| model.tokenizer.clone()),
         adapter_init_layer: (role == Role::Device).then_some(adapter_layer),
     };
     let tokenizer_path = device_dir.join(&model.tokenizer.file);
     std::fs::write(&tokenizer_path, &model.tokenizer_json)
         .map_err(|e| SplitError::io(format!("cannot write {}", tokenizer_path.display()), e))?;
-    manifest(Role::Device, &[INPUT_SHARD, OUTPUT_SHARD, ADAPTER_INIT_SHARD]).write(&device_dir)?;
-    manifest(Role::Cloud, &[MIDDLE_SHARD]).write(&cloud_dir)?;
+    manifest(Role::Device, &device_files, opts.device_quant).write(&device_dir)?;
+    manifest(Role::Cloud, &cloud_files, opts.cloud_quant).write(&cloud_dir)?;
 
     if let Some(old) = existing {
         if old.fingerprint != fp {
@@ -226,6 +277,68 @@ pub fn split_model(model: &LoadedModel, opts: &SplitOptions) -> Result<SplitRepo
     })
 }
 
+/// sha256 of the f32 safetensors shard these tensors would make (the bytes `hat split` writes for
+/// f32), computed in memory.
+fn f32_shard_hash(model: &LoadedModel, names: &[String]) -> Result<String> {
+    let mut tensors = Vec::with_capacity(names.len());
+    for name in names {
+        let t = model.tensors[name].to_dtype(DType::F32).map_err(|e| SplitError::candle(format!("converting `{name}` to f32"), e))?;
+        tensors.push((name.clone(), t));
+    }
+    let bytes = safetensors::serialize(tensors, None).map_err(|e| SplitError::BadInput(format!("serialising f32 tensors: {e}")))?;
+    Ok(hex::encode(Sha256::digest(&bytes)))
+}
+
+/// Writes a GGUF shard: matrices quantized to `quant` (or kept in the source GGUF's types), vectors
+/// in f32. Returns the `+`-joined ggml types of its matrices, as the manifest records them. A matrix
+/// whose rows do not fit the type's blocks is refused, naming it.
+fn write_gguf_shard(model: &LoadedModel, names: &[String], quant: Quant, path: &Path, bar: &ProgressBar) -> Result<String> {
+    let mut tensors: Vec<(String, Arc<QTensor>)> = Vec::with_capacity(names.len());
+    let mut kinds = BTreeSet::new();
+    for name in names {
+        let t = &model.tensors[name];
+        let q = if t.rank() < 2 {
+            Arc::new(
+                QTensor::quantize(&t.to_dtype(DType::F32).map_err(|e| SplitError::candle(name.clone(), e))?, GgmlDType::F32)
+                    .map_err(|e| SplitError::candle(name.clone(), e))?,
+            )
+        } else if quant == Quant::Keep {
+            let kept = model
+                .quantized
+                .as_ref()
+                .and_then(|q| q.get(name))
+                .ok_or_else(|| SplitError::BadInput(format!("`keep`: the source has no quantized `{name}`")))?;
+            kept.clone()
+        } else {
+            let ggml = quant.ggml().unwrap_or(GgmlDType::Q8_0);
+            if let Some(why) = unfit(ggml, t.dims()) {
+                return Err(SplitError::BadInput(format!(
+                    "cannot store `{name}` {:?} as {}: {why}; choose q8_0 or q4_0",
+                    t.dims(),
+                    quant.name()
+                )));
+            }
+            let f = t.to_dtype(DType::F32).map_err(|e| SplitError::candle(name.clone(), e))?;
+            Arc::new(QTensor::quantize(&f, ggml).map_err(|e| SplitError::candle(format!("quantizing `{name}` to {}", quant.name()), e))?)
+        };
+        if t.rank() >= 2 {
+            kinds.insert(ggml_name(q.dtype()));
+        }
+        tensors.push((name.clone(), q));
+        bar.inc(1);
+    }
+    let arch = gguf_file::Value::String(GGUF_SHARD_ARCH.into());
+    let label = gguf_file::Value::String(quant.name().into());
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, q)| (n.as_str(), q.as_ref())).collect();
+    let file = std::fs::File::create(path).map_err(|e| SplitError::io(format!("cannot create {}", path.display()), e))?;
+    let mut w = std::io::BufWriter::new(file);
+    gguf_file::write(&mut w, &[("general.architecture", &arch), ("hat.quant", &label)], &refs)
+        .map_err(|e| SplitError::candle(format!("writing {}", path.display()), e))?;
+    use std::io::Write;
+    w.flush().map_err(|e| SplitError::io(format!("cannot write {}", path.display()), e))?;
+    Ok(kinds.into_iter().collect::<Vec<_>>().join("+"))
+}
+
 /// Copies middle layer `layer` into the device package, keeping its tensor names.
 fn write_adapter_init(model: &LoadedModel, split: &SplitSpec, layer: usize, dtype: DType, device_dir: &Path) -> Result<ShardInfo> {
     debug_assert!(split.middle_range().contains(&layer));
@@ -245,6 +358,7 @@ fn write_adapter_init(model: &LoadedModel, split: &SplitSpec, layer: usize, dtyp
         bytes,
         layers: [layer, layer + 1],
         tensors: tensors.len(),
+        quant: None,
     })
 }
 

@@ -51,6 +51,9 @@ pub struct LoadedModel {
     pub hf_config: HfConfig,
     pub config: Config,
     pub tensors: HashMap<String, Tensor>,
+    /// A GGUF source's matrices in their own block types (Q/K rows already in hat's rope layout), for
+    /// `--device-quant keep` / `--cloud-quant keep`; `None` for other sources.
+    pub quantized: Option<HashMap<String, std::sync::Arc<candle_core::quantized::QTensor>>>,
     pub tokenizer_json: String,
     pub tokenizer: TokenizerInfo,
 }
