@@ -3,12 +3,12 @@
 # of threads, interleaved prompt by prompt; prints decode and prompt tok/s for each and their ratio.
 # Installs llama-cpp-python (built from source, a few minutes the first time) into a virtual
 # environment of its own.
-#   scripts/llama-compare.sh [--quant q8_0,q8_0:tiled,keep] [--tokens 64] [--threads N] [--json FILE]
-# `TYPE:tiled` runs the TYPE package with HAT_Q8_TILED=1, `TYPE:generic` with HAT_Q8_TILED=0
+#   scripts/llama-compare.sh [--quant q8_0,q8_0:generic,keep] [--tokens 64] [--threads N] [--json FILE]
+# `TYPE:generic` runs the TYPE package with HAT_Q8_TILED=0, `TYPE:head` with HAT_Q8_TILED=head
 # (see model/src/weights.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-QUANTS=q8_0,q8_0:tiled,keep TOKENS=64 THREADS=$(nproc) JSON_OUT=""
+QUANTS=q8_0,q8_0:generic,keep TOKENS=64 THREADS=$(nproc) JSON_OUT=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --quant) QUANTS=$2; shift 2 ;;
@@ -73,7 +73,7 @@ def llama_run(text):
 
 def hat_run(q, text):
     package, _, variant = q.partition(":")
-    env = dict(os.environ, HAT_Q8_TILED={"tiled": "1", "generic": "0"}.get(variant, ""))
+    env = dict(os.environ, HAT_Q8_TILED={"tiled": "1", "generic": "0", "head": "head"}.get(variant, ""))
     out = subprocess.run(["target/release/hat", "--quiet", "generate", "--artifacts", f"{work}/{package}", "--mode", "local", "--chat",
                           "--prompt", text, "--max-tokens", str(tokens), "--json"], check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout)

@@ -4,8 +4,8 @@
 For each benchmark prompt, `hat generate --mode local` runs on every package; the report gives, per
 storage type, the mean number of leading tokens identical to f32's, how many replies are identical
 in full, and the decode speed. Usage:
-    scripts/quant-quality.py MODEL.gguf [--tokens 64] [--types f32,q8_0,q8_0:generic,q8_0:tiled,q4_0,keep]
-`TYPE:tiled` runs the TYPE package with HAT_Q8_TILED=1, `TYPE:generic` with HAT_Q8_TILED=0
+    scripts/quant-quality.py MODEL.gguf [--tokens 64] [--types f32,q8_0,q8_0:generic,q8_0:head,q4_0,keep]
+`TYPE:generic` runs the TYPE package with HAT_Q8_TILED=0, `TYPE:head` with HAT_Q8_TILED=head
 (see model/src/weights.rs).
 """
 import argparse, json, os, statistics, subprocess, sys, tempfile
@@ -13,7 +13,7 @@ import argparse, json, os, statistics, subprocess, sys, tempfile
 ap = argparse.ArgumentParser()
 ap.add_argument("model")
 ap.add_argument("--tokens", type=int, default=64)
-ap.add_argument("--types", default="f32,q8_0,q8_0:generic,q8_0:tiled,q4_0,keep")
+ap.add_argument("--types", default="f32,q8_0,q8_0:generic,q8_0:head,q4_0,keep")
 ap.add_argument("--prompts", default="profiles/bench-prompts.jsonl")
 ap.add_argument("--hat", default="target/release/hat")
 ap.add_argument("--json", action="store_true")
@@ -30,7 +30,7 @@ runs = {t: [] for t in types}
 for i, p in enumerate(prompts):
     for t in types:
         package, _, variant = t.partition(":")
-        env = dict(os.environ, HAT_Q8_TILED={"tiled": "1", "generic": "0"}.get(variant, ""))
+        env = dict(os.environ, HAT_Q8_TILED={"tiled": "1", "generic": "0", "head": "head"}.get(variant, ""))
         out = subprocess.run([args.hat, "--quiet", "generate", "--artifacts", f"{work}/{package}", "--mode", "local", "--chat",
                               "--prompt", p, "--max-tokens", str(args.tokens), "--json"], check=True, capture_output=True, text=True, env=env)
         runs[t].append(json.loads(out.stdout))

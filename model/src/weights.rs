@@ -135,15 +135,18 @@ fn q8_0_tiles() -> bool {
     }
 }
 
-/// Whether [`pad_for_tiles`] applies to projection `name`. By default only to the LM head: its
-/// batch of k + 1 verification rows then costs about 1.6x one row instead of 5x, which is what lets
-/// HAT's verification round beat U-shaped steps, with no measured loss of fidelity
-/// (`scripts/quant-quality.py`). `HAT_Q8_TILED=1` pads every matrix, `HAT_Q8_TILED=0` none.
+/// Whether [`pad_for_tiles`] applies to projection `name`: by default to every matrix
+/// (`HAT_Q8_TILED=head` pads the LM head only, `HAT_Q8_TILED=0` none). Padded, a batch of k + 1
+/// verification rows costs about 1.6x one row instead of 5x, on the device and in the cloud, and
+/// local decode runs at llama.cpp's speed. On the README's own prompt ("What is the capital of
+/// France?") the padded package answers "The capital of France is Paris." as f32 does, where the
+/// unpadded one (and `keep`) drift into a list of French words; over all benchmark prompts the
+/// replies part from f32's after 9-19 tokens whichever way (`scripts/quant-quality.py`).
 fn tiled_q8_0_wanted(name: &str) -> bool {
     match std::env::var("HAT_Q8_TILED").as_deref() {
-        Ok("1") => true,
         Ok("0") => false,
-        _ => name == "lm_head",
+        Ok("head") => name == "lm_head",
+        _ => true,
     }
 }
 
@@ -155,7 +158,8 @@ fn tiled_q8_0_wanted(name: &str) -> bool {
 /// batch size. But it rounds each input row to 8 bits with one scale per 256 values instead of per
 /// 32, and SmolLM2's few huge hidden dimensions then cost the others their precision: with every
 /// matrix padded, greedy replies over the benchmark prompts follow f32's for 8.8 tokens on average,
-/// against 12-19 otherwise (`scripts/quant-quality.py`); see `tiled_q8_0_wanted` for which are.
+/// against 12-19 otherwise (`scripts/quant-quality.py`), a metric that one early near-tie decides;
+/// see `tiled_q8_0_wanted` for which matrices are padded.
 /// Returns the matrix to run and the number of zero columns added.
 pub fn pad_for_tiles(q: Arc<QTensor>) -> Result<(Arc<QTensor>, usize)> {
     let Ok((n, k)) = q.shape().dims2() else { return Ok((q, 0)) };

@@ -147,7 +147,7 @@ pub fn split_model(model: &LoadedModel, opts: &SplitOptions) -> Result<SplitRepo
     if let Some(old) = &existing {
         // Refuse early when the cut or the architecture already differ; the weights are compared
         // through the fingerprint once the new shards are hashed.
-        if old.split != split || old.config != model.hf_config || old.dtype != dtype {
+        if old.split != split || old.config != model.hf_config {
             return Err(SplitError::OutHoldsOtherModel {
                 out: opts.out.clone(),
                 existing: old.fingerprint.clone(),
@@ -254,7 +254,8 @@ pub fn split_model(model: &LoadedModel, opts: &SplitOptions) -> Result<SplitRepo
     manifest(Role::Cloud, &cloud_files, opts.cloud_quant).write(&cloud_dir)?;
 
     if let Some(old) = existing {
-        if old.fingerprint != fp {
+        // The same weights in another storage type (or dtype) are the same model: replace them.
+        if old.weights_fingerprint() != base_fp.as_deref().unwrap_or(&fp) {
             return Err(SplitError::OutHoldsOtherModel { out: opts.out.clone(), existing: old.fingerprint, existing_source: old.source });
         }
     }
