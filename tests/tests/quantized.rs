@@ -176,3 +176,20 @@ fn a_truncated_or_mistyped_quantized_shard_is_refused_with_its_cause() {
     let err = DevicePackage::open(&device, &Device::Cpu).expect_err("mistyped").to_string();
     assert!(err.contains("its matrices are q4_0, the manifest says q8_0"), "{err}");
 }
+
+/// Re-splitting the same weights in another storage type replaces the package; other weights are
+/// still refused.
+#[test]
+fn resplitting_the_same_weights_in_another_type_replaces_the_package() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (model, out) = tiny(dir.path());
+    split_model(&model, &SplitOptions::new(1, 1, out.clone())).expect("f32");
+    let q8 = SplitOptions { device_quant: Quant::Q8_0, cloud_quant: Quant::Q8_0, ..SplitOptions::new(1, 1, out.clone()) };
+    split_model(&model, &q8).expect("q8_0 over the f32 split of the same weights");
+    assert_eq!(Manifest::read(&out.join("cloud")).expect("manifest").quant.as_deref(), Some("q8_0"));
+    assert!(out.join("cloud/middle.gguf").is_file() && !out.join("cloud/middle.safetensors").exists());
+    let other = TinyLlama { seed: 99, ..TinyLlama::default() }.write_dir(&dir.path().join("other"), 1);
+    let other = load_model(&ModelSource::Dir(other), false).expect("load");
+    let err = split_model(&other, &q8).expect_err("other weights").to_string();
+    assert!(err.contains("already holds a different model"), "{err}");
+}
