@@ -10,10 +10,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Module, Tensor, Var, D};
-use candle_nn::{linear_no_bias, Linear, VarBuilder, VarMap};
-use hat_model::layer::Norm;
-use hat_model::{Config, Submodel, SubmodelKind};
-use hat_runtime::draft_head::{HeadMeta, VOCAB_TENSOR};
+use candle_nn::{VarBuilder, VarMap};
+use hat_model::Config;
+use hat_runtime::draft_head::{HeadMeta, HeadParts, VOCAB_TENSOR};
 use hat_runtime::{DevicePackage, FeatureHead};
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -62,13 +61,7 @@ pub fn draft_vocab(tokens: &[u32], n: usize, vocab_size: usize, eos: &[u32]) -> 
 
 pub struct TrainableHead {
     varmap: VarMap,
-    low_norm: Norm,
-    high_norm: Norm,
-    top_norm: Norm,
-    fuse: Linear,
-    combine: Linear,
-    layer: Submodel,
-    norm: Norm,
+    parts: HeadParts,
     /// Frozen: the model's embedding and LM-head rows of the draft vocabulary.
     embedding: Tensor,
     head_rows: Tensor,
@@ -128,7 +121,6 @@ pub fn initial_tensors(package: &DevicePackage, seed: u64) -> Result<HashMap<Str
 impl TrainableHead {
     pub fn new(tensors: HashMap<String, Tensor>, vocab: Vec<u32>, package: &DevicePackage, device: &Device) -> Result<Self> {
         let cfg = package.config.clone();
-        let d = cfg.hidden_size;
         let varmap = VarMap::new();
         {
             let mut data = varmap.data().lock().map_err(|_| TrainError::BadInput("var map lock poisoned".into()))?;
@@ -141,22 +133,7 @@ impl TrainableHead {
         let head_rows = package.output.lm_head_weight()?.to_dtype(DType::F32)?.index_select(&ids, 0)?.to_device(device)?;
         let embedding = package.input.embedding_weight()?.to_dtype(DType::F32)?.to_device(device)?;
         let index = vocab.iter().enumerate().map(|(i, &t)| (t, i)).collect();
-        Ok(Self {
-            low_norm: Norm::load(d, cfg.rms_norm_eps, vb.pp("low_norm"))?,
-            high_norm: Norm::load(d, cfg.rms_norm_eps, vb.pp("high_norm"))?,
-            top_norm: Norm::load(d, cfg.rms_norm_eps, vb.pp("top_norm"))?,
-            fuse: linear_no_bias(3 * d, d, vb.pp("fuse"))?,
-            combine: linear_no_bias(2 * d, d, vb.pp("combine"))?,
-            layer: Submodel::load(vb.clone(), &cfg, SubmodelKind::Middle, 0..1)?,
-            norm: Norm::load(d, cfg.rms_norm_eps, vb.pp("norm"))?,
-            varmap,
-            embedding,
-            head_rows,
-            vocab,
-            index,
-            cfg,
-            device: device.clone(),
-        })
+        Ok(Self { parts: HeadParts::load(&vb, &cfg)?, varmap, embedding, head_rows, vocab, index, cfg, device: device.clone() })
     }
 
     pub fn vars(&self) -> Vec<(String, Var)> {
@@ -189,21 +166,21 @@ impl TrainableHead {
     pub fn unrolled(&self, low: &Tensor, high: &Tensor, top: &Tensor, next: &[u32], steps: usize) -> Result<Vec<Tensor>> {
         let feats = Tensor::cat(
             &[
-                self.low_norm.forward_differentiable(low)?,
-                self.high_norm.forward_differentiable(high)?,
-                self.top_norm.forward_differentiable(top)?,
+                self.parts.low_norm.forward_differentiable(low)?,
+                self.parts.high_norm.forward_differentiable(high)?,
+                self.parts.top_norm.forward_differentiable(top)?,
             ],
             D::Minus1,
         )?;
-        let mut g = self.fuse.forward(&feats)?.unsqueeze(0)?;
+        let mut g = self.parts.fuse.forward(&feats)?.unsqueeze(0)?;
         let ids = Tensor::new(next, &self.device)?;
         let e = self.embedding.index_select(&ids, 0)?.unsqueeze(0)?;
         let m = next.len();
         let mut past = Vec::new();
         let mut outs = Vec::with_capacity(steps);
         for _ in 0..steps {
-            let x = self.combine.forward(&Tensor::cat(&[&g, &e], D::Minus1)?)?;
-            let h = self.layer.forward_unrolled(&x, &mut past)?;
+            let x = self.parts.combine.forward(&Tensor::cat(&[&g, &e], D::Minus1)?)?;
+            let h = self.parts.layer.forward_unrolled(&x, &mut past)?;
             // The next step's entry r reads this step's output at r - 1.
             g = Tensor::cat(&[Tensor::zeros((1, 1, self.cfg.hidden_size), DType::F32, &self.device)?, h.narrow(1, 0, m - 1)?], 1)?;
             outs.push(h);
@@ -216,7 +193,7 @@ impl TrainableHead {
     /// # Shapes
     /// h: (1, m, hidden) -> (m, draft_vocab)
     pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
-        Ok(self.norm.forward_differentiable(&h.squeeze(0)?)?.matmul(&self.head_rows.t()?)?)
+        Ok(self.parts.norm.forward_differentiable(&h.squeeze(0)?)?.matmul(&self.head_rows.t()?)?)
     }
 
     /// The teacher's top-k distribution of rows `rows` restricted to the draft vocabulary and

@@ -129,16 +129,41 @@ pub fn save_head(tensors: &HashMap<String, Tensor>, meta: &HeadMeta, path: &Path
     std::fs::rename(&tmp, path).map_err(io)
 }
 
+/// The head's own layers, under the tensor names of its file: what inference ([`FeatureHead`]) and
+/// training (`hat_adapter_trainer::feature::TrainableHead`) both load.
+#[derive(Debug, Clone)]
+pub struct HeadParts {
+    pub low_norm: Norm,
+    pub high_norm: Norm,
+    pub top_norm: Norm,
+    /// [low; high; top] (3d) -> d.
+    pub fuse: Linear,
+    /// [fused; next token's embedding] (2d) -> d.
+    pub combine: Linear,
+    /// One decoder layer (`model.layers.0.*`).
+    pub layer: Submodel,
+    pub norm: Norm,
+}
+
+impl HeadParts {
+    pub fn load(vb: &VarBuilder, cfg: &Config) -> hat_model::Result<Self> {
+        let (d, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        Ok(Self {
+            low_norm: Norm::load(d, eps, vb.pp("low_norm"))?,
+            high_norm: Norm::load(d, eps, vb.pp("high_norm"))?,
+            top_norm: Norm::load(d, eps, vb.pp("top_norm"))?,
+            fuse: linear_no_bias(3 * d, d, vb.pp("fuse"))?,
+            combine: linear_no_bias(2 * d, d, vb.pp("combine"))?,
+            layer: Submodel::load(vb.clone(), cfg, SubmodelKind::Middle, 0..1)?,
+            norm: Norm::load(d, eps, vb.pp("norm"))?,
+        })
+    }
+}
+
 /// The draft head's weights, ready for inference.
 #[derive(Debug, Clone)]
 pub struct FeatureHead {
-    low_norm: Norm,
-    high_norm: Norm,
-    top_norm: Norm,
-    fuse: Linear,
-    combine: Linear,
-    layer: Submodel,
-    norm: Norm,
+    parts: HeadParts,
     /// Full-vocabulary ids of the draft vocabulary.
     vocab: Vec<u32>,
     /// The model's LM head rows of the draft vocabulary.
@@ -192,37 +217,11 @@ impl FeatureHead {
         }
         let dtype = package.input.dtype();
         let vb = VarBuilder::from_tensors(tensors, dtype, device);
-        let load = || -> hat_model::Result<_> {
-            let d = cfg.hidden_size;
-            Ok((
-                Norm::load(d, cfg.rms_norm_eps, vb.pp("low_norm"))?,
-                Norm::load(d, cfg.rms_norm_eps, vb.pp("high_norm"))?,
-                Norm::load(d, cfg.rms_norm_eps, vb.pp("top_norm"))?,
-                linear_no_bias(3 * d, d, vb.pp("fuse"))?,
-                linear_no_bias(2 * d, d, vb.pp("combine"))?,
-                Submodel::load(vb.clone(), cfg, SubmodelKind::Middle, 0..1)?,
-                Norm::load(d, cfg.rms_norm_eps, vb.pp("norm"))?,
-            ))
-        };
-        let (low_norm, high_norm, top_norm, fuse, combine, layer, norm) = load().map_err(|e| bad(e.to_string()))?;
+        let parts = HeadParts::load(&vb, cfg).map_err(|e| bad(e.to_string()))?;
         let ids = Tensor::new(vocab.as_slice(), device)?;
         let head_rows = package.output.lm_head_weight()?.to_device(device)?.index_select(&ids, 0)?.contiguous()?;
         let embedding = package.input.embedding_weight()?.to_device(device)?;
-        Ok(Self {
-            low_norm,
-            high_norm,
-            top_norm,
-            fuse,
-            combine,
-            layer,
-            norm,
-            vocab,
-            head_rows,
-            embedding,
-            full_vocab: cfg.vocab_size,
-            meta,
-            path,
-        })
+        Ok(Self { parts, vocab, head_rows, embedding, full_vocab: cfg.vocab_size, meta, path })
     }
 
     pub fn vocab(&self) -> &[u32] {
@@ -230,11 +229,11 @@ impl FeatureHead {
     }
 
     pub fn config(&self) -> &Config {
-        self.layer.config()
+        self.parts.layer.config()
     }
 
     pub fn new_cache(&self) -> KvCache {
-        self.layer.new_cache()
+        self.parts.layer.new_cache()
     }
 
     /// Fuses the three verified features of each position.
@@ -242,8 +241,11 @@ impl FeatureHead {
     /// # Shapes
     /// low, high, top: (1, seq, hidden) -> (1, seq, hidden)
     pub fn fuse(&self, low: &Tensor, high: &Tensor, top: &Tensor) -> Result<Tensor> {
-        let x = Tensor::cat(&[self.low_norm.forward(low)?, self.high_norm.forward(high)?, self.top_norm.forward(top)?], D::Minus1)?;
-        Ok(self.fuse.forward(&x)?)
+        let x = Tensor::cat(
+            &[self.parts.low_norm.forward(low)?, self.parts.high_norm.forward(high)?, self.parts.top_norm.forward(top)?],
+            D::Minus1,
+        )?;
+        Ok(self.parts.fuse.forward(&x)?)
     }
 
     /// Runs the head at positions `pos..` of its cache: `g` is the fused feature (or the head's own
@@ -254,8 +256,8 @@ impl FeatureHead {
     pub fn step(&self, g: &Tensor, next: &[u32], pos: usize, cache: &mut KvCache) -> Result<Tensor> {
         let ids = Tensor::new(next, g.device())?;
         let e = self.embedding.index_select(&ids, 0)?.unsqueeze(0)?;
-        let x = self.combine.forward(&Tensor::cat(&[g, &e], D::Minus1)?)?;
-        Ok(self.layer.forward_layers(&x, pos, cache)?)
+        let x = self.parts.combine.forward(&Tensor::cat(&[g, &e], D::Minus1)?)?;
+        Ok(self.parts.layer.forward_layers(&x, pos, cache)?)
     }
 
     /// Draft-vocabulary logits of one position.
@@ -263,7 +265,7 @@ impl FeatureHead {
     /// # Shapes
     /// h: (1, 1, hidden) -> (draft_vocab,)
     pub fn logits(&self, h: &Tensor) -> Result<Vec<f32>> {
-        let n = self.norm.forward(h)?.squeeze(0)?;
+        let n = self.parts.norm.forward(h)?.squeeze(0)?;
         Ok(n.matmul(&self.head_rows.t()?)?.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
     }
 
