@@ -97,6 +97,8 @@ pub enum BenchMode {
     Hat,
     HatFixed(usize),
     HatAdapter,
+    /// `hat` with the draft head's prompt lookup off.
+    HatNoLookup,
 }
 
 impl FromStr for BenchMode {
@@ -110,9 +112,14 @@ impl FromStr for BenchMode {
             "hat-nochunk" => BenchMode::HatNoChunk,
             "hat" => BenchMode::Hat,
             "hat-adapter" => BenchMode::HatAdapter,
+            "hat-nolookup" => BenchMode::HatNoLookup,
             other => match other.strip_prefix("hat@").map(str::parse::<usize>) {
                 Some(Ok(n)) if n > 0 => BenchMode::HatFixed(n),
-                _ => return Err(format!("unknown mode `{other}`: use cloud, ushape, sd, hat-nochunk, hat, hat@N or hat-adapter")),
+                _ => {
+                    return Err(format!(
+                        "unknown mode `{other}`: use cloud, ushape, sd, hat-nochunk, hat, hat@N, hat-adapter or hat-nolookup"
+                    ))
+                }
             },
         })
     }
@@ -128,6 +135,7 @@ impl BenchMode {
             BenchMode::Hat => "hat".into(),
             BenchMode::HatFixed(n) => format!("hat@{n}"),
             BenchMode::HatAdapter => "hat-adapter".into(),
+            BenchMode::HatNoLookup => "hat-nolookup".into(),
         }
     }
 
@@ -186,11 +194,12 @@ impl Runner {
         let fp = &device.package.manifest.fingerprint;
         let ctx = device.package.config.max_position_embeddings;
         let adapter = mode == BenchMode::HatAdapter;
+        let mode_lookup = mode != BenchMode::HatNoLookup;
         let split = |chunking: Chunking, mode| -> Result<Runner> {
             let drafter = if matches!(mode, hat_runtime::Mode::Hat { .. }) && adapter {
                 Drafter::new(device.adapter().clone())
             } else {
-                device.new_drafter()
+                device.new_drafter().with_lookup(mode_lookup)
             };
             let mut s = device.connect_with(opts.clone(), drafter)?;
             s.set_chunking(chunking);
@@ -210,7 +219,7 @@ impl Runner {
                 let table = table.clone().context("mode hat needs DIR/device/profile.json: run `hat profile --artifacts DIR` first")?;
                 split(Chunking::Auto(table), hat_runtime::Mode::Hat { draft_len: k })?
             }
-            BenchMode::HatAdapter => {
+            BenchMode::HatAdapter | BenchMode::HatNoLookup => {
                 let chunking = table.clone().map_or(Chunking::Whole, |t| Chunking::Auto(t));
                 split(chunking, hat_runtime::Mode::Hat { draft_len: k })?
             }

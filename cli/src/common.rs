@@ -1,13 +1,14 @@
 //! Argument handling shared by several subcommands: secrets, emulated links, chunk sizes.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
 use hat_profiles::Profile;
-use hat_runtime::{Chunking, DeviceRuntime, LinkEmulation};
+use hat_runtime::{Chunking, CloudOptions, DeviceRuntime, DraftChoice, LinkEmulation, WireDType, WireFormat};
 
 /// Reads a shared secret from a file (whitespace around it is ignored).
 pub fn read_token(path: &Path) -> Result<String> {
@@ -17,6 +18,133 @@ pub fn read_token(path: &Path) -> Result<String> {
         bail!("the auth token file {} is empty", path.display());
     }
     Ok(t)
+}
+
+/// How the device reaches the cloud: `hat generate` and `hat serve device`.
+#[derive(Args, Debug, Clone)]
+pub struct CloudConnArgs {
+    /// host:port of `hat serve cloud`.
+    #[arg(long)]
+    pub cloud: Option<String>,
+    /// Number format of hidden states on the wire.
+    #[arg(long, value_enum, default_value_t = Wire::F16)]
+    pub wire: Wire,
+    /// Compress hidden states with zstd on the wire.
+    #[arg(long)]
+    pub zstd: bool,
+    /// Emulate a link of this bandwidth (megabits per second, each direction) inside this process.
+    #[arg(long)]
+    pub link_mbps: Option<f64>,
+    /// Emulate this round-trip time (milliseconds): each message is delayed by half of it.
+    #[arg(long)]
+    pub link_rtt_ms: Option<f64>,
+    /// File holding the cloud's shared secret (see `hat serve cloud --auth-token-file`).
+    #[arg(long)]
+    pub auth_token_file: Option<PathBuf>,
+    /// Reconnection attempts when the cloud connection drops.
+    #[arg(long, default_value_t = 5)]
+    pub retries: u32,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
+pub enum Wire {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl CloudConnArgs {
+    pub fn check(&self) -> Result<()> {
+        for (name, v) in [("--link-mbps", self.link_mbps), ("--link-rtt-ms", self.link_rtt_ms)] {
+            if v.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
+                bail!("{name} must be a finite number >= 0");
+            }
+        }
+        if self.link_mbps == Some(0.0) {
+            bail!("--link-mbps must be above 0");
+        }
+        Ok(())
+    }
+
+    /// Connection options for the cloud at `addr` (reads the auth token file).
+    pub fn options(&self, addr: &str) -> Result<CloudOptions> {
+        let mut opts = CloudOptions::new(addr);
+        opts.wire = WireFormat {
+            dtype: match self.wire {
+                Wire::F32 => WireDType::F32,
+                Wire::F16 => WireDType::F16,
+                Wire::Bf16 => WireDType::Bf16,
+            },
+            zstd: self.zstd,
+        };
+        if self.link_mbps.is_some() || self.link_rtt_ms.is_some() {
+            opts.link = Some(LinkEmulation::new(
+                self.link_mbps.unwrap_or(f64::INFINITY),
+                Duration::from_secs_f64(self.link_rtt_ms.unwrap_or(0.0) / 1e3),
+            ));
+        }
+        if let Some(f) = &self.auth_token_file {
+            opts.auth_token = Some(read_token(f).context("--auth-token-file")?);
+        }
+        opts.retries = self.retries;
+        Ok(opts)
+    }
+
+    /// `f16`, `bf16+zstd`, ...
+    pub fn wire_label(&self) -> String {
+        format!("{:?}{}", self.wire, if self.zstd { "+zstd" } else { "" }).to_lowercase()
+    }
+}
+
+/// The draft model and prompt chunking of HAT mode.
+#[derive(Args, Debug, Clone)]
+pub struct DraftArgs {
+    /// Most tokens drafted per round in --mode hat (the feature head stops earlier when unsure).
+    #[arg(long, default_value_t = 4)]
+    pub draft_len: usize,
+    /// The draft model of --mode hat: `feature` is the draft head in DIR/device/draft-head.safetensors
+    /// (without a usable one, no drafting: U-shaped steps), `hat` the paper's adapter, `auto` the
+    /// head when the package has one made for it, else the adapter.
+    #[arg(long, value_enum, default_value_t = DraftArg::Auto)]
+    pub draft_head: DraftArg,
+    /// Confidence threshold of the feature head: drafting stops when its top-1 probability is
+    /// below this (0 always drafts --draft-len tokens). Default: the one stored in the head.
+    #[arg(long)]
+    pub draft_threshold: Option<f32>,
+    /// How --mode hat sends the prompt: `auto` picks a chunk size from DIR/device/profile.json
+    /// (`hat profile`) and the link it measures, a number sends chunks of that many positions
+    /// (pipelined), `off` sends it in one piece. Default: auto when a profile exists, else off.
+    #[arg(long, value_name = "auto|off|N")]
+    pub chunk_size: Option<ChunkArg>,
+    /// Turn off the draft head's prompt lookup (drafting the tokens that followed the latest
+    /// earlier occurrence of the last 2-4 tokens, when the head is unsure or agrees with it).
+    #[arg(long)]
+    pub no_prompt_lookup: bool,
+}
+
+impl DraftArgs {
+    /// The device runtime with these draft settings.
+    pub fn apply(&self, device: DeviceRuntime) -> DeviceRuntime {
+        device.with_draft_choice(self.draft_head.into(), self.draft_threshold).with_lookup(!self.no_prompt_lookup)
+    }
+}
+
+/// `--draft-head`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
+pub enum DraftArg {
+    Auto,
+    Feature,
+    Hat,
+}
+
+impl From<DraftArg> for DraftChoice {
+    fn from(a: DraftArg) -> Self {
+        match a {
+            DraftArg::Auto => DraftChoice::Auto,
+            DraftArg::Feature => DraftChoice::Feature,
+            DraftArg::Hat => DraftChoice::Hat,
+        }
+    }
 }
 
 /// An emulated link written `MBPS,RTT_MS[,JITTER_MS]`, e.g. `50,40` or `10,80,5`.

@@ -1,17 +1,12 @@
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Duration;
 
-use crate::common::{chunking, read_token, ChunkArg};
-use anyhow::{bail, Context, Result};
+use crate::common::{chunking, CloudConnArgs, DraftArgs};
+use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use hat_runtime::chat::prompt_ids;
-use hat_runtime::link::LinkEmulation;
 use hat_runtime::package::{default_device, CLOUD_DIR, DEVICE_DIR};
-use hat_runtime::{
-    generate, CloudOptions, CloudPackage, DeviceRuntime, DraftChoice, GenerateOptions, Generation, LocalPipeline, SamplingOptions,
-    WireDType, WireFormat,
-};
+use hat_runtime::{generate, CloudPackage, DeviceRuntime, GenerateOptions, Generation, LocalPipeline, SamplingOptions};
 
 /// Generate a reply with a split model.
 ///
@@ -19,7 +14,8 @@ use hat_runtime::{
 /// and `--mode hat` run the device side here against `hat serve cloud` at `--cloud`: only hidden
 /// states are sent, never text or token ids. `ushape` makes one round trip per token; `hat` drafts
 /// `--draft-len` tokens on the device and has the cloud verify them in one round trip, with exactly
-/// the output of the unsplit model when greedy.
+/// `ushape`'s output. Greedy, both equal the unsplit model bit for bit with `--wire f32`; f16 (the
+/// default) rounds hidden states on the wire and can flip a near-tie.
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
     /// The directory `hat split --out` wrote (holding device/, and cloud/ for --mode local).
@@ -34,44 +30,10 @@ pub struct GenerateArgs {
     /// Where the submodels run.
     #[arg(long, value_enum, default_value_t = Mode::Local)]
     mode: Mode,
-    /// host:port of `hat serve cloud` (for --mode ushape and hat).
-    #[arg(long)]
-    cloud: Option<String>,
-    /// Most tokens drafted per round in --mode hat (the feature head stops earlier when unsure).
-    #[arg(long, default_value_t = 4)]
-    draft_len: usize,
-    /// The draft model of --mode hat: `feature` is the draft head in DIR/device/draft-head.safetensors
-    /// (without a usable one, no drafting: U-shaped steps), `hat` the paper's adapter, `auto` the
-    /// head when the package has one made for it, else the adapter.
-    #[arg(long, value_enum, default_value_t = DraftArg::Auto)]
-    draft_head: DraftArg,
-    /// Confidence threshold of the feature head: drafting stops when its top-1 probability is
-    /// below this (0 always drafts --draft-len tokens). Default: the one stored in the head.
-    #[arg(long)]
-    draft_threshold: Option<f32>,
-    /// How --mode hat sends the prompt: `auto` picks a chunk size from DIR/device/profile.json
-    /// (`hat profile`) and the link it measures, a number sends chunks of that many positions
-    /// (pipelined), `off` sends it in one piece. Default: auto when a profile exists, else off.
-    #[arg(long, value_name = "auto|off|N")]
-    chunk_size: Option<ChunkArg>,
-    /// Number format of hidden states on the wire.
-    #[arg(long, value_enum, default_value_t = Wire::F16)]
-    wire: Wire,
-    /// Compress hidden states with zstd on the wire.
-    #[arg(long)]
-    zstd: bool,
-    /// Emulate a link of this bandwidth (megabits per second, each direction) inside this process.
-    #[arg(long)]
-    link_mbps: Option<f64>,
-    /// Emulate this round-trip time (milliseconds): each message is delayed by half of it.
-    #[arg(long)]
-    link_rtt_ms: Option<f64>,
-    /// File holding the cloud's shared secret (see `hat serve cloud --auth-token-file`).
-    #[arg(long)]
-    auth_token_file: Option<PathBuf>,
-    /// Reconnection attempts when the cloud connection drops.
-    #[arg(long, default_value_t = 5)]
-    retries: u32,
+    #[command(flatten)]
+    link: CloudConnArgs,
+    #[command(flatten)]
+    draft: DraftArgs,
     /// Maximum new tokens (generation also stops at an end-of-sequence token).
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
@@ -100,13 +62,6 @@ enum Mode {
     Hat,
 }
 
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
-enum Wire {
-    F32,
-    F16,
-    Bf16,
-}
-
 fn check_args(args: &GenerateArgs) -> Result<()> {
     if args.temperature < 0.0 || !args.temperature.is_finite() {
         bail!("--temperature must be a finite number >= 0");
@@ -116,68 +71,19 @@ fn check_args(args: &GenerateArgs) -> Result<()> {
             bail!("--top-p must be in (0, 1]");
         }
     }
-    if args.mode == Mode::Hat && args.draft_len == 0 {
+    if args.mode == Mode::Hat && args.draft.draft_len == 0 {
         bail!("--draft-len must be at least 1");
     }
-    if args.mode != Mode::Local && args.cloud.is_none() {
+    if args.mode != Mode::Local && args.link.cloud.is_none() {
         bail!("--mode {:?} needs --cloud HOST:PORT (start the cloud with `hat serve cloud`)", args.mode);
     }
-    for (name, v) in [("--link-mbps", args.link_mbps), ("--link-rtt-ms", args.link_rtt_ms)] {
-        if v.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
-            bail!("{name} must be a finite number >= 0");
-        }
-    }
-    if args.link_mbps == Some(0.0) {
-        bail!("--link-mbps must be above 0");
-    }
-    Ok(())
-}
-
-fn cloud_options(args: &GenerateArgs, addr: &str) -> Result<CloudOptions> {
-    let mut opts = CloudOptions::new(addr);
-    opts.wire = WireFormat {
-        dtype: match args.wire {
-            Wire::F32 => WireDType::F32,
-            Wire::F16 => WireDType::F16,
-            Wire::Bf16 => WireDType::Bf16,
-        },
-        zstd: args.zstd,
-    };
-    if args.link_mbps.is_some() || args.link_rtt_ms.is_some() {
-        opts.link = Some(LinkEmulation::new(
-            args.link_mbps.unwrap_or(f64::INFINITY),
-            Duration::from_secs_f64(args.link_rtt_ms.unwrap_or(0.0) / 1e3),
-        ));
-    }
-    if let Some(f) = &args.auth_token_file {
-        opts.auth_token = Some(read_token(f).context("--auth-token-file")?);
-    }
-    opts.retries = args.retries;
-    Ok(opts)
-}
-
-/// `--draft-head`.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
-pub enum DraftArg {
-    Auto,
-    Feature,
-    Hat,
-}
-
-impl From<DraftArg> for DraftChoice {
-    fn from(a: DraftArg) -> Self {
-        match a {
-            DraftArg::Auto => DraftChoice::Auto,
-            DraftArg::Feature => DraftChoice::Feature,
-            DraftArg::Hat => DraftChoice::Hat,
-        }
-    }
+    args.link.check()
 }
 
 pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
     check_args(&args)?;
     let dev = default_device();
-    let device = DeviceRuntime::open(&args.artifacts.join(DEVICE_DIR))?.with_draft_choice(args.draft_head.into(), args.draft_threshold);
+    let device = args.draft.apply(DeviceRuntime::open(&args.artifacts.join(DEVICE_DIR))?);
     if args.mode == Mode::Hat && !quiet && !args.json {
         if let Some(note) = device.draft_note() {
             eprintln!("note: {note}");
@@ -188,25 +94,25 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
         max_tokens: args.max_tokens,
         sampling: SamplingOptions { temperature: args.temperature, top_p: args.top_p, seed: args.seed },
         eos: device.eos_ids(),
-        prefill_chunk: None,
+        ..Default::default()
     };
     let tokenizer = &device.package.tokenizer;
     let mut stream = TextStream::new(tokenizer, !args.json);
     let mut chunk = None;
     let mut draft_head = String::new();
-    let gen = match (args.mode, args.cloud.as_deref()) {
+    let gen = match (args.mode, args.link.cloud.as_deref()) {
         (Mode::Local, _) => {
             let cloud = CloudPackage::open(&args.artifacts.join(CLOUD_DIR), &dev)?;
             let mut pipeline = LocalPipeline::new(&device.package, &cloud)?;
             generate(&mut pipeline, &prompt, &opts, |t| stream.push(t))?
         }
         (mode, Some(addr)) => {
-            let mut session = device.connect(cloud_options(&args, addr)?)?;
+            let mut session = device.connect(args.link.options(addr)?)?;
             if mode == Mode::Hat {
-                session.set_chunking(chunking(args.chunk_size, &device, quiet || args.json)?);
+                session.set_chunking(chunking(args.draft.chunk_size, &device, quiet || args.json)?);
             }
             let mode = match mode {
-                Mode::Hat => hat_runtime::Mode::Hat { draft_len: args.draft_len },
+                Mode::Hat => hat_runtime::Mode::Hat { draft_len: args.draft.draft_len },
                 _ => hat_runtime::Mode::UShape,
             };
             let gen = session.generate(&prompt, &opts, mode, |t| stream.push(t))?;
@@ -248,7 +154,7 @@ fn report(
             "reconnects": gen.traffic.reconnects,
         });
         if args.mode == Mode::Hat {
-            out["draft_len"] = args.draft_len.into();
+            out["draft_len"] = args.draft.draft_len.into();
             out["drafted"] = gen.drafted.into();
             out["accepted"] = gen.accepted.into();
             out["adapter"] = device.adapter().origin.to_string().into();
@@ -256,7 +162,7 @@ fn report(
             out["prefill_chunk"] = chunk.into();
         }
         if args.mode != Mode::Local {
-            out["wire"] = format!("{:?}{}", args.wire, if args.zstd { "+zstd" } else { "" }).to_lowercase().into();
+            out["wire"] = args.link.wire_label().into();
         }
         println!("{}", serde_json::to_string(&out)?);
     } else if !quiet {

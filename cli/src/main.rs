@@ -4,10 +4,12 @@ mod bench_cmd;
 mod bench_report;
 mod common;
 mod generate_cmd;
+mod openai_req;
 mod placement;
 mod plot;
 mod profile_cmd;
 mod serve_cmd;
+mod serve_device;
 mod split_cmd;
 mod train_cmd;
 

@@ -19,6 +19,7 @@ pub struct ServeArgs {
 #[derive(Subcommand, Debug)]
 enum Side {
     Cloud(CloudArgs),
+    Device(crate::serve_device::DeviceArgs),
 }
 
 /// Serve the middle submodel to devices over TCP.
@@ -50,10 +51,17 @@ struct CloudArgs {
     /// --spawn-cloud` uses it to keep the cloud off the device's cores.
     #[arg(long, value_name = "LIST")]
     cpus: Option<crate::placement::Cpus>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (sessions open, positions computed, forward
+    /// time, bytes in and out, errors by class). Port 0 picks a free one and prints it.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
 }
 
 pub fn run(args: ServeArgs, quiet: bool) -> Result<()> {
-    let Side::Cloud(args) = args.side;
+    let args = match args.side {
+        Side::Cloud(args) => args,
+        Side::Device(args) => return crate::serve_device::run(args, quiet),
+    };
     if let Some(cpus) = &args.cpus {
         crate::placement::pin_self(&cpus.0)?;
     }
@@ -78,6 +86,10 @@ pub fn run(args: ServeArgs, quiet: bool) -> Result<()> {
         ..ServerConfig::default()
     };
     let server = CloudServer::start(&package, cfg, &args.listen)?;
+    if let Some(listen) = &args.metrics_listen {
+        let addr = crate::serve_device::serve_metrics(listen, server.metrics())?;
+        println!("metrics on {addr}");
+    }
     println!("listening on {}", server.local_addr());
     server.run_until_ctrl_c()?;
     Ok(())

@@ -215,7 +215,7 @@ fn lost(addr: &str, e: std::io::Error) -> RuntimeError {
 pub fn generate_cloud(cloud: &mut TokenCloud, prompt: &[u32], opts: &GenerateOptions, on_token: impl FnMut(u32)) -> Result<Generation> {
     let budget = token_budget(prompt, opts, usize::MAX)?;
     let before = cloud.traffic();
-    let mut out = Emitter::new(budget, &opts.eos, on_token);
+    let mut out = Emitter::new(budget, opts, on_token);
     cloud.send(&ClientMsg::Generate { max_tokens: budget as u32, eos: opts.eos.clone(), prompt: prompt.to_vec() })?;
     let mut first = None;
     // Each streamed token after the first is one cloud decode step.
@@ -252,7 +252,7 @@ pub fn generate_sd(
     }
     let budget = token_budget(prompt, opts, small.input.config().max_position_embeddings)?;
     let before = cloud.traffic();
-    let mut out = Emitter::new(budget, &opts.eos, on_token);
+    let mut out = Emitter::new(budget, opts, on_token);
     let mut counts = DraftCounts::default();
     let mut rounds = 0;
     if budget == 0 {

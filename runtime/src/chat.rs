@@ -34,18 +34,27 @@ fn render(template: &str, turns: &[(String, String)], add_generation_prompt: boo
 /// Token ids of a prompt: the text as is (with the tokenizer's own special tokens), or wrapped in the
 /// model's chat template as one user turn.
 pub fn prompt_ids(package: &crate::package::DevicePackage, text: &str, chat: bool) -> Result<Vec<u32>> {
-    let info = package.manifest.tokenizer.as_ref();
-    let (text, add_special) = if chat {
-        let template = info
-            .and_then(|t| t.chat_template.as_deref())
-            .ok_or_else(|| RuntimeError::ChatTemplate("this model has no chat template; drop --chat".into()))?;
-        let bos = info.and_then(|t| t.bos_token.as_ref()).map(|t| t.content.as_str());
-        let eos = info.and_then(|t| t.eos_tokens.first()).map(|t| t.content.as_str());
-        (render_user_prompt(template, text, bos, eos)?, false)
+    if chat {
+        chat_prompt_ids(package, &[("user".to_string(), text.to_string())])
     } else {
-        (text.to_string(), true)
-    };
-    let encoding = package.tokenizer.encode(text.as_str(), add_special).map_err(|e| RuntimeError::Tokenizer(e.to_string()))?;
+        encode(package, text, true)
+    }
+}
+
+/// Token ids of a conversation of (role, content) turns in the model's chat template, ending with the
+/// prompt for the assistant's reply.
+pub fn chat_prompt_ids(package: &crate::package::DevicePackage, turns: &[(String, String)]) -> Result<Vec<u32>> {
+    let info = package.manifest.tokenizer.as_ref();
+    let template = info.and_then(|t| t.chat_template.as_deref()).ok_or_else(|| {
+        RuntimeError::ChatTemplate("this model has no chat template; send plain text (drop --chat, or use /v1/completions)".into())
+    })?;
+    let bos = info.and_then(|t| t.bos_token.as_ref()).map(|t| t.content.as_str());
+    let eos = info.and_then(|t| t.eos_tokens.first()).map(|t| t.content.as_str());
+    encode(package, &render(template, turns, true, bos, eos)?, false)
+}
+
+fn encode(package: &crate::package::DevicePackage, text: &str, add_special: bool) -> Result<Vec<u32>> {
+    let encoding = package.tokenizer.encode(text, add_special).map_err(|e| RuntimeError::Tokenizer(e.to_string()))?;
     Ok(encoding.get_ids().to_vec())
 }
 

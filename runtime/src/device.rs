@@ -88,6 +88,7 @@ pub struct DeviceRuntime {
     head_problem: Option<String>,
     choice: DraftChoice,
     threshold: Option<f32>,
+    lookup: bool,
     device: Device,
 }
 
@@ -102,13 +103,19 @@ impl DeviceRuntime {
             Ok(h) => (h, None),
             Err(e) => (None, Some(e.to_string())),
         };
-        Ok(Self { package, adapter, head, head_problem, choice: DraftChoice::Auto, threshold: None, device })
+        Ok(Self { package, adapter, head, head_problem, choice: DraftChoice::Auto, threshold: None, lookup: true, device })
     }
 
     /// Chooses the draft model, and overrides the head's confidence threshold (0 drafts every time).
     pub fn with_draft_choice(mut self, choice: DraftChoice, threshold: Option<f32>) -> Self {
         self.choice = choice;
         self.threshold = threshold;
+        self
+    }
+
+    /// Turns the draft head's prompt lookup on or off (on by default).
+    pub fn with_lookup(mut self, on: bool) -> Self {
+        self.lookup = on;
         self
     }
 
@@ -127,7 +134,7 @@ impl DeviceRuntime {
     pub fn new_drafter(&self) -> Drafter {
         match (self.choice, &self.head) {
             (DraftChoice::Hat, _) => Drafter::new(self.adapter.clone()),
-            (_, Some(h)) => Drafter::feature(h.clone(), self.threshold),
+            (_, Some(h)) => Drafter::feature(h.clone(), self.threshold).with_lookup(self.lookup),
             (DraftChoice::Auto, None) if self.head_problem.is_none() => Drafter::new(self.adapter.clone()),
             _ => Drafter::Off,
         }
@@ -219,6 +226,16 @@ impl DeviceSession {
             Some(est) => Ok(est),
             None => self.pipeline.middle().measure_link(),
         }
+    }
+
+    /// The link as last measured, without probing.
+    pub fn link_estimate(&mut self) -> Option<LinkEstimate> {
+        self.pipeline.middle().link_estimate()
+    }
+
+    /// Reuses a link estimate another session measured (a server opens one session per request).
+    pub fn set_link_estimate(&mut self, est: LinkEstimate) {
+        self.pipeline.middle().set_link_estimate(est);
     }
 
     fn chunk_for(&mut self, prompt_len: usize) -> Result<Option<usize>> {

@@ -195,9 +195,22 @@ impl Drafter {
     pub fn describe(&self) -> String {
         match self {
             Drafter::Adapter(d) => format!("hat adapter, {}", d.adapter.origin),
-            Drafter::Feature(d) => format!("feature head ({}), threshold {}", d.head().path.display(), d.threshold()),
+            Drafter::Feature(d) => format!(
+                "feature head ({}), threshold {}{}",
+                d.head().path.display(),
+                d.threshold(),
+                if d.lookup() { ", prompt lookup" } else { "" }
+            ),
             Drafter::Off => "none (U-shaped steps)".into(),
         }
+    }
+
+    /// Turns the feature head's prompt lookup on or off (the other drafters have none).
+    pub fn with_lookup(mut self, on: bool) -> Self {
+        if let Drafter::Feature(d) = &mut self {
+            d.set_lookup(on);
+        }
+        self
     }
 
     /// `hat` or `feature` or `none`.

@@ -2,6 +2,8 @@
 //! process (`--mode local`), U-shaped with the middle in the cloud (`--mode ushape`), or the unsplit
 //! model, which the tests use as the reference. Speculative decoding lives in `speculative.rs`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
@@ -264,11 +266,14 @@ pub struct GenerateOptions {
     /// Prompt positions per message to the middle in HAT mode's pipelined prefill; `None` sends the
     /// prompt in one piece.
     pub prefill_chunk: Option<usize>,
+    /// Set from outside (another thread, or `on_token` itself) to end generation after the token
+    /// being emitted: a client that went away, a stop string found in the text.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        Self { max_tokens: 128, sampling: SamplingOptions::default(), eos: Vec::new(), prefill_chunk: None }
+        Self { max_tokens: 128, sampling: SamplingOptions::default(), eos: Vec::new(), prefill_chunk: None, cancel: None }
     }
 }
 
@@ -281,6 +286,8 @@ pub struct Generation {
     /// Mean time between consecutive generated tokens.
     pub tbt: Duration,
     pub stopped_by_eos: bool,
+    /// Ended by [`GenerateOptions::cancel`].
+    pub cancelled: bool,
     /// Steps after the prompt that needed the middle submodel (cloud round trips when it is remote).
     pub rounds: usize,
     /// Draft tokens proposed and accepted over all rounds (zero without drafting).
@@ -349,28 +356,34 @@ pub(crate) struct Emitter<'a, F> {
     last_at: Instant,
     gaps: Vec<Duration>,
     stopped_by_eos: bool,
+    cancel: Option<&'a AtomicBool>,
     on_token: F,
 }
 
 impl<'a, F: FnMut(u32)> Emitter<'a, F> {
-    pub(crate) fn new(budget: usize, eos: &'a [u32], on_token: F) -> Self {
+    pub(crate) fn new(budget: usize, opts: &'a GenerateOptions, on_token: F) -> Self {
         let now = Instant::now();
         Self {
             tokens: Vec::with_capacity(budget),
             budget,
-            eos,
+            eos: &opts.eos,
             start: now,
             first_at: None,
             last_at: now,
             gaps: Vec::new(),
             stopped_by_eos: false,
+            cancel: opts.cancel.as_deref(),
             on_token,
         }
     }
 
+    fn cancelled(&self) -> bool {
+        self.cancel.is_some_and(|c| c.load(Ordering::Relaxed))
+    }
+
     /// Tokens still allowed.
     pub(crate) fn remaining(&self) -> usize {
-        if self.stopped_by_eos {
+        if self.stopped_by_eos || self.cancelled() {
             0
         } else {
             self.budget - self.tokens.len()
@@ -412,12 +425,14 @@ impl<'a, F: FnMut(u32)> Emitter<'a, F> {
         let first_at = self.first_at.unwrap_or(self.start);
         let n = self.tokens.len();
         let tbt = if n > 1 { (self.last_at - first_at) / (n as u32 - 1) } else { Duration::ZERO };
+        let cancelled = !self.stopped_by_eos && self.cancelled();
         Generation {
             tokens: self.tokens,
             prompt_tokens,
             ttft: first_at - self.start,
             tbt,
             stopped_by_eos: self.stopped_by_eos,
+            cancelled,
             rounds,
             drafted: drafts.drafted,
             accepted: drafts.accepted,
@@ -435,7 +450,7 @@ pub fn generate(model: &mut impl TokenModel, prompt: &[u32], opts: &GenerateOpti
     let budget = token_budget(prompt, opts, model.context_len())?;
     let mut sampler = Sampler::new(opts.sampling);
     let traffic_before = model.traffic();
-    let mut out = Emitter::new(budget, &opts.eos, on_token);
+    let mut out = Emitter::new(budget, opts, on_token);
     let mut rounds = 0;
     let mut prefill = None;
     if budget > 0 {

@@ -9,6 +9,7 @@ pub mod draft_head;
 pub mod error;
 pub mod generate;
 pub mod link;
+pub mod metrics;
 pub mod middle;
 pub mod package;
 pub mod protocol;

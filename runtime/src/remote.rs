@@ -109,6 +109,26 @@ impl RemoteMiddle {
         Ok(me)
     }
 
+    /// Checks that the cloud answers a hello for this model (version, fingerprint, auth token)
+    /// without opening a session: one connection, one round trip, nothing left on the cloud. A
+    /// health check's probe.
+    pub fn check_cloud(opts: &CloudOptions, fingerprint: &str, timeout: Duration) -> Result<()> {
+        let unreachable = |last: String| RuntimeError::CloudUnreachable { addr: opts.addr.clone(), attempts: 1, last };
+        let mut conn = FramedConn::connect(&opts.addr, None, DEFAULT_MAX_FRAME, Arc::new(Counters::default()))
+            .map_err(|e| unreachable(e.to_string()))?;
+        let hello =
+            ClientMsg::Hello { version: PROTOCOL_VERSION, fingerprint: fingerprint.to_string(), auth_token: opts.auth_token.clone() };
+        conn.send(&hello.encode()).map_err(|e| unreachable(e.to_string()))?;
+        let body = conn.recv(timeout).map_err(|e| unreachable(e.to_string()))?;
+        match ServerMsg::decode(&body).map_err(|e| unreachable(format!("unreadable reply: {e}")))? {
+            ServerMsg::Welcome { .. } => Ok(()),
+            ServerMsg::Error { code, message } => {
+                Err(RuntimeError::CloudRefused { addr: opts.addr.clone(), code: format!("{code:?}"), message })
+            }
+            other => Err(unreachable(format!("unexpected reply to hello: {other:?}"))),
+        }
+    }
+
     fn refused(&self, code: ErrorCode, message: String) -> RuntimeError {
         RuntimeError::CloudRefused { addr: self.opts.addr.clone(), code: format!("{code:?}"), message }
     }
@@ -186,6 +206,12 @@ impl RemoteMiddle {
     /// then kept up to date from forwards that travelled alone.
     pub fn link_estimate(&self) -> Option<LinkEstimate> {
         self.estimate
+    }
+
+    /// Starts from a link estimate measured earlier (by another session to the same cloud), so this
+    /// session does not probe again; forwards keep its round-trip time current as usual.
+    pub fn set_link_estimate(&mut self, est: LinkEstimate) {
+        self.estimate = Some(est);
     }
 
     /// How long the cloud computed the last collected reply, as it reported.

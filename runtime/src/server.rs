@@ -18,6 +18,7 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use crate::baseline::{WholeCache, WholeModel};
 use crate::error::{Result, RuntimeError};
+use crate::metrics::CloudMetrics;
 use crate::package::CloudPackage;
 use crate::protocol::{ClientMsg, ErrorCode, HiddenFrame, ServerMsg, DEFAULT_MAX_FRAME, LENGTH_PREFIX, PROTOCOL_VERSION};
 
@@ -63,6 +64,7 @@ struct Shared {
     cfg: ServerConfig,
     sessions: Arc<Semaphore>,
     next_session: AtomicU64,
+    metrics: Arc<CloudMetrics>,
 }
 
 impl Shared {
@@ -78,6 +80,7 @@ impl Shared {
 pub struct CloudServer {
     runtime: Option<tokio::runtime::Runtime>,
     addr: SocketAddr,
+    metrics: Arc<CloudMetrics>,
 }
 
 impl std::fmt::Debug for CloudServer {
@@ -114,6 +117,7 @@ impl CloudServer {
             auth_digest: cfg.auth_token.as_deref().map(digest),
             sessions: Arc::new(Semaphore::new(cfg.max_sessions.max(1))),
             next_session: AtomicU64::new(1),
+            metrics: Arc::new(CloudMetrics::default()),
             cfg,
         });
         let kv_mb = kv_bytes_per_position(&package.middle) as f64 * shared.max_context as f64 / 1e6;
@@ -126,12 +130,18 @@ impl CloudServer {
             if shared.auth_digest.is_some() { "required" } else { "off" },
             if shared.cfg.baselines.is_some() { "; ALSO SERVES THE TOKEN BASELINES (token ids cross the network)" } else { "" }
         ));
+        let metrics = shared.metrics.clone();
         runtime.spawn(accept_loop(listener, shared));
-        Ok(Self { runtime: Some(runtime), addr })
+        Ok(Self { runtime: Some(runtime), addr, metrics })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The server's Prometheus metrics, live.
+    pub fn metrics(&self) -> Arc<CloudMetrics> {
+        self.metrics.clone()
     }
 
     /// Serves until Ctrl-C.
@@ -233,24 +243,37 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
     let codec =
         LengthDelimitedCodec::builder().length_field_length(LENGTH_PREFIX).big_endian().max_frame_length(shared.cfg.max_frame).new_codec();
     let mut framed = Framed::new(stream, codec);
+    let metrics = shared.metrics.clone();
+    // Every reply goes through here, so bytes and error classes are counted once.
+    let encode = |m: &ServerMsg| {
+        if let ServerMsg::Error { code, .. } = m {
+            metrics.error(*code);
+        }
+        let body = Bytes::from(m.encode());
+        metrics.bytes_out.inc_by((body.len() + LENGTH_PREFIX) as u64);
+        body
+    };
     let idle = shared.cfg.idle_timeout;
     let mut conn = Connection { shared, peer, greeted: false, session: None };
     let mut end = "device disconnected";
     loop {
         let frame = match tokio::time::timeout(idle, framed.next()).await {
             Err(_) => {
-                let _ = framed.send(Bytes::from(error(ErrorCode::BadFrame, "idle timeout").encode())).await;
+                let _ = framed.send(encode(&error(ErrorCode::BadFrame, "idle timeout"))).await;
                 end = "idle timeout";
                 break;
             }
             Ok(None) => break,
             Ok(Some(Err(e))) => {
                 // Broken framing (an oversized length prefix included): the stream cannot be resynchronised.
-                let _ = framed.send(Bytes::from(error(ErrorCode::BadFrame, format!("bad frame: {e}")).encode())).await;
+                let _ = framed.send(encode(&error(ErrorCode::BadFrame, format!("bad frame: {e}")))).await;
                 end = "bad frame";
                 break;
             }
-            Ok(Some(Ok(body))) => body,
+            Ok(Some(Ok(body))) => {
+                metrics.bytes_in.inc_by((body.len() + LENGTH_PREFIX) as u64);
+                body
+            }
         };
         let (reply, close) = match conn.handle(&frame).await {
             Step::Reply(m) => (Some(m), false),
@@ -259,7 +282,7 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
             Step::Stream(mut rx, done) => {
                 let mut sent = true;
                 while let Some(m) = rx.recv().await {
-                    sent = sent && framed.send(Bytes::from(m.encode())).await.is_ok();
+                    sent = sent && framed.send(encode(&m)).await.is_ok();
                 }
                 let cache = done.await.ok();
                 if let Some(s) = conn.session.as_mut() {
@@ -273,7 +296,7 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
             }
         };
         if let Some(m) = reply {
-            if framed.send(Bytes::from(m.encode())).await.is_err() {
+            if framed.send(encode(&m)).await.is_err() {
                 end = "write failed";
                 break;
             }
@@ -367,6 +390,8 @@ impl Connection {
             }
         };
         let id = self.shared.next_session.fetch_add(1, Ordering::Relaxed);
+        self.shared.metrics.sessions.inc();
+        self.shared.metrics.sessions_open.inc();
         let max_context = requested.min(self.shared.max_context);
         self.session = Some(Session {
             id,
@@ -414,6 +439,8 @@ impl Connection {
                 session.cache = Some(cache);
                 session.messages += 1;
                 session.positions += rows as u64;
+                self.shared.metrics.positions.inc_by(rows as u64);
+                self.shared.metrics.forward_seconds.observe(f64::from(compute_us) / 1e6);
                 Step::Reply(ServerMsg::Hidden { frame, compute_us })
             }
             Ok((Err(e), mut cache)) => {
@@ -517,6 +544,7 @@ impl Connection {
 
     fn end_session(&mut self, how: &str) {
         if let Some(s) = self.session.take() {
+            self.shared.metrics.sessions_open.dec();
             self.shared.log(format_args!(
                 "session {} from {}: {} messages, {} positions computed, {} cached at the end, {:.2} s, {how}",
                 s.id,

@@ -28,7 +28,7 @@ pub fn generate_speculative<M: Middle>(
     let budget = token_budget(prompt, opts, pipeline.context_len())?;
     let mut sampler = Sampler::new(opts.sampling);
     let traffic_before = pipeline.traffic();
-    let mut out = Emitter::new(budget, &opts.eos, on_token);
+    let mut out = Emitter::new(budget, opts, on_token);
     let mut rounds = 0;
     let mut counts = DraftCounts::default();
     if budget == 0 {

@@ -122,6 +122,48 @@ fn sampling_with_the_head_draws_the_models_distribution() {
     assert!(stat < critical, "speculative samples with the head do not follow the model: {stat:.1} > {critical:.1}");
 }
 
+/// Prompt lookup's drafts are deterministic (one-hot q). With a head that is never sure, every
+/// first draft of a round comes from lookup (the prompt holds "17 x" for every token x, so any first
+/// token continues a 2-gram seen before), and the rejection rule must still give the model's
+/// distribution.
+#[test]
+fn sampling_with_prompt_lookup_draws_the_models_distribution() {
+    let t = tiny(1, 1);
+    let vocab: Vec<u32> = (0..t.device.config.vocab_size as u32).collect();
+    let trainable = TrainableHead::new(initial_tensors(&t.device, 5).expect("init"), vocab, &t.device, &Device::Cpu).expect("head");
+    let head = trainable.to_runtime(&t.device, meta_for(&t.device, 0.0), "test".into()).expect("runtime head");
+    let sampling = SamplingOptions { temperature: 0.7, top_p: None, seed: 0 };
+    let dist = Sampler::new(sampling);
+    let mut model = LocalPipeline::new(&t.device, &t.cloud).expect("pipeline");
+    let with_separator = |s: u32| -> Vec<u32> {
+        let v = t.device.config.vocab_size as u32;
+        (0..v).flat_map(|x| [s, x]).chain([s]).collect()
+    };
+    // Lookup always proposes the separator; make it a likely second token, so that both the accept
+    // and the reject branch run often.
+    let (_, first) = second_token_distribution(&mut model, &with_separator(17), &dist);
+    let likely = (0..first.len()).max_by(|a, b| first[*a].total_cmp(&first[*b])).expect("a token") as u32;
+    let prompt = with_separator(likely);
+    let (_, exact) = second_token_distribution(&mut model, &prompt, &dist);
+    let mut counts = vec![0usize; t.device.config.vocab_size];
+    let (mut accepted, mut drafted) = (0, 0);
+    // Threshold 2: the head is never sure, so only lookup drafts.
+    let mut drafter = Drafter::feature(head, Some(2.0));
+    for seed in 0..4000 {
+        // Three tokens: the prompt's round gives the first, one round with one draft the rest.
+        let opts = GenerateOptions { max_tokens: 3, sampling: SamplingOptions { seed, ..sampling }, eos: vec![], ..Default::default() };
+        let g = generate_speculative(&mut model, &mut drafter, &prompt, &opts, 1, |_| {}).expect("generate");
+        counts[g.tokens[1] as usize] += 1;
+        accepted += g.accepted;
+        drafted += g.drafted;
+    }
+    assert_eq!(drafted, 4000, "lookup drafted in the first round of every generation");
+    assert!(accepted > 0 && accepted < drafted, "both branches ran: {accepted} of {drafted} drafts accepted");
+    let (stat, critical) = chi_square(&counts, &exact);
+    eprintln!("chi-square {stat:.1} (critical ~{critical:.1}); {accepted}/{drafted} lookup drafts accepted");
+    assert!(stat < critical, "speculative samples with lookup drafts do not follow the model: {stat:.1} > {critical:.1}");
+}
+
 /// A head saved for one split is refused by a package of another, with both named; the device then
 /// drafts nothing (U-shaped steps, same tokens) instead of drafting wrongly.
 #[test]
