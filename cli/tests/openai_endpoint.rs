@@ -66,8 +66,8 @@ fn python() -> PathBuf {
     py
 }
 
-fn local_reference(artifacts: &str, prompt: &str, chat: bool) -> serde_json::Value {
-    let n = MAX_TOKENS.to_string();
+fn local_reference(artifacts: &str, prompt: &str, chat: bool, n: usize) -> serde_json::Value {
+    let n = n.to_string();
     let mut args =
         vec!["generate", "--artifacts", artifacts, "--mode", "local", "--prompt", prompt, "--max-tokens", &n, "--json", "--quiet"];
     if chat {
@@ -116,8 +116,8 @@ fn openai_python_client_streams_from_hat_serve_device() {
         "Why is the sky blue?",
         "Translate 'good morning' into Spanish.",
     ];
-    let chat: Vec<_> = prompts.iter().map(|p| local_reference(art_s, p, true)).collect();
-    let plain = local_reference(art_s, "The three largest cities in Europe are", false);
+    let chat: Vec<_> = prompts.iter().map(|p| local_reference(art_s, p, true, MAX_TOKENS)).collect();
+    let plain = local_reference(art_s, "The three largest cities in Europe are", false, MAX_TOKENS);
     let refs = tmp.path().join("refs.json");
     std::fs::write(&refs, serde_json::json!({ "chat": chat, "plain": plain, "max_tokens": MAX_TOKENS }).to_string()).expect("refs");
 
@@ -146,7 +146,7 @@ fn openai_python_client_streams_from_hat_serve_device() {
             "--max-concurrent",
             "8",
             "--retries",
-            "1",
+            "4",
             // Bit-exact hidden states: f16 on the wire (the default) rounds them and can flip a
             // near-tie, as it does on the plain prompt below ("New York" for "Barcelona").
             "--wire",
@@ -164,6 +164,43 @@ fn openai_python_client_streams_from_hat_serve_device() {
     let device = std::fs::read_to_string(&device_log).expect("device log");
     assert!(device.contains("client went away: cloud session closed"), "the device logs the disconnect:\n{device}");
 
+    // The cloud crashes mid-reply and comes back on the same address: the device reconnects,
+    // replays, and the client gets the reply it would have got, none the wiser.
+    let long_prompt = "Write a story about a dragon who learns to bake bread.";
+    let want = local_reference(art_s, long_prompt, true, LONG_TOKENS);
+    let device_addr = addr_after(&device_lines, "listening on ");
+    let request = std::thread::spawn(move || chat_over_http(&device_addr, long_prompt, LONG_TOKENS));
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    drop(cloud);
+    let (cloud, _) = start(&["serve", "cloud", "--package", &cloud_pkg, "--listen", &cloud_addr], &cloud_log);
+    let reply = request.join().expect("request thread");
+    assert_eq!(reply["choices"][0]["message"]["content"], want["text"], "the reply survives a cloud crash unchanged");
+    assert!(reply["timings"]["reconnects"].as_u64().expect("reconnects") >= 1, "the cloud crashed mid-reply: {}", reply["timings"]);
+
     drop(cloud);
     run_client(&py, &base, "smollm2", &["--phase", "cloud-down"]);
+}
+
+/// Tokens of the reply the cloud crash interrupts: long enough to be mid-reply at the crash.
+const LONG_TOKENS: usize = 160;
+
+/// One non-streamed greedy chat request over plain HTTP/1.1.
+fn chat_over_http(addr: &str, prompt: &str, max_tokens: usize) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let body = serde_json::json!({
+        "model": "smollm2", "messages": [{"role": "user", "content": prompt}], "temperature": 0, "max_tokens": max_tokens
+    })
+    .to_string();
+    let mut conn = std::net::TcpStream::connect(addr).expect("connect to the device server");
+    write!(
+        conn,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer test-key\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut raw = String::new();
+    conn.read_to_string(&mut raw).expect("read the reply");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP reply");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}\n{body}");
+    serde_json::from_str(body).expect("json body")
 }
