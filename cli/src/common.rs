@@ -26,8 +26,9 @@ pub struct CloudConnArgs {
     /// host:port of `hat serve cloud`.
     #[arg(long)]
     pub cloud: Option<String>,
-    /// Number format of hidden states on the wire.
-    #[arg(long, value_enum, default_value_t = Wire::F16)]
+    /// Number format of hidden states on the wire. f32 is bit-exact: greedy output equals
+    /// `--mode local`. f16 and bf16 halve the traffic but round the states and can flip a near-tie.
+    #[arg(long, value_enum, default_value_t = Wire::F32)]
     pub wire: Wire,
     /// Compress hidden states with zstd on the wire.
     #[arg(long)]

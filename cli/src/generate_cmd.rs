@@ -14,8 +14,8 @@ use hat_runtime::{generate, CloudPackage, DeviceRuntime, GenerateOptions, Genera
 /// and `--mode hat` run the device side here against `hat serve cloud` at `--cloud`: only hidden
 /// states are sent, never text or token ids. `ushape` makes one round trip per token; `hat` drafts
 /// `--draft-len` tokens on the device and has the cloud verify them in one round trip, with exactly
-/// `ushape`'s output. Greedy, both equal the unsplit model bit for bit with `--wire f32`; f16 (the
-/// default) rounds hidden states on the wire and can flip a near-tie.
+/// `ushape`'s output. Greedy, both equal the unsplit model bit for bit with `--wire f32` (the
+/// default); f16 and bf16 round hidden states on the wire and can flip a near-tie.
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
     /// The directory `hat split --out` wrote (holding device/, and cloud/ for --mode local).

@@ -79,9 +79,12 @@ pub struct WireFormat {
     pub zstd: bool,
 }
 
+/// f32 by default: the cloud gets exactly the states the device computed, so greedy `hat` and
+/// `ushape` equal `--mode local` bit for bit. f16 and bf16 halve the traffic but round the states,
+/// which can flip a near-tie.
 impl Default for WireFormat {
     fn default() -> Self {
-        Self { dtype: WireDType::F16, zstd: false }
+        Self { dtype: WireDType::F32, zstd: false }
     }
 }
 
