@@ -335,7 +335,7 @@ impl App {
     /// One reply, on the blocking pool: its own cloud session, closed when it returns.
     fn generate(self: &Arc<Self>, id: &str, prompt: &[u32], opts: &GenerateOptions, stop: Vec<String>, tx: &mpsc::UnboundedSender<Event>) {
         let cancel = opts.cancel.clone().expect("prepare sets a cancel flag");
-        let gone = AtomicBool::new(false);
+        let mut gone = false;
         let mut text = TextDelta::new(&self.device.package.tokenizer, stop);
         let result = (|| -> hat_runtime::Result<(Generation, String)> {
             let mut session = self.session()?;
@@ -347,10 +347,8 @@ impl App {
             let gen = session.generate(prompt, opts, self.mode, |t| {
                 let delta = text.push(t);
                 let sent = delta.is_none_or(|d| tx.send(Event::Delta(d)).is_ok());
-                if !sent || tx.is_closed() {
-                    gone.store(true, Ordering::Relaxed);
-                }
-                if text.stopped() || gone.load(Ordering::Relaxed) {
+                gone |= !sent || tx.is_closed();
+                if text.stopped() || gone {
                     cancel.store(true, Ordering::Relaxed);
                 }
             })?;
@@ -362,7 +360,6 @@ impl App {
         match result {
             Ok((gen, draft_head)) => {
                 self.metrics.record(&gen);
-                let gone = gone.load(Ordering::Relaxed);
                 if gone {
                     self.metrics.client_disconnects.inc();
                 }
@@ -392,10 +389,43 @@ impl App {
             }
         }
     }
+}
 
-    fn usage(&self, gen: &Generation) -> CompletionUsage {
-        let (p, c) = (gen.prompt_tokens as u32, gen.tokens.len() as u32);
-        CompletionUsage { prompt_tokens: p, completion_tokens: c, total_tokens: p + c, ..Default::default() }
+fn usage(gen: &Generation) -> CompletionUsage {
+    let (p, c) = (gen.prompt_tokens as u32, gen.tokens.len() as u32);
+    CompletionUsage { prompt_tokens: p, completion_tokens: c, total_tokens: p + c, ..Default::default() }
+}
+
+/// A chunk of a streamed chat reply; the usage chunk has no choices.
+#[allow(deprecated)] // the deprecated fields stay unset
+fn chat_chunk(
+    id: &str,
+    model: &str,
+    created: u32,
+    choices: Vec<ChatChoiceStream>,
+    usage: Option<CompletionUsage>,
+) -> CreateChatCompletionStreamResponse {
+    CreateChatCompletionStreamResponse {
+        id: id.to_string(),
+        choices,
+        created,
+        model: model.to_string(),
+        object: "chat.completion.chunk".into(),
+        usage,
+        ..Default::default()
+    }
+}
+
+/// A text completion, whole or one chunk of a stream; the usage chunk has no choices.
+fn completion(id: &str, model: &str, created: u32, choices: Vec<Choice>, usage: Option<CompletionUsage>) -> CreateCompletionResponse {
+    CreateCompletionResponse {
+        id: id.to_string(),
+        choices,
+        created,
+        model: model.to_string(),
+        system_fingerprint: None,
+        object: "text_completion".into(),
+        usage,
     }
 }
 
@@ -523,35 +553,18 @@ async fn chat_inner(app: &Arc<App>, headers: &HeaderMap, body: &[u8]) -> std::re
                 role: first.then_some(Role::Assistant),
                 ..Default::default()
             };
-            let chunk = CreateChatCompletionStreamResponse {
-                id: id.clone(),
-                choices: vec![ChatChoiceStream { index: 0, delta, finish_reason: finish, logprobs: None }],
-                created,
-                model: model.clone(),
-                object: "chat.completion.chunk".into(),
-                ..Default::default()
-            };
+            let choice = ChatChoiceStream { index: 0, delta, finish_reason: finish, logprobs: None };
+            let chunk = chat_chunk(&id, &model, created, vec![choice], None);
             with_timings(&chunk, timings)
         }
     };
     if spec.stream {
-        let usage = spec.include_usage.then(|| {
-            let (id, model, app) = (id.clone(), model.clone(), app.clone());
-            move |gen: &Generation| {
-                let chunk = CreateChatCompletionStreamResponse {
-                    id: id.clone(),
-                    choices: vec![],
-                    created,
-                    model: model.clone(),
-                    object: "chat.completion.chunk".into(),
-                    usage: Some(app.usage(gen)),
-                    ..Default::default()
-                };
-                with_timings(&chunk, None)
-            }
+        let usage_chunk = spec.include_usage.then(|| {
+            let (id, model) = (id.clone(), model.clone());
+            move |gen: &Generation| with_timings(&chat_chunk(&id, &model, created, vec![], Some(usage(gen))), None)
         });
         let first = chunk(None, None, None);
-        return Ok(sse_stream(rx, Some(first), chunk, usage));
+        return Ok(sse_stream(rx, Some(first), chunk, usage_chunk));
     }
     let f = collect(rx).await?;
     let reply = CreateChatCompletionResponse {
@@ -565,7 +578,7 @@ async fn chat_inner(app: &Arc<App>, headers: &HeaderMap, body: &[u8]) -> std::re
         created,
         model,
         object: "chat.completion".into(),
-        usage: Some(app.usage(&f.gen)),
+        usage: Some(usage(&f.gen)),
         ..Default::default()
     };
     Ok(Json(with_timings(&reply, Some(&f.timings))).into_response())
@@ -591,41 +604,24 @@ async fn completions_inner(app: &Arc<App>, headers: &HeaderMap, body: &[u8]) -> 
     let created = now_secs();
     let model = app.model.clone();
     let rx = app.start(id.clone(), prompt, opts, spec.stop.clone());
-    let response = {
-        let (id, model) = (id.clone(), model.clone());
-        move |text: String, finish: Option<FinishReason>, usage: Option<CompletionUsage>| CreateCompletionResponse {
-            id: id.clone(),
-            choices: vec![Choice { text, index: 0, logprobs: None, finish_reason: finish.map(completion_finish) }],
-            created,
-            model: model.clone(),
-            system_fingerprint: None,
-            object: "text_completion".into(),
-            usage,
-        }
+    let choice = |text: String, finish: Option<FinishReason>| Choice {
+        text,
+        index: 0,
+        logprobs: None,
+        finish_reason: finish.map(completion_finish),
     };
     if spec.stream {
-        let usage = spec.include_usage.then(|| {
-            let (id, model, app) = (id.clone(), model.clone(), app.clone());
-            move |gen: &Generation| {
-                let chunk = CreateCompletionResponse {
-                    id: id.clone(),
-                    choices: vec![],
-                    created,
-                    model: model.clone(),
-                    system_fingerprint: None,
-                    object: "text_completion".into(),
-                    usage: Some(app.usage(gen)),
-                };
-                with_timings(&chunk, None)
-            }
+        let usage_chunk = spec.include_usage.then(|| {
+            let (id, model) = (id.clone(), model.clone());
+            move |gen: &Generation| with_timings(&completion(&id, &model, created, vec![], Some(usage(gen))), None)
         });
         let chunk = move |text: Option<String>, finish: Option<FinishReason>, timings: Option<&Value>| {
-            with_timings(&response(text.unwrap_or_default(), finish, None), timings)
+            with_timings(&completion(&id, &model, created, vec![choice(text.unwrap_or_default(), finish)], None), timings)
         };
-        return Ok(sse_stream(rx, None, chunk, usage));
+        return Ok(sse_stream(rx, None, chunk, usage_chunk));
     }
     let f = collect(rx).await?;
-    let reply = response(f.text.clone(), Some(f.finish), Some(app.usage(&f.gen)));
+    let reply = completion(&id, &model, created, vec![choice(f.text.clone(), Some(f.finish))], Some(usage(&f.gen)));
     Ok(Json(with_timings(&reply, Some(&f.timings))).into_response())
 }
 

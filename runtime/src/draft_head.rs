@@ -308,11 +308,9 @@ pub struct FeatureDrafter {
     pending: Option<Tensor>,
     /// The tokens after each pending position, less the newest (the next `last`).
     pending_next: Vec<u32>,
-    /// Tokens at positions `0..pos` of the sequence so far (the prompt and accepted tokens), for
-    /// prompt lookup.
+    /// The sequence so far (the prompt and accepted tokens), for prompt lookup: positions `0..pos`
+    /// between rounds, and `0..=pos` (with the round's `last`) while a round is in flight.
     history: Vec<u32>,
-    /// The `last` token of the round in flight.
-    round_last: u32,
     /// Draft by prompt lookup too (see [`lookup`]).
     lookup: bool,
     /// Sequence position of the head cache's entry 0: only the prompt's last [`PROMPT_WINDOW`]
@@ -338,7 +336,6 @@ impl FeatureDrafter {
             pending: None,
             pending_next: Vec::new(),
             history: Vec::new(),
-            round_last: 0,
             lookup: true,
             offset: 0,
         }
@@ -403,14 +400,8 @@ impl FeatureDrafter {
         }
         let h = self.head.step(&g, &next, start, &mut self.cache)?;
         let mut h = h.narrow(1, h.dim(1)? - 1, 1)?;
-        self.round_last = last;
-        let copied = if self.lookup && k > 0 {
-            let mut seq = self.history.clone();
-            seq.push(last);
-            lookup(&seq, k)
-        } else {
-            Vec::new()
-        };
+        self.history.push(last);
+        let copied = if self.lookup && k > 0 { lookup(&self.history, k) } else { Vec::new() };
         let (mut tokens, mut q) = (Vec::with_capacity(k), Vec::new());
         for j in 0..k {
             let logits = self.head.logits(&h)?;
@@ -462,7 +453,6 @@ impl FeatureDrafter {
         let low = round.draft.states.narrow(1, 0, rows)?;
         self.pending = Some(self.head.fuse(&low, &round.high.narrow(1, 0, rows)?, &round.top.narrow(1, 0, rows)?)?);
         self.pending_next = round.draft.tokens[..round.accepted].to_vec();
-        self.history.push(self.round_last);
         self.history.extend_from_slice(&self.pending_next);
         Ok(())
     }

@@ -12,6 +12,12 @@ use prometheus_client::registry::Registry;
 /// The content type of [`CloudMetrics::encode`]'s text (OpenMetrics, which Prometheus reads).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+fn text(registry: &Registry) -> String {
+    let mut out = String::new();
+    encode(&mut out, registry).expect("writing to a String cannot fail");
+    out
+}
+
 /// Label set of the error counter: the error class.
 pub type CodeLabel = Vec<(&'static str, String)>;
 
@@ -56,9 +62,7 @@ impl CloudMetrics {
 
     /// The metrics as Prometheus text ([`CONTENT_TYPE`]).
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
-        out
+        text(&self.registry)
     }
 }
 
@@ -151,8 +155,6 @@ impl DeviceMetrics {
 
     /// The metrics as Prometheus text ([`CONTENT_TYPE`]).
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
-        out
+        text(&self.registry)
     }
 }
