@@ -86,6 +86,8 @@ pub struct BenchArgs {
     /// File holding the cloud's shared secret.
     #[arg(long)]
     auth_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    tls: crate::common::ClientTlsArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -275,6 +277,7 @@ pub fn run(args: BenchArgs, quiet: bool) -> Result<()> {
         (None, None) => bail!("pass --cloud HOST:PORT or --spawn-cloud"),
     };
     let token = args.auth_token_file.as_deref().map(read_token).transpose().context("--auth-token-file")?;
+    let tls = args.tls.client_tls()?;
     let opts = GenerateOptions { max_tokens: args.max_tokens, eos: device.eos_ids(), ..Default::default() };
 
     let total = (args.links.len() * prompts.len() * args.repeat * modes.len()) as u64;
@@ -285,6 +288,8 @@ pub fn run(args: BenchArgs, quiet: bool) -> Result<()> {
         let mut cloud = CloudOptions::new(addr.clone());
         cloud.link = Some(link.0);
         cloud.auth_token = token.clone();
+        cloud.tls = tls.clone();
+        cloud.insecure_auth = args.tls.insecure_auth;
         bar.set_message(format!("{}: connecting", link.label()));
         let mut runners = Vec::new();
         for &m in &modes {

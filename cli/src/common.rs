@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use hat_profiles::Profile;
-use hat_runtime::{Chunking, CloudOptions, DeviceRuntime, DraftChoice, LinkEmulation, WireDType, WireFormat};
+use hat_runtime::{Chunking, ClientTls, CloudOptions, DeviceRuntime, DraftChoice, LinkEmulation, WireDType, WireFormat};
 
 /// Reads a shared secret from a file (whitespace around it is ignored).
 pub fn read_token(path: &Path) -> Result<String> {
@@ -45,6 +45,41 @@ pub struct CloudConnArgs {
     /// Reconnection attempts when the cloud connection drops.
     #[arg(long, default_value_t = 5)]
     pub retries: u32,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
+}
+
+/// TLS from the device to the cloud.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ClientTlsArgs {
+    /// Connect in TLS, trusting the cloud certificates this CA signed (PEM file). Without it the
+    /// link is plain TCP: anyone on the path can read the hidden states.
+    #[arg(long, value_name = "PEM")]
+    pub tls_ca: Option<PathBuf>,
+    /// This device's certificate chain (PEM), for a cloud that requires client certificates
+    /// (`hat serve cloud --client-ca`). Needs --tls-key.
+    #[arg(long, value_name = "PEM", requires = "tls_key", requires = "tls_ca")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The name the cloud's certificate must carry (default: the host part of --cloud). For a
+    /// cloud reached through a tunnel or by IP under a DNS-named certificate.
+    #[arg(long, value_name = "NAME", requires = "tls_ca")]
+    pub tls_server_name: Option<String>,
+    /// Send the auth token over plain TCP to a cloud that is not on this machine (refused
+    /// otherwise: without TLS anyone on the path can read it).
+    #[arg(long)]
+    pub insecure_auth: bool,
+}
+
+impl ClientTlsArgs {
+    /// The TLS settings, or `None` for plain TCP.
+    pub fn client_tls(&self) -> Result<Option<ClientTls>> {
+        let Some(ca) = &self.tls_ca else { return Ok(None) };
+        let identity = self.tls_cert.as_deref().zip(self.tls_key.as_deref());
+        Ok(Some(ClientTls::from_pem_files(ca, identity, self.tls_server_name.clone())?))
+    }
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
@@ -88,6 +123,9 @@ impl CloudConnArgs {
             opts.auth_token = Some(read_token(f).context("--auth-token-file")?);
         }
         opts.retries = self.retries;
+        opts.tls = self.tls.client_tls()?;
+        opts.insecure_auth = self.tls.insecure_auth;
+        opts.check_transport()?;
         Ok(opts)
     }
 

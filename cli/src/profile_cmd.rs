@@ -39,6 +39,8 @@ pub struct ProfileArgs {
     /// File holding the cloud's shared secret.
     #[arg(long)]
     auth_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    tls: crate::common::ClientTlsArgs,
     /// Chunk sizes to time, comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = ProfileOptions::default().sizes)]
     sizes: Vec<usize>,
@@ -75,6 +77,8 @@ pub fn run(args: ProfileArgs, quiet: bool) -> Result<()> {
     };
     let mut cloud = CloudOptions::new(addr);
     cloud.link = args.link.map(|l| l.0);
+    cloud.tls = args.tls.client_tls()?;
+    cloud.insecure_auth = args.tls.insecure_auth;
     if let Some(f) = &args.auth_token_file {
         cloud.auth_token = Some(read_token(f).context("--auth-token-file")?);
     }

@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use hat_runtime::baseline::WholeModel;
 use hat_runtime::package::default_device;
-use hat_runtime::{CloudPackage, CloudServer, DevicePackage, ServerConfig};
+use hat_runtime::{CloudPackage, CloudServer, DevicePackage, ServerConfig, ServerTls};
 
 use crate::common::read_token;
 
@@ -51,6 +51,16 @@ struct CloudArgs {
     /// --spawn-cloud` uses it to keep the cloud off the device's cores.
     #[arg(long, value_name = "LIST")]
     cpus: Option<crate::placement::Cpus>,
+    /// Serve in TLS with this certificate chain (PEM). Without it the wire is plain TCP, which is
+    /// only private on loopback or inside a trusted network.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require every device to present a certificate signed by this CA (mutual TLS; PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
     /// Serve Prometheus metrics at http://ADDR/metrics (sessions open, positions computed, forward
     /// time, bytes in and out, errors by class). Port 0 picks a free one and prints it.
     #[arg(long, value_name = "ADDR")]
@@ -69,6 +79,10 @@ pub fn run(args: ServeArgs, quiet: bool) -> Result<()> {
         anyhow::bail!("--max-sessions must be at least 1");
     }
     let auth_token = args.auth_token_file.as_deref().map(read_token).transpose().context("--auth-token-file")?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(ServerTls::from_pem_files(cert, key, args.client_ca.as_deref())?),
+        _ => None,
+    };
     let package = CloudPackage::open(&args.package, &default_device())?;
     let baselines = match &args.token_baselines {
         Some(dir) => {
@@ -83,9 +97,19 @@ pub fn run(args: ServeArgs, quiet: bool) -> Result<()> {
         auth_token,
         log: !quiet,
         baselines,
+        tls,
         ..ServerConfig::default()
     };
+    let plain = cfg.tls.is_none();
     let server = CloudServer::start(&package, cfg, &args.listen)?;
+    if plain && !server.local_addr().ip().is_loopback() {
+        // Shown even with --quiet, as llama.cpp's RPC server does.
+        eprintln!(
+            "warning: serving {} without TLS: hidden states (from which the prompt's tokens can be recovered, see `hat audit`) \
+             and auth tokens cross the network in the clear; pass --tls-cert and --tls-key",
+            server.local_addr()
+        );
+    }
     if let Some(listen) = &args.metrics_listen {
         let addr = crate::serve_device::serve_metrics(listen, server.metrics())?;
         println!("metrics on {addr}");

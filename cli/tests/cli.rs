@@ -235,6 +235,48 @@ fn serve_cloud_and_generate_remotely_report_round_trips_and_bytes() {
     assert_one_line_error(&gone, &format!("cannot reach the cloud at {addr}"));
 }
 
+/// Mutual TLS through the command line: the same tokens as `--mode local`, and a device without a
+/// certificate, or with a bad key file, gets one line saying what to pass.
+#[test]
+fn serve_cloud_and_generate_over_mutual_tls() {
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = TinyLlama::default().write_dir(&tmp.path().join("src"), 1);
+    let art = tmp.path().join("art");
+    assert!(split(&src, &art, 1, 1, &[]).status.success());
+    let art_s = art.to_str().expect("utf8");
+    let pki = hat_tests::TestPki::generate(tmp.path(), "cli");
+    let p = |p: &Path| p.to_str().expect("utf8").to_string();
+    let (ca, cert, key) = (p(&pki.ca), p(&pki.client_cert), p(&pki.client_key));
+    let mut cloud = Command::new(env!("CARGO_BIN_EXE_hat"))
+        .args(["serve", "cloud", "--package", &format!("{art_s}/cloud"), "--listen", "127.0.0.1:0"])
+        .args(["--tls-cert", &p(&pki.server_cert), "--tls-key", &p(&pki.server_key), "--client-ca", &ca])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn cloud");
+    let mut line = String::new();
+    BufReader::new(cloud.stdout.take().expect("stdout")).read_line(&mut line).expect("listening line");
+    let addr = line.trim().strip_prefix("listening on ").expect("listening on ADDR").to_string();
+
+    let base = ["generate", "--artifacts", art_s, "--prompt", "w5 w9 w17", "--max-tokens", "8", "--json"];
+    let local: serde_json::Value = serde_json::from_slice(&hat(&base, &[]).stdout).expect("json");
+    let remote = [&base[..], &["--mode", "hat", "--cloud", &addr, "--retries", "0", "--tls-ca", &ca]].concat();
+    let ok = hat(&[&remote[..], &["--tls-cert", &cert, "--tls-key", &key]].concat(), &[]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&ok.stdout).expect("json");
+    assert_eq!(v["tokens"], local["tokens"], "over TLS, --mode hat equals --mode local");
+
+    assert_one_line_error(&hat(&remote, &[]), "requires a client certificate: pass --tls-cert and --tls-key");
+    let not_a_key = tmp.path().join("not-a-key.pem");
+    std::fs::write(&not_a_key, "hello").expect("write");
+    let not_a_key = p(&not_a_key);
+    let bad = hat(&[&remote[..], &["--tls-cert", &cert, "--tls-key", &not_a_key]].concat(), &[]);
+    assert_one_line_error(&bad, "not-a-key.pem: cannot read the private key");
+    cloud.kill().expect("kill cloud");
+    let _ = cloud.wait();
+}
+
 /// `hat profile` writes the table; `hat bench` runs every mode over two links with the cloud in
 /// process, and HAT's tokens equal U-shaped's in every chunking.
 #[test]

@@ -20,7 +20,7 @@ use crate::generate::{ids_tensor, token_budget, DraftCounts, Emitter, GenerateOp
 use crate::link::{Counters, FramedConn};
 use crate::middle::Traffic;
 use crate::package::{CloudPackage, DevicePackage};
-use crate::protocol::{ClientMsg, ServerMsg, DEFAULT_MAX_FRAME, PROTOCOL_VERSION};
+use crate::protocol::{ClientMsg, ServerMsg, PROTOCOL_VERSION};
 use crate::remote::CloudOptions;
 use crate::sampling::{argmax, logits_rows};
 
@@ -155,8 +155,9 @@ pub struct TokenCloud {
 impl TokenCloud {
     /// Connects, shakes hands and opens a session (no retries: this is a benchmark client).
     pub fn connect(opts: &CloudOptions, fingerprint: &str, max_context: usize) -> Result<Self> {
+        opts.check_transport()?;
         let counters = Arc::new(Counters::default());
-        let conn = FramedConn::connect(&opts.addr, opts.link, DEFAULT_MAX_FRAME, counters.clone()).map_err(|e| lost(&opts.addr, e))?;
+        let conn = opts.open(opts.link, counters.clone()).map_err(|e| opts.io_error(&e, 1))?;
         let mut me = Self { conn, addr: opts.addr.clone(), timeout: opts.reply_timeout, counters };
         let hello =
             ClientMsg::Hello { version: PROTOCOL_VERSION, fingerprint: fingerprint.to_string(), auth_token: opts.auth_token.clone() };

@@ -32,6 +32,8 @@ pub enum RuntimeError {
          `hat serve cloud` runs there and that the address and port are right"
     )]
     CloudUnreachable { addr: String, attempts: u32, last: String },
+    #[error("TLS with the cloud at {addr} failed {reason}")]
+    Tls { addr: String, reason: String },
     #[error("the cloud at {addr} broke the protocol: {reason}")]
     CloudProtocol { addr: String, reason: String },
     #[error("{0}")]

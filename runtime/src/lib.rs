@@ -17,6 +17,7 @@ pub mod remote;
 pub mod sampling;
 pub mod server;
 pub mod speculative;
+pub mod tls;
 pub mod verify;
 
 pub use device::{ChunkPolicy, Chunking, DeviceRuntime, DeviceSession, DraftChoice, Mode};
@@ -32,3 +33,4 @@ pub use remote::{CloudOptions, RemoteMiddle};
 pub use sampling::{Sampler, SamplingOptions};
 pub use server::{CloudServer, ServerConfig};
 pub use speculative::generate_speculative;
+pub use tls::{ClientTls, ServerTls};

@@ -16,6 +16,10 @@ use std::time::{Duration, Instant};
 
 use crate::middle::Traffic;
 use crate::protocol::{frame, LENGTH_PREFIX};
+use crate::tls::{ClientTls, TlsFailure};
+
+/// How long connecting, and a TLS handshake, may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A slower link, emulated inside the device process.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -123,12 +127,19 @@ fn broken(msg: &str) -> std::io::Error {
 }
 
 impl FramedConn {
-    /// Connects (trying each resolved address) and starts the writer and reader threads.
-    pub fn connect(addr: &str, link: Option<LinkEmulation>, max_frame: usize, counters: Arc<Counters>) -> std::io::Result<Self> {
+    /// Connects (trying each resolved address), shakes hands in TLS when `tls` is given, and starts
+    /// the writer and reader threads.
+    pub fn connect(
+        addr: &str,
+        link: Option<LinkEmulation>,
+        max_frame: usize,
+        counters: Arc<Counters>,
+        tls: Option<&ClientTls>,
+    ) -> std::io::Result<Self> {
         let mut last = None;
         let mut stream = None;
         for a in addr.to_socket_addrs()? {
-            match TcpStream::connect_timeout(&a, Duration::from_secs(5)) {
+            match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
                 Ok(s) => {
                     stream = Some(s);
                     break;
@@ -138,10 +149,17 @@ impl FramedConn {
         }
         let stream = stream.ok_or_else(|| last.unwrap_or_else(|| std::io::Error::other("the address resolved to nothing")))?;
         stream.set_nodelay(true)?;
+        let (mut r, mut w): (Box<dyn Read + Send>, Box<dyn Write + Send>) = match tls {
+            Some(tls) => {
+                let (r, w) = tls.handshake(addr, stream.try_clone()?, CONNECT_TIMEOUT)?;
+                (Box::new(r), Box::new(w))
+            }
+            None => (Box::new(stream.try_clone()?), Box::new(stream.try_clone()?)),
+        };
 
         let (to_writer, writer_rx) = mpsc::channel::<(Vec<u8>, Instant)>();
-        let mut w = stream.try_clone()?;
         let wc = counters.clone();
+        let cut = stream.try_clone()?;
         std::thread::Builder::new().name("hat-link-writer".into()).spawn(move || {
             for (bytes, release) in writer_rx {
                 let now = Instant::now();
@@ -149,7 +167,7 @@ impl FramedConn {
                     std::thread::sleep(release - now);
                 }
                 if w.write_all(&bytes).is_err() {
-                    let _ = w.shutdown(Shutdown::Both);
+                    let _ = cut.shutdown(Shutdown::Both);
                     return;
                 }
                 wc.up.fetch_add(bytes.len() as u64, Ordering::Relaxed);
@@ -157,7 +175,6 @@ impl FramedConn {
         })?;
 
         let (reader_tx, from_reader) = mpsc::channel::<Incoming>();
-        let mut r = stream.try_clone()?;
         std::thread::Builder::new().name("hat-link-reader".into()).spawn(move || loop {
             let got = read_frame(&mut r, max_frame).map(|body| {
                 counters.down.fetch_add((LENGTH_PREFIX + body.len()) as u64, Ordering::Relaxed);
@@ -219,6 +236,10 @@ pub fn read_frame(r: &mut impl Read, max_frame: usize) -> std::io::Result<Vec<u8
     let mut len = [0u8; LENGTH_PREFIX];
     r.read_exact(&mut len)?;
     let n = u32::from_be_bytes(len) as usize;
+    // A TLS record header (handshake or alert, version 3.x) read as a length: a TLS peer.
+    if n > max_frame && (0x14..=0x17).contains(&len[0]) && len[1] == 0x03 && len[2] <= 0x04 {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, TlsFailure::PeerSpeaksTls));
+    }
     if n > max_frame {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("frame of {n} bytes is over the {max_frame}-byte limit")));
     }

@@ -31,6 +31,7 @@ pub struct CloudMetrics {
     pub bytes_in: Counter,
     pub bytes_out: Counter,
     pub errors: Family<CodeLabel, Counter>,
+    pub tls_failures: Counter,
 }
 
 impl Default for CloudMetrics {
@@ -44,6 +45,7 @@ impl Default for CloudMetrics {
         let bytes_in = Counter::default();
         let bytes_out = Counter::default();
         let errors = Family::<CodeLabel, Counter>::default();
+        let tls_failures = Counter::default();
         registry.register("hat:cloud_sessions_open", "Device sessions open now", sessions_open.clone());
         registry.register("hat:cloud_sessions", "Device sessions opened", sessions.clone());
         registry.register("hat:cloud_positions_computed", "Positions the middle submodel computed", positions.clone());
@@ -51,7 +53,8 @@ impl Default for CloudMetrics {
         registry.register("hat:cloud_bytes_in", "Bytes received from devices, framing included", bytes_in.clone());
         registry.register("hat:cloud_bytes_out", "Bytes sent to devices, framing included", bytes_out.clone());
         registry.register("hat:cloud_errors", "Error replies sent to devices, by error class", errors.clone());
-        Self { registry, sessions_open, sessions, positions, forward_seconds, bytes_in, bytes_out, errors }
+        registry.register("hat:cloud_tls_handshake_failures", "Device connections refused in the TLS handshake", tls_failures.clone());
+        Self { registry, sessions_open, sessions, positions, forward_seconds, bytes_in, bytes_out, errors, tls_failures }
     }
 }
 

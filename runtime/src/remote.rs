@@ -12,6 +12,7 @@ use crate::error::{Result, RuntimeError};
 use crate::link::{Counters, FramedConn, LinkEmulation, LinkEstimate};
 use crate::middle::{Middle, Traffic};
 use crate::protocol::{ClientMsg, ErrorCode, HiddenFrame, ServerMsg, WireFormat, DEFAULT_MAX_FRAME, PROTOCOL_VERSION};
+use crate::tls::{is_loopback, tls_failure, ClientTls};
 
 #[derive(Debug, Clone)]
 pub struct CloudOptions {
@@ -26,6 +27,11 @@ pub struct CloudOptions {
     pub backoff: Duration,
     /// How long to wait for one reply before treating the connection as dead.
     pub reply_timeout: Duration,
+    /// TLS to the cloud; plain TCP without it.
+    pub tls: Option<ClientTls>,
+    /// Send the auth token over plain TCP to a cloud that is not on this machine. Off by default:
+    /// anyone on the path could read it.
+    pub insecure_auth: bool,
 }
 
 impl CloudOptions {
@@ -38,6 +44,34 @@ impl CloudOptions {
             retries: 5,
             backoff: Duration::from_millis(200),
             reply_timeout: Duration::from_secs(120),
+            tls: None,
+            insecure_auth: false,
+        }
+    }
+
+    /// Refuses to send the auth token in the clear beyond this machine, unless forced.
+    pub fn check_transport(&self) -> Result<()> {
+        if self.auth_token.is_some() && self.tls.is_none() && !self.insecure_auth && !is_loopback(&self.addr) {
+            return Err(RuntimeError::BadInput(format!(
+                "refusing to send the auth token to {} over plain TCP, where anyone on the path can read it: connect with \
+                 --tls-ca (or pass --insecure-auth to send it in the clear anyway)",
+                self.addr
+            )));
+        }
+        Ok(())
+    }
+
+    /// Opens the framed connection, in TLS when configured.
+    pub(crate) fn open(&self, link: Option<LinkEmulation>, counters: Arc<Counters>) -> std::io::Result<FramedConn> {
+        FramedConn::connect(&self.addr, link, DEFAULT_MAX_FRAME, counters, self.tls.as_ref())
+    }
+
+    /// The error for an I/O failure: a TLS failure is final (retrying cannot fix a certificate),
+    /// anything else means the cloud is unreachable.
+    pub(crate) fn io_error(&self, e: &std::io::Error, attempts: u32) -> RuntimeError {
+        match tls_failure(e) {
+            Some(t) => RuntimeError::Tls { addr: self.addr.clone(), reason: t.to_string() },
+            None => RuntimeError::CloudUnreachable { addr: self.addr.clone(), attempts, last: e.to_string() },
         }
     }
 }
@@ -62,11 +96,16 @@ enum Failure {
     Transient(String),
     /// Retrying cannot help (refused handshake, bad request).
     Fatal(RuntimeError),
+    /// TLS failed: a certificate, or one side without TLS. Final too; the address is added later.
+    Tls(String),
 }
 
 impl From<std::io::Error> for Failure {
     fn from(e: std::io::Error) -> Self {
-        Failure::Transient(e.to_string())
+        match tls_failure(&e) {
+            Some(t) => Failure::Tls(t.to_string()),
+            None => Failure::Transient(e.to_string()),
+        }
     }
 }
 
@@ -90,6 +129,7 @@ impl RemoteMiddle {
     /// Connects, shakes hands (protocol version, model fingerprint, auth token) and opens a session
     /// for up to `max_context` positions.
     pub fn connect(opts: CloudOptions, fingerprint: &str, hidden: usize, max_context: usize, device: &Device) -> Result<Self> {
+        opts.check_transport()?;
         let mut me = Self {
             opts,
             fingerprint: fingerprint.to_string(),
@@ -113,13 +153,13 @@ impl RemoteMiddle {
     /// without opening a session: one connection, one round trip, nothing left on the cloud. A
     /// health check's probe.
     pub fn check_cloud(opts: &CloudOptions, fingerprint: &str, timeout: Duration) -> Result<()> {
+        opts.check_transport()?;
         let unreachable = |last: String| RuntimeError::CloudUnreachable { addr: opts.addr.clone(), attempts: 1, last };
-        let mut conn = FramedConn::connect(&opts.addr, None, DEFAULT_MAX_FRAME, Arc::new(Counters::default()))
-            .map_err(|e| unreachable(e.to_string()))?;
+        let mut conn = opts.open(None, Arc::new(Counters::default())).map_err(|e| opts.io_error(&e, 1))?;
         let hello =
             ClientMsg::Hello { version: PROTOCOL_VERSION, fingerprint: fingerprint.to_string(), auth_token: opts.auth_token.clone() };
-        conn.send(&hello.encode()).map_err(|e| unreachable(e.to_string()))?;
-        let body = conn.recv(timeout).map_err(|e| unreachable(e.to_string()))?;
+        conn.send(&hello.encode()).map_err(|e| opts.io_error(&e, 1))?;
+        let body = conn.recv(timeout).map_err(|e| opts.io_error(&e, 1))?;
         match ServerMsg::decode(&body).map_err(|e| unreachable(format!("unreadable reply: {e}")))? {
             ServerMsg::Welcome { .. } => Ok(()),
             ServerMsg::Error { code, message } => {
@@ -141,7 +181,7 @@ impl RemoteMiddle {
     /// Opens a connection and a session, then replays the log: collected messages have their
     /// replies read and dropped, uncollected ones are left for [`Middle::collect`].
     fn attempt(&self) -> std::result::Result<(FramedConn, usize), Failure> {
-        let mut conn = FramedConn::connect(&self.opts.addr, self.opts.link, DEFAULT_MAX_FRAME, self.counters.clone())?;
+        let mut conn = self.opts.open(self.opts.link, self.counters.clone())?;
         let hello =
             ClientMsg::Hello { version: PROTOCOL_VERSION, fingerprint: self.fingerprint.clone(), auth_token: self.opts.auth_token.clone() };
         conn.send(&hello.encode())?;
@@ -196,6 +236,7 @@ impl RemoteMiddle {
                     return Ok(());
                 }
                 Err(Failure::Fatal(e)) => return Err(e),
+                Err(Failure::Tls(reason)) => return Err(RuntimeError::Tls { addr: self.opts.addr.clone(), reason }),
                 Err(Failure::Transient(e)) => last = e,
             }
         }

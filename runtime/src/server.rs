@@ -12,7 +12,7 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use hat_model::{KvCache, Submodel};
 use sha2::{Digest, Sha256};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
@@ -21,6 +21,7 @@ use crate::error::{Result, RuntimeError};
 use crate::metrics::CloudMetrics;
 use crate::package::CloudPackage;
 use crate::protocol::{ClientMsg, ErrorCode, HiddenFrame, ServerMsg, DEFAULT_MAX_FRAME, LENGTH_PREFIX, PROTOCOL_VERSION};
+use crate::tls::ServerTls;
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -39,6 +40,8 @@ pub struct ServerConfig {
     /// The unsplit model, for `hat bench`'s token baselines (`cloud`, `sd`). Without it, messages
     /// that carry token ids are refused.
     pub baselines: Option<Arc<WholeModel>>,
+    /// TLS for every connection (mutual when it holds a client CA); plain TCP without it.
+    pub tls: Option<ServerTls>,
 }
 
 impl Default for ServerConfig {
@@ -51,6 +54,7 @@ impl Default for ServerConfig {
             idle_timeout: Duration::from_secs(600),
             log: true,
             baselines: None,
+            tls: None,
         }
     }
 }
@@ -122,11 +126,16 @@ impl CloudServer {
         });
         let kv_mb = kv_bytes_per_position(&package.middle) as f64 * shared.max_context as f64 / 1e6;
         shared.log(format_args!(
-            "serving layers {:?} on {addr}: up to {} sessions x {} positions (KV cache up to {:.0} MB each, 2x while growing), auth {}{}",
+            "serving layers {:?} on {addr}: up to {} sessions x {} positions (KV cache up to {:.0} MB each, 2x while growing), {}, auth {}{}",
             package.middle.layer_range(),
             shared.cfg.max_sessions,
             shared.max_context,
             kv_mb,
+            match &shared.cfg.tls {
+                Some(t) if t.mutual() => "TLS with client certificates",
+                Some(_) => "TLS",
+                None => "plain TCP (no TLS)",
+            },
             if shared.auth_digest.is_some() { "required" } else { "off" },
             if shared.cfg.baselines.is_some() { "; ALSO SERVES THE TOKEN BASELINES (token ids cross the network)" } else { "" }
         ));
@@ -195,7 +204,29 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(serve_connection(stream, peer, shared.clone()));
+                let shared = shared.clone();
+                match shared.cfg.tls.clone() {
+                    None => {
+                        tokio::spawn(serve_connection(stream, peer, shared));
+                    }
+                    Some(tls) => {
+                        // The handshake runs in the connection's own task: a slow or silent peer
+                        // holds up no one else.
+                        tokio::spawn(async move {
+                            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.acceptor.accept(stream)).await {
+                                Ok(Ok(stream)) => serve_connection(stream, peer, shared).await,
+                                Ok(Err(e)) => {
+                                    shared.metrics.tls_failures.inc();
+                                    shared.log(format_args!("{peer}: refused: TLS handshake failed: {}", handshake_failure(&e)));
+                                }
+                                Err(_) => {
+                                    shared.metrics.tls_failures.inc();
+                                    shared.log(format_args!("{peer}: refused: no TLS handshake within {TLS_HANDSHAKE_TIMEOUT:?}"));
+                                }
+                            }
+                        });
+                    }
+                }
             }
             Err(e) => {
                 shared.log(format_args!("accept failed: {e}"));
@@ -239,7 +270,33 @@ struct Connection {
     session: Option<Session>,
 }
 
-async fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+/// How long a device may take over the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One line on why a device's TLS handshake failed, with what the operator can do about it.
+fn handshake_failure(e: &std::io::Error) -> String {
+    use rustls::{AlertDescription, CertificateError, Error};
+    let Some(err) = e.get_ref().and_then(|i| i.downcast_ref::<Error>()) else {
+        return e.to_string();
+    };
+    let hint = match err {
+        Error::InvalidMessage(_) => " (a device without --tls-ca? this cloud speaks only TLS)",
+        Error::NoCertificatesPresented => " (this cloud requires client certificates: the device must pass --tls-cert and --tls-key)",
+        Error::InvalidCertificate(CertificateError::UnknownIssuer | CertificateError::BadSignature) => {
+            " (the device's certificate is not signed by --client-ca)"
+        }
+        Error::AlertReceived(AlertDescription::UnknownCA | AlertDescription::BadCertificate) => {
+            " (the device does not trust this cloud's certificate: give it the CA with --tls-ca)"
+        }
+        _ => "",
+    };
+    format!("{err}{hint}")
+}
+
+async fn serve_connection<S>(stream: S, peer: SocketAddr, shared: Arc<Shared>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let codec =
         LengthDelimitedCodec::builder().length_field_length(LENGTH_PREFIX).big_endian().max_frame_length(shared.cfg.max_frame).new_codec();
     let mut framed = Framed::new(stream, codec);
@@ -264,7 +321,13 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
                 break;
             }
             Ok(None) => break,
+            // Gone without a goodbye (a TLS peer that skipped close_notify, a reset): no one to answer.
+            Ok(Some(Err(e))) if matches!(e.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset) => break,
             Ok(Some(Err(e))) => {
+                if !conn.greeted {
+                    conn.shared
+                        .log(format_args!("{peer}: refused: bad first frame ({e}); a device speaking TLS to this plain cloud sends one"));
+                }
                 // Broken framing (an oversized length prefix included): the stream cannot be resynchronised.
                 let _ = framed.send(encode(&error(ErrorCode::BadFrame, format!("bad frame: {e}")))).await;
                 end = "bad frame";

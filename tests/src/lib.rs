@@ -348,3 +348,83 @@ pub fn second_token_distribution(
     }
     (p1, exact)
 }
+
+/// Forwards every connection to `target`, recording every byte the device sends (the cloud's
+/// replies pass through unrecorded): what an observer on the path, or the operator, would see.
+pub fn recording_proxy(target: std::net::SocketAddr) -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+    let addr = listener.local_addr().expect("addr");
+    let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = sent.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { return };
+            let Ok(mut server) = TcpStream::connect(target) else { return };
+            let (mut c2, mut s2) = (client.try_clone().expect("clone"), server.try_clone().expect("clone"));
+            let record = record.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 65536];
+                while let Ok(n) = client.read(&mut buf) {
+                    if n == 0 || server.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    record.lock().expect("lock").extend_from_slice(&buf[..n]);
+                }
+                let _ = server.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut s2, &mut c2);
+                let _ = c2.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    (addr, sent)
+}
+
+/// Whether `needle` occurs in `haystack`.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// PEM files for TLS tests, made on the fly: a CA, a server certificate for `localhost` and
+/// 127.0.0.1 and a client certificate, both signed by the CA.
+#[derive(Debug, Clone)]
+pub struct TestPki {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl TestPki {
+    /// Writes a fresh CA and its two certificates into `dir` (files named after `name`).
+    pub fn generate(dir: &Path, name: &str) -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+        let write = |file: String, text: String| {
+            let p = dir.join(file);
+            std::fs::write(&p, text).expect("write PEM");
+            p
+        };
+        let ca_key = KeyPair::generate().expect("CA key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, format!("{name} test CA"));
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        let ca_cert = ca_params.self_signed(&ca_key).expect("CA certificate");
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf = |names: Vec<String>, usage: ExtendedKeyUsagePurpose, role: &str| {
+            let key = KeyPair::generate().expect("key");
+            let mut params = CertificateParams::new(names).expect("params");
+            params.distinguished_name.push(DnType::CommonName, format!("{name} {role}"));
+            params.extended_key_usages = vec![usage];
+            let cert = params.signed_by(&key, &issuer).expect("sign");
+            (write(format!("{name}-{role}.pem"), cert.pem()), write(format!("{name}-{role}.key"), key.serialize_pem()))
+        };
+        let (server_cert, server_key) = leaf(vec!["localhost".into(), "127.0.0.1".into()], ExtendedKeyUsagePurpose::ServerAuth, "server");
+        let (client_cert, client_key) = leaf(vec!["hat-device".into()], ExtendedKeyUsagePurpose::ClientAuth, "client");
+        Self { ca: write(format!("{name}-ca.pem"), ca_cert.pem()), server_cert, server_key, client_cert, client_key }
+    }
+}

@@ -3,9 +3,8 @@
 //! sends hold neither the prompt's text nor its token ids; a cloud crash mid-generation is survived
 //! with identical tokens; eight concurrent sessions each give their solo output.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use candle_core::Device;
@@ -14,7 +13,7 @@ use hat_runtime::{
     generate, Adapter, AdapterOrigin, CloudOptions, CloudPackage, CloudServer, DeviceRuntime, GenerateOptions, Generation, LocalPipeline,
     Mode, ServerConfig,
 };
-use hat_tests::{default_artifacts, open_default, PROMPTS};
+use hat_tests::{contains, default_artifacts, open_default, recording_proxy, PROMPTS};
 
 const NEW_TOKENS: usize = 64;
 
@@ -163,41 +162,6 @@ fn partial_adapter_mixes_accepts_and_rejects_and_stays_exact() {
 fn middle_vb(path: &std::path::Path) -> candle_nn::VarBuilder<'static> {
     let tensors = candle_core::safetensors::load(path, &Device::Cpu).expect("load middle");
     candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, &Device::Cpu)
-}
-
-/// Forwards connections to `target`, recording every byte the device sends.
-fn recording_proxy(target: SocketAddr) -> (SocketAddr, Arc<Mutex<Vec<u8>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
-    let addr = listener.local_addr().expect("addr");
-    let sent = Arc::new(Mutex::new(Vec::new()));
-    let record = sent.clone();
-    std::thread::spawn(move || {
-        for client in listener.incoming() {
-            let Ok(mut client) = client else { return };
-            let mut server = TcpStream::connect(target).expect("connect cloud");
-            let (mut c2, mut s2) = (client.try_clone().expect("clone"), server.try_clone().expect("clone"));
-            let record = record.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 65536];
-                while let Ok(n) = client.read(&mut buf) {
-                    if n == 0 || server.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                    record.lock().expect("lock").extend_from_slice(&buf[..n]);
-                }
-                let _ = server.shutdown(std::net::Shutdown::Write);
-            });
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut s2, &mut c2);
-                let _ = c2.shutdown(std::net::Shutdown::Write);
-            });
-        }
-    });
-    (addr, sent)
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 #[test]
