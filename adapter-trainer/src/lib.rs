@@ -2,15 +2,18 @@
 //! submodel -> adapter -> output submodel drafts tokens the cloud accepts. The teacher targets are
 //! computed once and cached; training uses candle autograd on the CPU, or on CUDA when built with
 //! the `cuda` feature; checkpoints make `--resume` lose no finished step; held-out acceptance is
-//! measured before and after.
+//! measured before and after. `audit` and `inversion` are `hat audit`: how much of the text the
+//! cloud could read back from the states it receives, fitted with the same candle autograd.
 
 pub mod adapter;
+pub mod audit;
 pub mod data;
 pub mod distill;
 pub mod error;
 pub mod eval;
 pub mod feature;
 pub mod feature_run;
+pub mod inversion;
 pub mod optim;
 pub mod teacher;
 pub mod train;

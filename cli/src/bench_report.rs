@@ -82,7 +82,7 @@ pub struct Stats {
 }
 
 impl Stats {
-    fn of(mut xs: Vec<f64>) -> Self {
+    pub fn of(mut xs: Vec<f64>) -> Self {
         if xs.is_empty() {
             return Stats { mean: f64::NAN, p50: f64::NAN, p99: f64::NAN };
         }

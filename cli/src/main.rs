@@ -1,9 +1,11 @@
 //! `hat`: argument parsing and printing only; the work lives in the splitter and runtime crates.
 
+mod audit_cmd;
 mod bench_cmd;
 mod bench_report;
 mod common;
 mod generate_cmd;
+mod loadtest_cmd;
 mod openai_req;
 mod placement;
 mod plot;
@@ -42,6 +44,8 @@ enum Command {
     TrainAdapter(train_cmd::TrainArgs),
     Profile(profile_cmd::ProfileArgs),
     Bench(bench_cmd::BenchArgs),
+    Loadtest(loadtest_cmd::LoadtestArgs),
+    Audit(audit_cmd::AuditArgs),
 }
 
 fn main() {
@@ -53,6 +57,8 @@ fn main() {
         Command::TrainAdapter(args) => train_cmd::run_cmd(args, cli.quiet),
         Command::Profile(args) => profile_cmd::run(args, cli.quiet),
         Command::Bench(args) => bench_cmd::run(args, cli.quiet),
+        Command::Loadtest(args) => loadtest_cmd::run(args, cli.quiet),
+        Command::Audit(args) => audit_cmd::run(args, cli.quiet),
     };
     if let Err(e) = result {
         // The whole cause chain on one line: what failed and why.

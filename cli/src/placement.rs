@@ -11,10 +11,15 @@ use anyhow::{bail, Context, Result};
 use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
 
-/// The CPUs this process may run on.
+/// The CPUs this process was allowed to run on before it pinned itself (read once, so a command
+/// that starts several cloud processes in turn, like `hat loadtest`, splits the same CPUs each time).
 pub fn allowed_cpus() -> Result<Vec<usize>> {
+    static FIRST: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
+    if let Some(cpus) = FIRST.get() {
+        return Ok(cpus.clone());
+    }
     let set = sched_getaffinity(Pid::from_raw(0)).context("cannot read this process's CPU affinity")?;
-    Ok((0..CpuSet::count()).filter(|&c| set.is_set(c).unwrap_or(false)).collect())
+    Ok(FIRST.get_or_init(|| (0..CpuSet::count()).filter(|&c| set.is_set(c).unwrap_or(false)).collect()).clone())
 }
 
 /// Pins this process (the calling thread and every thread it starts later) to `cpus`, and sizes
@@ -92,6 +97,25 @@ pub struct CloudProcess {
     pub placement: String,
 }
 
+impl CloudProcess {
+    /// CPU seconds the process has used so far (user and system; /proc counts in USER_HZ, which is
+    /// 100 on Linux whatever the kernel's tick).
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).ok()?;
+        // Fields after the parenthesised command name, which may itself hold spaces.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        Some(ticks as f64 / 100.0)
+    }
+
+    /// The process's peak resident memory so far (Linux `VmHWM`), in bytes.
+    pub fn peak_rss_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let kb = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse::<u64>().ok()?;
+        Some(kb * 1024)
+    }
+}
+
 impl Drop for CloudProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -102,12 +126,20 @@ impl Drop for CloudProcess {
 /// Starts `hat serve cloud` on a free loopback port in its own process on its own cores, and pins
 /// this process (the device) to the others. With one CPU both share it, and the placement says so.
 pub fn spawn_cloud_process(artifacts: &Path, token_baselines: bool, cloud_cores: Option<usize>) -> Result<CloudProcess> {
+    let mut extra = Vec::new();
+    if token_baselines {
+        extra.push("--token-baselines".to_string());
+        extra.push(artifacts.join(hat_runtime::package::DEVICE_DIR).to_string_lossy().into_owned());
+    }
+    spawn_cloud_process_with(artifacts, &extra, cloud_cores)
+}
+
+/// [`spawn_cloud_process`] with more `hat serve cloud` arguments.
+pub fn spawn_cloud_process_with(artifacts: &Path, extra: &[String], cloud_cores: Option<usize>) -> Result<CloudProcess> {
     let exe = std::env::current_exe().context("cannot find the hat executable")?;
     let mut cmd = Command::new(exe);
     cmd.args(["--quiet", "serve", "cloud", "--listen", "127.0.0.1:0", "--package"]).arg(artifacts.join(hat_runtime::package::CLOUD_DIR));
-    if token_baselines {
-        cmd.arg("--token-baselines").arg(artifacts.join(hat_runtime::package::DEVICE_DIR));
-    }
+    cmd.args(extra);
     let placement = match split_cores(cloud_cores)? {
         Some((device, cloud)) => {
             cmd.args(["--cpus", &list(&cloud)]);

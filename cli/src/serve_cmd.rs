@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use hat_runtime::baseline::WholeModel;
 use hat_runtime::package::default_device;
-use hat_runtime::{CloudPackage, CloudServer, DevicePackage, ServerConfig, ServerTls};
+use hat_runtime::{BatchConfig, CloudPackage, CloudServer, DevicePackage, ServerConfig, ServerTls};
 
 use crate::common::read_token;
 
@@ -43,6 +43,21 @@ struct CloudArgs {
     /// Positions one session may hold (default: the model's context). Bounds memory per session.
     #[arg(long)]
     max_context: Option<usize>,
+    /// Megabytes all sessions' KV caches may take together. A session reserves its context's
+    /// worth when it opens (see the startup line for MB per session); one that would pass the
+    /// budget is refused as busy, and the device retries. Default: no budget.
+    #[arg(long, value_name = "MB")]
+    kv_budget_mb: Option<f64>,
+    /// How long a forward waits for other sessions' forwards to join its batch (milliseconds). A
+    /// lone session never waits. Batched rows give each session exactly its solo output.
+    #[arg(long, default_value_t = 2.0, value_name = "MS")]
+    batch_window_ms: f64,
+    /// Rows in one batched forward at most.
+    #[arg(long, default_value_t = 512, value_name = "ROWS")]
+    max_batch_rows: usize,
+    /// Run each session's forward alone (on its own thread), as before batching existed.
+    #[arg(long)]
+    no_batching: bool,
     /// Also load the device package at this path and serve the unsplit model for `hat bench`'s
     /// `cloud` and `sd` baselines. Those send token ids to the cloud: for benchmarks only.
     #[arg(long, value_name = "DEVICE_DIR")]
@@ -78,6 +93,15 @@ pub fn run(args: ServeArgs, quiet: bool) -> Result<()> {
     if args.max_sessions == 0 {
         anyhow::bail!("--max-sessions must be at least 1");
     }
+    if !(args.batch_window_ms.is_finite() && (0.0..=1000.0).contains(&args.batch_window_ms)) {
+        anyhow::bail!("--batch-window-ms must be between 0 and 1000");
+    }
+    if args.max_batch_rows == 0 {
+        anyhow::bail!("--max-batch-rows must be at least 1");
+    }
+    if args.kv_budget_mb.is_some_and(|mb| !(mb.is_finite() && mb > 0.0)) {
+        anyhow::bail!("--kv-budget-mb must be a number of megabytes above 0");
+    }
     let auth_token = args.auth_token_file.as_deref().map(read_token).transpose().context("--auth-token-file")?;
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(ServerTls::from_pem_files(cert, key, args.client_ca.as_deref())?),
@@ -98,6 +122,11 @@ pub fn run(args: ServeArgs, quiet: bool) -> Result<()> {
         log: !quiet,
         baselines,
         tls,
+        batch: (!args.no_batching).then(|| BatchConfig {
+            window: std::time::Duration::from_secs_f64(args.batch_window_ms / 1e3),
+            max_rows: args.max_batch_rows,
+        }),
+        kv_budget: args.kv_budget_mb.map(|mb| (mb * 1e6) as usize),
         ..ServerConfig::default()
     };
     let plain = cfg.tls.is_none();

@@ -113,5 +113,8 @@ pub fn run(args: SplitArgs, quiet: bool) -> Result<()> {
             ),
         }
     }
+    if !quiet {
+        eprintln!("{}", crate::audit_cmd::privacy_line(&args.out, s.input_layers));
+    }
     Ok(())
 }

@@ -7,12 +7,20 @@ use crate::error::Result;
 
 const INITIAL_CAPACITY: usize = 256;
 
-/// Keys and values of one attention layer, stored in a buffer that grows by doubling.
-#[derive(Debug, Clone, Default)]
+/// Keys and values of one attention layer, stored in a buffer that grows by doubling, up to a
+/// limit when one is set.
+#[derive(Debug, Clone)]
 pub struct LayerCache {
     k: Option<Tensor>,
     v: Option<Tensor>,
     len: usize,
+    limit: usize,
+}
+
+impl Default for LayerCache {
+    fn default() -> Self {
+        Self { k: None, v: None, len: 0, limit: usize::MAX }
+    }
 }
 
 impl LayerCache {
@@ -38,7 +46,7 @@ impl LayerCache {
         let needed = self.len + seq;
         let capacity = self.k.as_ref().map(|t| t.dim(2)).transpose()?.unwrap_or(0);
         if needed > capacity {
-            let new_cap = needed.max(capacity * 2).max(INITIAL_CAPACITY);
+            let new_cap = needed.max((capacity * 2).max(INITIAL_CAPACITY).min(self.limit));
             self.k = Some(grow(self.k.take(), k, self.len, new_cap)?);
             self.v = Some(grow(self.v.take(), v, self.len, new_cap)?);
         }
@@ -73,6 +81,17 @@ pub struct KvCache {
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
         Self { layers: vec![LayerCache::default(); num_layers] }
+    }
+
+    /// A cache whose buffers never grow past `positions` (unless more are appended): a cloud that
+    /// grants a session that many positions then knows its memory bound.
+    pub fn with_limit(num_layers: usize, positions: usize) -> Self {
+        Self { layers: vec![LayerCache { limit: positions, ..LayerCache::default() }; num_layers] }
+    }
+
+    /// Positions the buffers can hold before growing.
+    pub fn capacity(&self) -> usize {
+        self.layers.first().and_then(|l| l.k.as_ref()).map_or(0, |k| k.dim(2).unwrap_or(0))
     }
 
     /// Cached sequence length (all layers advance together).
@@ -117,6 +136,18 @@ mod tests {
         assert_eq!(k[19], 19.0);
         assert_eq!(k[20], -1.0);
         assert_eq!(k[619], -1.0);
+        Ok(())
+    }
+
+    #[test]
+    fn a_limit_caps_growth() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut c = KvCache::with_limit(1, 300);
+        let a = Tensor::zeros((1, 1, 200, 2), DType::F32, &dev)?;
+        c.layer_mut(0).append(&a, &a)?;
+        assert_eq!(c.capacity(), 256);
+        c.layer_mut(0).append(&a.narrow(2, 0, 90)?, &a.narrow(2, 0, 90)?)?;
+        assert_eq!(c.capacity(), 300, "doubling stops at the limit");
         Ok(())
     }
 }

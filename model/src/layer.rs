@@ -64,6 +64,29 @@ impl Attention {
         self.attend(&q, &k, &v, pos, false)
     }
 
+    /// Several sessions' new rows in one pass: `x` holds their rows back to back, `segments[i]` is
+    /// session i's (first position, row count) and `caches[i]` its cache. Projections run once over
+    /// all rows; rotary positions, the cache and attention are each session's own. Every operation is
+    /// row by row (quantized matmuls quantize each row alone; attention is `attend_rows`), so a row
+    /// gets the bits it would get in its session alone.
+    ///
+    /// # Shapes
+    /// x: (1, rows, hidden) -> (1, rows, hidden)
+    fn forward_ragged(&self, x: &Tensor, rope: &Rope, segments: &[(usize, usize)], caches: &mut [&mut LayerCache]) -> Result<Tensor> {
+        let (q, k, v) = self.project(x)?;
+        let mut outs = Vec::with_capacity(segments.len());
+        let mut offset = 0;
+        for (&(pos, seq), cache) in segments.iter().zip(caches.iter_mut()) {
+            let q = rope.apply(&q.narrow(2, offset, seq)?.contiguous()?, pos)?;
+            let k = rope.apply(&k.narrow(2, offset, seq)?.contiguous()?, pos)?;
+            let (k, v) = cache.append(&k, &v.narrow(2, offset, seq)?)?;
+            let out = crate::attention::attend_rows(&q, &k, &v, pos)?;
+            outs.push(out.transpose(1, 2)?.reshape((1, seq, self.num_heads * self.head_dim))?);
+            offset += seq;
+        }
+        self.o_proj.forward(&Tensor::cat(&outs, 1)?)
+    }
+
     /// Positions `0..seq` without a cache, through ops that all have a backward pass.
     ///
     /// # Shapes
@@ -253,6 +276,17 @@ impl DecoderLayer {
     /// x: (batch, seq, hidden) -> (batch, seq, hidden)
     pub fn forward(&self, x: &Tensor, rope: &Rope, pos: usize, cache: &mut LayerCache) -> Result<Tensor> {
         let h = self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, pos, cache)?;
+        let x = (x + h)?;
+        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        Ok((x + h)?)
+    }
+
+    /// Several sessions' rows in one pass (see `Attention::forward_ragged`); CPU and f32 only.
+    ///
+    /// # Shapes
+    /// x: (1, rows, hidden) -> (1, rows, hidden)
+    pub fn forward_ragged(&self, x: &Tensor, rope: &Rope, segments: &[(usize, usize)], caches: &mut [&mut LayerCache]) -> Result<Tensor> {
+        let h = self.self_attn.forward_ragged(&self.input_layernorm.forward(x)?, rope, segments, caches)?;
         let x = (x + h)?;
         let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
         Ok((x + h)?)

@@ -9,7 +9,7 @@ use candle_nn::{Embedding, VarBuilder};
 
 use crate::config::Config;
 use crate::error::{ModelError, Result};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, LayerCache};
 use crate::layer::{DecoderLayer, Norm};
 use crate::names::LAYERS_PREFIX;
 use crate::rope::Rope;
@@ -111,8 +111,36 @@ impl Submodel {
         &self.device
     }
 
+    /// Only decoder layers `range` (original indices, inside this submodel's), without embedding or
+    /// head, sharing this submodel's weights. The privacy audit chains such slices of the input and
+    /// middle submodels to read the states after any depth without loading the weights again.
+    pub fn layer_slice(&self, range: Range<usize>) -> Result<Submodel> {
+        let own = &self.layer_range;
+        if range.start < own.start || range.end > own.end || range.start > range.end {
+            return Err(ModelError::InvalidConfig(format!("layers {range:?} are not inside this submodel's layers {own:?}")));
+        }
+        let layers = self.layers[range.start - own.start..range.end - own.start].to_vec();
+        Ok(Self {
+            kind: SubmodelKind::Middle,
+            layer_range: range,
+            embed_tokens: None,
+            layers,
+            norm: None,
+            lm_head: None,
+            rope: self.rope.clone(),
+            cfg: self.cfg.clone(),
+            dtype: self.dtype,
+            device: self.device.clone(),
+        })
+    }
+
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.layers.len())
+    }
+
+    /// A cache whose buffers stop growing at `positions` (a session's granted context).
+    pub fn new_cache_limited(&self, positions: usize) -> KvCache {
+        KvCache::with_limit(self.layers.len(), positions)
     }
 
     /// # Shapes
@@ -122,16 +150,11 @@ impl Submodel {
         Ok(e.forward(ids)?)
     }
 
-    /// Runs this submodel's decoder layers on new positions `pos..pos + seq`; the cache must hold
-    /// exactly `pos` positions already (truncate it first to roll back).
-    ///
-    /// # Shapes
-    /// hidden: (batch, seq, hidden) -> (batch, seq, hidden)
-    pub fn forward_layers(&self, hidden: &Tensor, pos: usize, cache: &mut KvCache) -> Result<Tensor> {
+    /// Checks that `seq` rows at `pos` fit the context and the cache, and rolls the cache back to `pos`.
+    fn check_positions(&self, pos: usize, seq: usize, cache: &mut KvCache) -> Result<()> {
         if cache.num_layers() != self.layers.len() {
             return Err(ModelError::InvalidConfig(format!("cache has {} layers, submodel has {}", cache.num_layers(), self.layers.len())));
         }
-        let seq = hidden.dim(1)?;
         if pos + seq > self.rope.max_positions() {
             return Err(ModelError::InvalidConfig(format!(
                 "positions up to {} exceed the model's context of {}",
@@ -143,11 +166,59 @@ impl Submodel {
         if cache.len() != pos {
             return Err(ModelError::InvalidConfig(format!("cannot run at position {pos}: the cache holds only {} positions", cache.len())));
         }
+        Ok(())
+    }
+
+    /// Runs this submodel's decoder layers on new positions `pos..pos + seq`; the cache must hold
+    /// exactly `pos` positions already (truncate it first to roll back).
+    ///
+    /// # Shapes
+    /// hidden: (batch, seq, hidden) -> (batch, seq, hidden)
+    pub fn forward_layers(&self, hidden: &Tensor, pos: usize, cache: &mut KvCache) -> Result<Tensor> {
+        self.check_positions(pos, hidden.dim(1)?, cache)?;
         let mut h = hidden.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             h = layer.forward(&h, &self.rope, pos, cache.layer_mut(i))?;
         }
         Ok(h)
+    }
+
+    /// [`Submodel::forward_layers`] for several sessions at once, as one batch: `inputs[i]` is
+    /// session i's new rows and their first position, `caches[i]` its cache. Each output equals, bit
+    /// for bit, what `forward_layers` gives that session alone (see `DecoderLayer::forward_ragged`);
+    /// off the CPU or in another dtype the sessions simply run one after another.
+    ///
+    /// # Shapes
+    /// inputs: (1, seq_i, hidden) each -> (1, seq_i, hidden) each
+    pub fn forward_layers_batch(&self, inputs: &[(Tensor, usize)], caches: &mut [&mut KvCache]) -> Result<Vec<Tensor>> {
+        if inputs.len() != caches.len() {
+            return Err(ModelError::InvalidConfig(format!("{} inputs for {} caches", inputs.len(), caches.len())));
+        }
+        if !(self.device.is_cpu() && self.dtype == DType::F32) || inputs.len() == 1 {
+            return inputs.iter().zip(caches.iter_mut()).map(|((h, pos), c)| self.forward_layers(h, *pos, c)).collect();
+        }
+        let mut segments = Vec::with_capacity(inputs.len());
+        for ((h, pos), cache) in inputs.iter().zip(caches.iter_mut()) {
+            let (b, seq, _) = h.dims3()?;
+            if b != 1 {
+                return Err(ModelError::InvalidConfig(format!("a batched session sends one sequence, not {b}")));
+            }
+            self.check_positions(*pos, seq, cache)?;
+            segments.push((*pos, seq));
+        }
+        let rows: Vec<&Tensor> = inputs.iter().map(|(h, _)| h).collect();
+        let mut x = Tensor::cat(&rows, 1)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mut layer_caches: Vec<&mut LayerCache> = caches.iter_mut().map(|c| c.layer_mut(i)).collect();
+            x = layer.forward_ragged(&x, &self.rope, &segments, &mut layer_caches)?;
+        }
+        let mut out = Vec::with_capacity(segments.len());
+        let mut offset = 0;
+        for (_, seq) in segments {
+            out.push(x.narrow(1, offset, seq)?);
+            offset += seq;
+        }
+        Ok(out)
     }
 
     /// Runs every layer on positions `0..seq` without a cache, differentiably (training). The

@@ -32,6 +32,8 @@ pub struct CloudMetrics {
     pub bytes_out: Counter,
     pub errors: Family<CodeLabel, Counter>,
     pub tls_failures: Counter,
+    pub batch_sessions: Histogram,
+    pub batch_rows: Histogram,
 }
 
 impl Default for CloudMetrics {
@@ -46,6 +48,9 @@ impl Default for CloudMetrics {
         let bytes_out = Counter::default();
         let errors = Family::<CodeLabel, Counter>::default();
         let tls_failures = Counter::default();
+        // 1 .. 128 sessions, 1 .. 1024 rows per batch.
+        let batch_sessions = Histogram::new(exponential_buckets(1.0, 2.0, 8));
+        let batch_rows = Histogram::new(exponential_buckets(1.0, 2.0, 11));
         registry.register("hat:cloud_sessions_open", "Device sessions open now", sessions_open.clone());
         registry.register("hat:cloud_sessions", "Device sessions opened", sessions.clone());
         registry.register("hat:cloud_positions_computed", "Positions the middle submodel computed", positions.clone());
@@ -54,7 +59,21 @@ impl Default for CloudMetrics {
         registry.register("hat:cloud_bytes_out", "Bytes sent to devices, framing included", bytes_out.clone());
         registry.register("hat:cloud_errors", "Error replies sent to devices, by error class", errors.clone());
         registry.register("hat:cloud_tls_handshake_failures", "Device connections refused in the TLS handshake", tls_failures.clone());
-        Self { registry, sessions_open, sessions, positions, forward_seconds, bytes_in, bytes_out, errors, tls_failures }
+        registry.register("hat:cloud_batch_sessions", "Sessions per batched middle forward", batch_sessions.clone());
+        registry.register("hat:cloud_batch_rows", "Hidden-state rows per batched middle forward", batch_rows.clone());
+        Self {
+            registry,
+            sessions_open,
+            sessions,
+            positions,
+            forward_seconds,
+            bytes_in,
+            bytes_out,
+            errors,
+            tls_failures,
+            batch_sessions,
+            batch_rows,
+        }
     }
 }
 

@@ -272,7 +272,12 @@ fn read_ids(r: &mut Reader, what: &'static str) -> PResult<Vec<u32>> {
 }
 
 fn put_string(out: &mut Vec<u8>, s: &str) {
-    let bytes = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+    // Cut at a character boundary: a cut inside one would make the peer refuse the whole message.
+    let mut end = s.len().min(u16::MAX as usize);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    let bytes = &s.as_bytes()[..end];
     out.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
     out.extend_from_slice(bytes);
 }
@@ -319,7 +324,8 @@ impl HiddenFrame {
     }
 
     /// Decodes and checks the payload against the expected width; never allocates more than the
-    /// declared shape, even for a malicious zstd stream.
+    /// declared shape, even for a malicious zstd stream, and refuses a declared shape larger than
+    /// one uncompressed frame could carry before allocating anything for it.
     ///
     /// # Shapes
     /// -> (1, rows, hidden) f32
@@ -330,8 +336,15 @@ impl HiddenFrame {
         if self.rows == 0 {
             return Err(ProtocolError::Invalid("a hidden-state frame with 0 rows".into()));
         }
-        let n = self.rows as usize * expected_hidden;
-        let raw_len = n * self.format.dtype.bytes();
+        // The zstd path reserves the declared size up front: 2^32 rows would abort the process.
+        let raw_len = (self.rows as usize).checked_mul(expected_hidden).and_then(|n| n.checked_mul(self.format.dtype.bytes()));
+        let Some(raw_len) = raw_len.filter(|&len| len <= DEFAULT_MAX_FRAME) else {
+            return Err(ProtocolError::Invalid(format!(
+                "{} rows x {expected_hidden} x {} is over the {DEFAULT_MAX_FRAME}-byte limit of one message: send fewer rows",
+                self.rows,
+                self.format.dtype.name()
+            )));
+        };
         let decompressed;
         let raw: &[u8] = if self.format.zstd {
             decompressed = zstd::bulk::decompress(&self.payload, raw_len)
@@ -567,6 +580,10 @@ mod tests {
         bomb.format.zstd = true;
         bomb.payload = zstd::bulk::compress(&vec![0u8; 1 << 20], 1).expect("zstd");
         assert!(bomb.decode(8, &Device::Cpu).is_err(), "oversized zstd stream");
+        // A stream that records no size: zstd would reserve the declared 137 GB up front.
+        bomb.rows = u32::MAX;
+        bomb.payload = vec![7; 9];
+        assert!(bomb.decode(8, &Device::Cpu).is_err(), "a declared shape over the frame cap, refused before reserving it");
         let mut nan = f;
         nan.payload[..4].copy_from_slice(&f32::NAN.to_le_bytes());
         assert!(nan.decode(8, &Device::Cpu).is_err(), "NaN");

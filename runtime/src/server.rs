@@ -4,7 +4,7 @@
 //! a bad one gets an error frame: the server never panics on input and keeps serving the others.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,7 @@ use crate::error::{Result, RuntimeError};
 use crate::metrics::CloudMetrics;
 use crate::package::CloudPackage;
 use crate::protocol::{ClientMsg, ErrorCode, HiddenFrame, ServerMsg, DEFAULT_MAX_FRAME, LENGTH_PREFIX, PROTOCOL_VERSION};
+use crate::engine::{BatchConfig, Engine};
 use crate::tls::ServerTls;
 
 #[derive(Debug, Clone)]
@@ -42,6 +43,11 @@ pub struct ServerConfig {
     pub baselines: Option<Arc<WholeModel>>,
     /// TLS for every connection (mutual when it holds a client CA); plain TCP without it.
     pub tls: Option<ServerTls>,
+    /// Batched verification (see `engine`); `None` runs each forward alone.
+    pub batch: Option<BatchConfig>,
+    /// Bytes all sessions' KV caches may reserve together: each session reserves its granted
+    /// context's worth when it opens, and one that would pass the budget is refused as busy.
+    pub kv_budget: Option<usize>,
 }
 
 impl Default for ServerConfig {
@@ -55,6 +61,8 @@ impl Default for ServerConfig {
             log: true,
             baselines: None,
             tls: None,
+            batch: Some(BatchConfig::default()),
+            kv_budget: None,
         }
     }
 }
@@ -67,6 +75,11 @@ struct Shared {
     auth_digest: Option<[u8; 32]>,
     cfg: ServerConfig,
     sessions: Arc<Semaphore>,
+    /// Sessions open now (the engine waits for their requests only while some are not in its batch).
+    open: Arc<AtomicUsize>,
+    /// KV-cache bytes reserved by open sessions.
+    kv_reserved: Arc<AtomicUsize>,
+    engine: Option<Engine>,
     next_session: AtomicU64,
     metrics: Arc<CloudMetrics>,
 }
@@ -113,20 +126,39 @@ impl CloudServer {
             .map_err(|e| RuntimeError::Io { context: format!("cannot listen on {listen}"), source: e })?;
         let addr = listener.local_addr().map_err(|e| RuntimeError::Io { context: "local address".into(), source: e })?;
         let model_context = package.middle.config().max_position_embeddings;
+        let middle = Arc::new(package.middle.clone());
+        let metrics = Arc::new(CloudMetrics::default());
+        let open = Arc::new(AtomicUsize::new(0));
+        // The engine's task lives on this runtime.
+        let engine = cfg.batch.map(|b| {
+            let _guard = runtime.enter();
+            Engine::start(middle.clone(), b, open.clone(), metrics.clone())
+        });
         let shared = Arc::new(Shared {
-            middle: Arc::new(package.middle.clone()),
+            middle,
             fingerprint: package.manifest.fingerprint.clone(),
             hidden: package.middle.config().hidden_size,
             max_context: cfg.max_context.min(model_context),
             auth_digest: cfg.auth_token.as_deref().map(digest),
             sessions: Arc::new(Semaphore::new(cfg.max_sessions.max(1))),
+            open,
+            kv_reserved: Arc::new(AtomicUsize::new(0)),
+            engine,
             next_session: AtomicU64::new(1),
-            metrics: Arc::new(CloudMetrics::default()),
+            metrics,
             cfg,
         });
         let kv_mb = kv_bytes_per_position(&package.middle) as f64 * shared.max_context as f64 / 1e6;
+        let budget = match shared.cfg.kv_budget {
+            Some(b) => format!("KV budget {:.0} MB in all", b as f64 / 1e6),
+            None => "no KV budget".to_string(),
+        };
+        let batching = match &shared.cfg.batch {
+            Some(b) => format!("batched (window {:?}, up to {} rows)", b.window, b.max_rows),
+            None => "unbatched".to_string(),
+        };
         shared.log(format_args!(
-            "serving layers {:?} on {addr}: up to {} sessions x {} positions (KV cache up to {:.0} MB each, 2x while growing), {}, auth {}{}",
+            "serving layers {:?} on {addr}: up to {} sessions x {} positions (KV cache up to {:.0} MB each), {budget}, {batching}, {}, auth {}{}",
             package.middle.layer_range(),
             shared.cfg.max_sessions,
             shared.max_context,
@@ -247,6 +279,19 @@ struct Session {
     positions: u64,
     opened: Instant,
     _permit: OwnedSemaphorePermit,
+    _kv: KvReservation,
+}
+
+/// A session's share of the KV budget, given back when the session ends.
+struct KvReservation {
+    pool: Arc<AtomicUsize>,
+    bytes: usize,
+}
+
+impl Drop for KvReservation {
+    fn drop(&mut self) {
+        self.pool.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 enum Step {
@@ -269,6 +314,9 @@ struct Connection {
     greeted: bool,
     session: Option<Session>,
 }
+
+/// The largest pong: link probes ask for 128 KiB.
+const MAX_PONG: usize = 1 << 20;
 
 /// How long a device may take over the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -388,7 +436,8 @@ impl Connection {
             ClientMsg::Open { max_context } => self.open(max_context as usize),
             ClientMsg::Forward(h) => self.forward(h).await,
             ClientMsg::Ping { reply_bytes, .. } => {
-                let n = (reply_bytes as usize).min(self.shared.cfg.max_frame.saturating_sub(16));
+                // Capped well below the frame limit: a 9-byte ping must not make the cloud send 64 MiB.
+                let n = (reply_bytes as usize).min(MAX_PONG).min(self.shared.cfg.max_frame.saturating_sub(16));
                 Step::Reply(ServerMsg::Pong { pad: vec![0; n] })
             }
             ClientMsg::Tokens { start, last_only, ids } => self.tokens(start as usize, last_only, ids).await,
@@ -452,19 +501,25 @@ impl Connection {
                 ));
             }
         };
+        let max_context = requested.min(self.shared.max_context);
+        let kv = match self.reserve_kv(max_context) {
+            Ok(kv) => kv,
+            Err(step) => return step,
+        };
         let id = self.shared.next_session.fetch_add(1, Ordering::Relaxed);
         self.shared.metrics.sessions.inc();
         self.shared.metrics.sessions_open.inc();
-        let max_context = requested.min(self.shared.max_context);
+        self.shared.open.fetch_add(1, Ordering::Relaxed);
         self.session = Some(Session {
             id,
-            cache: Some(self.shared.middle.new_cache()),
+            cache: Some(self.shared.middle.new_cache_limited(max_context)),
             whole: None,
             max_context,
             messages: 0,
             positions: 0,
             opened: Instant::now(),
             _permit: permit,
+            _kv: kv,
         });
         Step::Reply(ServerMsg::Opened { session: id, max_context: max_context as u32 })
     }
@@ -487,8 +542,27 @@ impl Connection {
                 return Step::Reply(e);
             }
         };
-        let middle = self.shared.middle.clone();
         let format = frame.format;
+        if let Some(engine) = self.shared.engine.clone() {
+            let Some(done) = engine.forward(states, start, cache).await else {
+                session.cache = Some(self.shared.middle.new_cache_limited(session.max_context));
+                return Step::Reply(error(ErrorCode::Internal, "the batch engine failed"));
+            };
+            session.cache = Some(done.cache);
+            let compute_us = done.compute.as_micros().min(u32::MAX as u128) as u32;
+            let out = done.result.and_then(|h| HiddenFrame::encode(&h, start, format).map_err(|e| e.to_string()));
+            return match out {
+                Ok(frame) => {
+                    session.messages += 1;
+                    session.positions += rows as u64;
+                    self.shared.metrics.positions.inc_by(rows as u64);
+                    self.shared.metrics.forward_seconds.observe(f64::from(compute_us) / 1e6);
+                    Step::Reply(ServerMsg::Hidden { frame, compute_us })
+                }
+                Err(e) => Step::Reply(error(ErrorCode::Internal, format!("middle forward failed: {e}"))),
+            };
+        }
+        let middle = self.shared.middle.clone();
         let joined = tokio::task::spawn_blocking(move || {
             let t0 = Instant::now();
             let out = middle.forward_layers(&states, start, &mut cache).map_err(|e| e.to_string());
@@ -579,9 +653,11 @@ impl Connection {
             Ok(x) => x,
             Err(step) => return step,
         };
+        let context = self.session.as_ref().map_or(0, |s| s.max_context).min(model.max_context());
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let done = tokio::task::spawn_blocking(move || {
-            let room = model.max_context().saturating_sub(prompt.len());
+            // The session's granted context bounds the reply, not only the model's.
+            let room = context.saturating_sub(prompt.len());
             let (mut ids, mut pos) = (prompt, 0);
             for _ in 0..max_tokens.min(room) {
                 let t0 = Instant::now();
@@ -605,9 +681,37 @@ impl Connection {
         Step::Stream(rx, done)
     }
 
+    /// Reserves `positions` positions of KV cache from the budget, or refuses as busy.
+    fn reserve_kv(&self, positions: usize) -> std::result::Result<KvReservation, Step> {
+        let bytes = kv_bytes_per_position(&self.shared.middle).saturating_mul(positions);
+        let pool = self.shared.kv_reserved.clone();
+        let Some(budget) = self.shared.cfg.kv_budget else {
+            pool.fetch_add(bytes, Ordering::Relaxed);
+            return Ok(KvReservation { pool, bytes });
+        };
+        let taken = pool.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| (r + bytes <= budget).then_some(r + bytes));
+        match taken {
+            Ok(_) => Ok(KvReservation { pool, bytes }),
+            Err(held) => {
+                self.shared.log(format_args!("{}: busy, the KV budget is spoken for", self.peer));
+                Err(Step::Reply(error(
+                    ErrorCode::Busy,
+                    format!(
+                        "the cloud's KV budget ({:.0} MB) is spoken for: open sessions hold {:.0} MB and {positions} positions need {:.0} MB; \
+                         retry later, or ask for a shorter context",
+                        budget as f64 / 1e6,
+                        held as f64 / 1e6,
+                        bytes as f64 / 1e6
+                    ),
+                )))
+            }
+        }
+    }
+
     fn end_session(&mut self, how: &str) {
         if let Some(s) = self.session.take() {
             self.shared.metrics.sessions_open.dec();
+            self.shared.open.fetch_sub(1, Ordering::Relaxed);
             self.shared.log(format_args!(
                 "session {} from {}: {} messages, {} positions computed, {} cached at the end, {:.2} s, {how}",
                 s.id,
