@@ -248,7 +248,9 @@ pub fn run(args: LoadtestArgs, quiet: bool) -> Result<()> {
     };
     let runs = (variants.len() * args.sessions.len()) as u64;
     let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(runs) };
-    bar.set_style(ProgressStyle::with_template("{msg:42} [{bar:30}] {pos}/{len} levels, {elapsed}").expect("template").progress_chars("=> "));
+    bar.set_style(
+        ProgressStyle::with_template("{msg:42} [{bar:30}] {pos}/{len} levels, {elapsed}").expect("template").progress_chars("=> "),
+    );
     let mut levels = Vec::new();
     let mut placement = String::from("a running cloud");
     for &n in &args.sessions {
@@ -261,7 +263,8 @@ pub fn run(args: LoadtestArgs, quiet: bool) -> Result<()> {
             bar.set_message(format!("{n} sessions, {label}"));
             let spawned = match batching {
                 Some(b) => {
-                    let mut extra = vec!["--max-sessions".to_string(), n.max(16).to_string(), "--max-context".into(), args.max_context.to_string()];
+                    let mut extra =
+                        vec!["--max-sessions".to_string(), n.max(16).to_string(), "--max-context".into(), args.max_context.to_string()];
                     if b {
                         extra.extend(["--batch-window-ms".to_string(), args.batch_window_ms.to_string()]);
                     } else {

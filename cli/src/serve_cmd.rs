@@ -122,10 +122,8 @@ pub fn run(args: ServeArgs, quiet: bool) -> Result<()> {
         log: !quiet,
         baselines,
         tls,
-        batch: (!args.no_batching).then(|| BatchConfig {
-            window: std::time::Duration::from_secs_f64(args.batch_window_ms / 1e3),
-            max_rows: args.max_batch_rows,
-        }),
+        batch: (!args.no_batching)
+            .then(|| BatchConfig { window: std::time::Duration::from_secs_f64(args.batch_window_ms / 1e3), max_rows: args.max_batch_rows }),
         kv_budget: args.kv_budget_mb.map(|mb| (mb * 1e6) as usize),
         ..ServerConfig::default()
     };

@@ -17,11 +17,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use crate::baseline::{WholeCache, WholeModel};
+use crate::engine::{BatchConfig, Engine};
 use crate::error::{Result, RuntimeError};
 use crate::metrics::CloudMetrics;
 use crate::package::CloudPackage;
 use crate::protocol::{ClientMsg, ErrorCode, HiddenFrame, ServerMsg, DEFAULT_MAX_FRAME, LENGTH_PREFIX, PROTOCOL_VERSION};
-use crate::engine::{BatchConfig, Engine};
 use crate::tls::ServerTls;
 
 #[derive(Debug, Clone)]

@@ -34,7 +34,8 @@ fn states(rows: usize, hidden: usize, seed: f32) -> Tensor {
     // Hidden states of the right scale, with one large dimension as the real model has.
     let x = Tensor::randn(0f32, 1.0, (1, rows, hidden), &Device::Cpu).expect("randn");
     let big = Tensor::zeros((1, rows, hidden), candle_core::DType::F32, &Device::Cpu).expect("zeros");
-    let big = big.slice_assign(&[0..1, 0..rows, 7..8], &Tensor::full(100f32 + seed, (1, rows, 1), &Device::Cpu).expect("full")).expect("set");
+    let big =
+        big.slice_assign(&[0..1, 0..rows, 7..8], &Tensor::full(100f32 + seed, (1, rows, 1), &Device::Cpu).expect("full")).expect("set");
     (x + big).expect("add")
 }
 
