@@ -180,19 +180,13 @@ fn help_explains_the_commands() {
 }
 
 /// `hat serve cloud` in the background, `hat generate --mode ushape|hat --cloud` against it.
-#[test]
-fn serve_cloud_and_generate_remotely_report_round_trips_and_bytes() {
+/// Starts `hat serve cloud` for `DIR/cloud` on a free loopback port with `extra` arguments; the child
+/// and the address it printed.
+fn serve_cloud(art: &str, extra: &[&str]) -> (std::process::Child, String) {
     use std::io::{BufRead, BufReader};
-    let tmp = tempfile::tempdir().expect("tmp");
-    let src = TinyLlama::default().write_dir(&tmp.path().join("src"), 1);
-    let art = tmp.path().join("art");
-    assert!(split(&src, &art, 1, 1, &[]).status.success());
-    let art_s = art.to_str().expect("utf8");
-    let token = tmp.path().join("token");
-    std::fs::write(&token, "s3cret\n").expect("token");
     let mut cloud = Command::new(env!("CARGO_BIN_EXE_hat"))
-        .args(["serve", "cloud", "--package", &format!("{art_s}/cloud"), "--listen", "127.0.0.1:0", "--auth-token-file"])
-        .arg(&token)
+        .args(["serve", "cloud", "--package", &format!("{art}/cloud"), "--listen", "127.0.0.1:0"])
+        .args(extra)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -200,6 +194,19 @@ fn serve_cloud_and_generate_remotely_report_round_trips_and_bytes() {
     let mut line = String::new();
     BufReader::new(cloud.stdout.take().expect("stdout")).read_line(&mut line).expect("listening line");
     let addr = line.trim().strip_prefix("listening on ").expect("listening on ADDR").to_string();
+    (cloud, addr)
+}
+
+#[test]
+fn serve_cloud_and_generate_remotely_report_round_trips_and_bytes() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = TinyLlama::default().write_dir(&tmp.path().join("src"), 1);
+    let art = tmp.path().join("art");
+    assert!(split(&src, &art, 1, 1, &[]).status.success());
+    let art_s = art.to_str().expect("utf8");
+    let token = tmp.path().join("token");
+    std::fs::write(&token, "s3cret\n").expect("token");
+    let (mut cloud, addr) = serve_cloud(art_s, &["--auth-token-file", token.to_str().expect("utf8")]);
 
     let local = hat(&["generate", "--artifacts", art_s, "--prompt", "w5 w9 w17", "--max-tokens", "8", "--json"], &[]);
     let local: serde_json::Value = serde_json::from_slice(&local.stdout).expect("json");
@@ -239,7 +246,6 @@ fn serve_cloud_and_generate_remotely_report_round_trips_and_bytes() {
 /// certificate, or with a bad key file, gets one line saying what to pass.
 #[test]
 fn serve_cloud_and_generate_over_mutual_tls() {
-    use std::io::{BufRead, BufReader};
     let tmp = tempfile::tempdir().expect("tmp");
     let src = TinyLlama::default().write_dir(&tmp.path().join("src"), 1);
     let art = tmp.path().join("art");
@@ -248,16 +254,7 @@ fn serve_cloud_and_generate_over_mutual_tls() {
     let pki = hat_tests::TestPki::generate(tmp.path(), "cli");
     let p = |p: &Path| p.to_str().expect("utf8").to_string();
     let (ca, cert, key) = (p(&pki.ca), p(&pki.client_cert), p(&pki.client_key));
-    let mut cloud = Command::new(env!("CARGO_BIN_EXE_hat"))
-        .args(["serve", "cloud", "--package", &format!("{art_s}/cloud"), "--listen", "127.0.0.1:0"])
-        .args(["--tls-cert", &p(&pki.server_cert), "--tls-key", &p(&pki.server_key), "--client-ca", &ca])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn cloud");
-    let mut line = String::new();
-    BufReader::new(cloud.stdout.take().expect("stdout")).read_line(&mut line).expect("listening line");
-    let addr = line.trim().strip_prefix("listening on ").expect("listening on ADDR").to_string();
+    let (mut cloud, addr) = serve_cloud(art_s, &["--tls-cert", &p(&pki.server_cert), "--tls-key", &p(&pki.server_key), "--client-ca", &ca]);
 
     let base = ["generate", "--artifacts", art_s, "--prompt", "w5 w9 w17", "--max-tokens", "8", "--json"];
     let local: serde_json::Value = serde_json::from_slice(&hat(&base, &[]).stdout).expect("json");
