@@ -304,6 +304,15 @@ enum Step {
     Silent,
 }
 
+/// The reply to a forward that ran, batched or alone, counted in the session and the metrics.
+fn computed(session: &mut Session, metrics: &CloudMetrics, rows: usize, frame: HiddenFrame, compute_us: u32) -> Step {
+    session.messages += 1;
+    session.positions += rows as u64;
+    metrics.positions.inc_by(rows as u64);
+    metrics.forward_seconds.observe(f64::from(compute_us) / 1e6);
+    Step::Reply(ServerMsg::Hidden { frame, compute_us })
+}
+
 fn error(code: ErrorCode, message: impl Into<String>) -> ServerMsg {
     ServerMsg::Error { code, message: message.into() }
 }
@@ -552,13 +561,7 @@ impl Connection {
             let compute_us = done.compute.as_micros().min(u32::MAX as u128) as u32;
             let out = done.result.and_then(|h| HiddenFrame::encode(&h, start, format).map_err(|e| e.to_string()));
             return match out {
-                Ok(frame) => {
-                    session.messages += 1;
-                    session.positions += rows as u64;
-                    self.shared.metrics.positions.inc_by(rows as u64);
-                    self.shared.metrics.forward_seconds.observe(f64::from(compute_us) / 1e6);
-                    Step::Reply(ServerMsg::Hidden { frame, compute_us })
-                }
+                Ok(frame) => computed(session, &self.shared.metrics, rows, frame, compute_us),
                 Err(e) => Step::Reply(error(ErrorCode::Internal, format!("middle forward failed: {e}"))),
             };
         }
@@ -574,11 +577,7 @@ impl Connection {
         match joined {
             Ok((Ok((frame, compute_us)), cache)) => {
                 session.cache = Some(cache);
-                session.messages += 1;
-                session.positions += rows as u64;
-                self.shared.metrics.positions.inc_by(rows as u64);
-                self.shared.metrics.forward_seconds.observe(f64::from(compute_us) / 1e6);
-                Step::Reply(ServerMsg::Hidden { frame, compute_us })
+                computed(session, &self.shared.metrics, rows, frame, compute_us)
             }
             Ok((Err(e), mut cache)) => {
                 // A half-applied forward leaves layers at different lengths: start the cache over.
