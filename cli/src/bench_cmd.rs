@@ -7,7 +7,7 @@ use clap::Args;
 use hat_profiles::Profile;
 use hat_runtime::baseline::{generate_cloud, generate_sd, SmallModel, TokenCloud};
 use hat_runtime::package::DEVICE_DIR;
-use hat_runtime::{Chunking, CloudOptions, DeviceRuntime, DeviceSession, DraftChoice, Drafter, GenerateOptions, Generation};
+use hat_runtime::{Chunking, CloudOptions, DeviceRuntime, DeviceSession, DraftChoice, Drafter, GenerateOptions, Generation, Overlap};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
 
@@ -101,6 +101,8 @@ pub enum BenchMode {
     HatAdapter,
     /// `hat` with the draft head's prompt lookup off.
     HatNoLookup,
+    /// `hat` drafting while verifying (`--overlap`).
+    HatOverlap,
 }
 
 impl FromStr for BenchMode {
@@ -115,11 +117,12 @@ impl FromStr for BenchMode {
             "hat" => BenchMode::Hat,
             "hat-adapter" => BenchMode::HatAdapter,
             "hat-nolookup" => BenchMode::HatNoLookup,
+            "hat-overlap" => BenchMode::HatOverlap,
             other => match other.strip_prefix("hat@").map(str::parse::<usize>) {
                 Some(Ok(n)) if n > 0 => BenchMode::HatFixed(n),
                 _ => {
                     return Err(format!(
-                        "unknown mode `{other}`: use cloud, ushape, sd, hat-nochunk, hat, hat@N, hat-adapter or hat-nolookup"
+                        "unknown mode `{other}`: use cloud, ushape, sd, hat-nochunk, hat, hat@N, hat-adapter, hat-nolookup or hat-overlap"
                     ))
                 }
             },
@@ -138,6 +141,7 @@ impl BenchMode {
             BenchMode::HatFixed(n) => format!("hat@{n}"),
             BenchMode::HatAdapter => "hat-adapter".into(),
             BenchMode::HatNoLookup => "hat-nolookup".into(),
+            BenchMode::HatOverlap => "hat-overlap".into(),
         }
     }
 
@@ -197,11 +201,12 @@ impl Runner {
         let ctx = device.package.config.max_position_embeddings;
         let adapter = mode == BenchMode::HatAdapter;
         let mode_lookup = mode != BenchMode::HatNoLookup;
+        let overlap = if mode == BenchMode::HatOverlap { Overlap::WhileWaiting } else { Overlap::Off };
         let split = |chunking: Chunking, mode| -> Result<Runner> {
             let drafter = if matches!(mode, hat_runtime::Mode::Hat { .. }) && adapter {
                 Drafter::new(device.adapter().clone())
             } else {
-                device.new_drafter().with_lookup(mode_lookup)
+                device.new_drafter().with_lookup(mode_lookup).with_overlap(overlap)
             };
             let mut s = device.connect_with(opts.clone(), drafter)?;
             s.set_chunking(chunking);
@@ -221,7 +226,7 @@ impl Runner {
                 let table = table.clone().context("mode hat needs DIR/device/profile.json: run `hat profile --artifacts DIR` first")?;
                 split(Chunking::Auto(table), hat_runtime::Mode::Hat { draft_len: k })?
             }
-            BenchMode::HatAdapter | BenchMode::HatNoLookup => {
+            BenchMode::HatAdapter | BenchMode::HatNoLookup | BenchMode::HatOverlap => {
                 let chunking = table.clone().map_or(Chunking::Whole, |t| Chunking::Auto(t));
                 split(chunking, hat_runtime::Mode::Hat { draft_len: k })?
             }

@@ -24,6 +24,9 @@ pub struct Run {
     pub gaps_ms: Vec<f64>,
     pub rounds: usize,
     pub accept_len: f64,
+    /// Drafting while verifying: rounds drafted during the round before, and those kept.
+    pub speculated: usize,
+    pub prepared: usize,
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub prefill_bytes_up: u64,
@@ -54,6 +57,8 @@ impl Run {
             gaps_ms: g.gaps.iter().map(|d| ms(*d)).collect(),
             rounds: g.rounds,
             accept_len: g.accept_len(),
+            speculated: g.speculated,
+            prepared: g.prepared,
             bytes_up: g.traffic.bytes_up,
             bytes_down: g.traffic.bytes_down,
             prefill_bytes_up: g.prefill_traffic.bytes_up,
@@ -103,6 +108,8 @@ pub struct Summary {
     /// Mean: decode time over decoded tokens, across runs; p50/p99: over every inter-token gap.
     pub tbt_ms: Stats,
     pub accept_len: f64,
+    /// Of the rounds, those whose drafts were made while the round before was verified.
+    pub prepared_rounds: f64,
     pub decode_tok_s: f64,
     /// Decode traffic per decoded token (the prompt's round excluded), and the prompt's round.
     pub bytes_up_per_token: f64,
@@ -134,6 +141,7 @@ fn summarise(runs: &[&Run]) -> Option<Summary> {
         ttft_ms: Stats::of(runs.iter().map(|r| r.ttft_ms).collect()),
         tbt_ms: tbt,
         accept_len: decoded as f64 / rounds.max(1) as f64,
+        prepared_rounds: runs.iter().map(|r| r.prepared).sum::<usize>() as f64 / rounds.max(1) as f64,
         decode_tok_s: if tbt_mean > 0.0 { 1e3 / tbt_mean } else { 0.0 },
         bytes_up_per_token: per_tok(&|r| (r.bytes_up - r.prefill_bytes_up) as f64),
         bytes_down_per_token: per_tok(&|r| (r.bytes_down - r.prefill_bytes_down) as f64),

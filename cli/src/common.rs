@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use hat_profiles::Profile;
-use hat_runtime::{Chunking, ClientTls, CloudOptions, DeviceRuntime, DraftChoice, LinkEmulation, WireDType, WireFormat};
+use hat_runtime::{Chunking, ClientTls, CloudOptions, DeviceRuntime, DraftChoice, LinkEmulation, Overlap, WireDType, WireFormat};
 
 /// Reads a shared secret from a file (whitespace around it is ignored).
 pub fn read_token(path: &Path) -> Result<String> {
@@ -159,12 +159,21 @@ pub struct DraftArgs {
     /// earlier occurrence of the last 2-4 tokens, when the head is unsure or agrees with it).
     #[arg(long)]
     pub no_prompt_lookup: bool,
+    /// Draft while verifying: while a round is with the cloud, the draft head drafts the next one
+    /// on the assumption that every draft is accepted, and that round goes out as soon as the
+    /// verdict bears this out. Off by default: with the shipped head it gains nothing measurable
+    /// (README, "The draft head").
+    #[arg(long)]
+    pub overlap: bool,
 }
 
 impl DraftArgs {
     /// The device runtime with these draft settings.
     pub fn apply(&self, device: DeviceRuntime) -> DeviceRuntime {
-        device.with_draft_choice(self.draft_head.into(), self.draft_threshold).with_lookup(!self.no_prompt_lookup)
+        device
+            .with_draft_choice(self.draft_head.into(), self.draft_threshold)
+            .with_lookup(!self.no_prompt_lookup)
+            .with_overlap(if self.overlap { Overlap::WhileWaiting } else { Overlap::Off })
     }
 }
 

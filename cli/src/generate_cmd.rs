@@ -157,6 +157,8 @@ fn report(
             out["draft_len"] = args.draft.draft_len.into();
             out["drafted"] = gen.drafted.into();
             out["accepted"] = gen.accepted.into();
+            out["speculated"] = gen.speculated.into();
+            out["prepared"] = gen.prepared.into();
             out["adapter"] = device.adapter().origin.to_string().into();
             out["draft_head"] = draft_head.into();
             out["prefill_chunk"] = chunk.into();

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use candle_core::Device;
 
 use crate::draft::{Adapter, Drafter};
-use crate::draft_head::{FeatureHead, DRAFT_HEAD_FILE};
+use crate::draft_head::{FeatureHead, Overlap, DRAFT_HEAD_FILE};
 use crate::error::{Result, RuntimeError};
 use crate::generate::{generate, GenerateOptions, Generation, SplitPipeline};
 use crate::link::LinkEstimate;
@@ -89,6 +89,7 @@ pub struct DeviceRuntime {
     choice: DraftChoice,
     threshold: Option<f32>,
     lookup: bool,
+    overlap: Overlap,
     device: Device,
 }
 
@@ -103,7 +104,17 @@ impl DeviceRuntime {
             Ok(h) => (h, None),
             Err(e) => (None, Some(e.to_string())),
         };
-        Ok(Self { package, adapter, head, head_problem, choice: DraftChoice::Auto, threshold: None, lookup: true, device })
+        Ok(Self {
+            package,
+            adapter,
+            head,
+            head_problem,
+            choice: DraftChoice::Auto,
+            threshold: None,
+            lookup: true,
+            overlap: Overlap::default(),
+            device,
+        })
     }
 
     /// Chooses the draft model, and overrides the head's confidence threshold (0 drafts every time).
@@ -116,6 +127,12 @@ impl DeviceRuntime {
     /// Turns the draft head's prompt lookup on or off (on by default).
     pub fn with_lookup(mut self, on: bool) -> Self {
         self.lookup = on;
+        self
+    }
+
+    /// Sets when the draft head drafts the next round while the cloud verifies this one.
+    pub fn with_overlap(mut self, overlap: Overlap) -> Self {
+        self.overlap = overlap;
         self
     }
 
@@ -134,7 +151,7 @@ impl DeviceRuntime {
     pub fn new_drafter(&self) -> Drafter {
         match (self.choice, &self.head) {
             (DraftChoice::Hat, _) => Drafter::new(self.adapter.clone()),
-            (_, Some(h)) => Drafter::feature(h.clone(), self.threshold).with_lookup(self.lookup),
+            (_, Some(h)) => Drafter::feature(h.clone(), self.threshold).with_lookup(self.lookup).with_overlap(self.overlap),
             (DraftChoice::Auto, None) if self.head_problem.is_none() => Drafter::new(self.adapter.clone()),
             _ => Drafter::Off,
         }

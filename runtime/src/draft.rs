@@ -14,7 +14,7 @@ use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
 use hat_model::{names, Config, KvCache, Submodel, SubmodelKind};
 
-use crate::draft_head::{FeatureDrafter, FeatureHead};
+use crate::draft_head::{FeatureDrafter, FeatureHead, Overlap, Speculation};
 use crate::error::{Result, RuntimeError};
 use crate::generate::SplitPipeline;
 use crate::middle::Middle;
@@ -154,6 +154,18 @@ pub struct Draft {
     pub states: Tensor,
 }
 
+impl Draft {
+    /// The first `k` drafts (a draft made for a longer budget than is left).
+    pub fn truncated(mut self, k: usize) -> Result<Self> {
+        if self.tokens.len() > k {
+            self.tokens.truncate(k);
+            self.q.truncate(k);
+            self.states = self.states.narrow(1, 0, k + 1)?;
+        }
+        Ok(self)
+    }
+}
+
 /// What a verification round established, for the drafter to catch up on.
 #[derive(Debug)]
 pub struct Verified<'a> {
@@ -196,10 +208,11 @@ impl Drafter {
         match self {
             Drafter::Adapter(d) => format!("hat adapter, {}", d.adapter.origin),
             Drafter::Feature(d) => format!(
-                "feature head ({}), threshold {}{}",
+                "feature head ({}), threshold {}{}{}",
                 d.head().path.display(),
                 d.threshold(),
-                if d.lookup() { ", prompt lookup" } else { "" }
+                if d.lookup() { ", prompt lookup" } else { "" },
+                if d.overlap() == Overlap::Off { "" } else { ", drafting while verifying" }
             ),
             Drafter::Off => "none (U-shaped steps)".into(),
         }
@@ -209,6 +222,15 @@ impl Drafter {
     pub fn with_lookup(mut self, on: bool) -> Self {
         if let Drafter::Feature(d) = &mut self {
             d.set_lookup(on);
+        }
+        self
+    }
+
+    /// Sets when the feature head drafts the next round while the cloud verifies this one (the
+    /// other drafters never do).
+    pub fn with_overlap(mut self, overlap: Overlap) -> Self {
+        if let Drafter::Feature(d) = &mut self {
+            d.set_overlap(overlap);
         }
         self
     }
@@ -258,6 +280,30 @@ impl Drafter {
             Drafter::Adapter(d) => d.propose(pipeline, last, pos, k, sampler),
             Drafter::Feature(d) => d.propose(pipeline, last, pos, k, sampler),
             Drafter::Off => Ok(Draft { tokens: Vec::new(), q: Vec::new(), states: pipeline.input_states(&[last], pos)? }),
+        }
+    }
+
+    /// While `draft` (proposed at `pos`) is being verified: the next round, drafted on the
+    /// assumption that all of it is accepted ([`FeatureDrafter::speculate`]; only the feature head
+    /// speculates).
+    pub fn speculate<M: Middle>(
+        &mut self,
+        pipeline: &mut SplitPipeline<M>,
+        draft: &Draft,
+        pos: usize,
+        k: usize,
+        sampler: &mut Sampler,
+    ) -> Result<Option<Speculation>> {
+        match self {
+            Drafter::Feature(d) => d.speculate(pipeline, draft, pos, k, sampler),
+            _ => Ok(None),
+        }
+    }
+
+    /// After [`Drafter::commit`]: the speculation's assumption held and its draft is the next round's.
+    pub fn adopt(&mut self, spec: &Speculation) {
+        if let Drafter::Feature(d) = self {
+            d.adopt(spec);
         }
     }
 

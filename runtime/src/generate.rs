@@ -296,6 +296,10 @@ pub struct Generation {
     /// Rounds whose first draft was accepted: the draft model's top-1 agreement with the full model,
     /// on its own generations, is this over `rounds` (when drafting).
     pub first_accepted: usize,
+    /// Drafting while verifying: rounds drafted while the round before them was with the cloud,
+    /// and how many of those the verdict let stand (their drafting cost no time after the reply).
+    pub speculated: usize,
+    pub prepared: usize,
     /// Network bytes of this generation.
     pub traffic: Traffic,
     /// The part of `traffic` spent before the first token (the prompt's round).
@@ -343,6 +347,8 @@ pub(crate) struct DraftCounts {
     pub drafted: usize,
     pub accepted: usize,
     pub first_accepted: usize,
+    pub speculated: usize,
+    pub prepared: usize,
 }
 
 /// Hands tokens to the caller as they are chosen, times them, and says when to stop (end of
@@ -437,6 +443,8 @@ impl<'a, F: FnMut(u32)> Emitter<'a, F> {
             drafted: drafts.drafted,
             accepted: drafts.accepted,
             first_accepted: drafts.first_accepted,
+            speculated: drafts.speculated,
+            prepared: drafts.prepared,
             traffic,
             prefill_traffic: prefill.unwrap_or_default(),
             gaps: self.gaps,

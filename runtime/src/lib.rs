@@ -23,7 +23,7 @@ pub mod verify;
 
 pub use device::{ChunkPolicy, Chunking, DeviceRuntime, DeviceSession, DraftChoice, Mode};
 pub use draft::{Adapter, AdapterOrigin, Drafter};
-pub use draft_head::{FeatureDrafter, FeatureHead, HeadMeta};
+pub use draft_head::{FeatureDrafter, FeatureHead, HeadMeta, Overlap};
 pub use engine::BatchConfig;
 pub use error::{Result, RuntimeError};
 pub use generate::{generate, GenerateOptions, Generation, LocalPipeline, SplitPipeline, TokenModel, UnsplitModel};

@@ -117,6 +117,8 @@ pub struct FramedConn {
     stream: TcpStream,
     to_writer: Option<Sender<(Vec<u8>, Instant)>>,
     from_reader: Receiver<Incoming>,
+    /// A frame [`FramedConn::reply_ready`] took off the reader, with when the emulated link delivers it.
+    peeked: Option<std::io::Result<(Vec<u8>, Instant)>>,
     link: Option<LinkEmulation>,
     up_lane: Lane,
     down_lane: Lane,
@@ -187,7 +189,15 @@ impl FramedConn {
         })?;
 
         let now = Instant::now();
-        Ok(Self { stream, to_writer: Some(to_writer), from_reader, link, up_lane: Lane::new(now, 1), down_lane: Lane::new(now, 2) })
+        Ok(Self {
+            stream,
+            to_writer: Some(to_writer),
+            from_reader,
+            peeked: None,
+            link,
+            up_lane: Lane::new(now, 1),
+            down_lane: Lane::new(now, 2),
+        })
     }
 
     /// Queues one frame; returns at once.
@@ -204,21 +214,48 @@ impl FramedConn {
 
     /// The next frame body, after the emulated link would have delivered it.
     pub fn recv(&mut self, timeout: Duration) -> std::io::Result<Vec<u8>> {
-        let (body, arrived) = match self.from_reader.recv_timeout(timeout) {
-            Ok(got) => got?,
-            Err(RecvTimeoutError::Timeout) => {
-                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no reply within {timeout:?}")))
-            }
-            Err(RecvTimeoutError::Disconnected) => return Err(broken("the connection to the cloud is closed")),
+        let (body, deliver) = match self.peeked.take() {
+            Some(got) => got?,
+            None => match self.from_reader.recv_timeout(timeout) {
+                Ok(got) => self.delivery(got)?,
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no reply within {timeout:?}")))
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(broken("the connection to the cloud is closed")),
+            },
         };
-        if let Some(l) = &self.link {
-            let deliver = self.down_lane.schedule(l, arrived, LENGTH_PREFIX + body.len());
-            let now = Instant::now();
-            if deliver > now {
-                std::thread::sleep(deliver - now);
-            }
+        let now = Instant::now();
+        if deliver > now {
+            std::thread::sleep(deliver - now);
         }
         Ok(body)
+    }
+
+    /// Whether [`FramedConn::recv`] would return at once: a frame (or a failure) is in, and the
+    /// emulated link has delivered it. Never blocks.
+    pub fn reply_ready(&mut self) -> bool {
+        if self.peeked.is_none() {
+            match self.from_reader.try_recv() {
+                Ok(got) => self.peeked = Some(self.delivery(got)),
+                Err(std::sync::mpsc::TryRecvError::Empty) => return false,
+                // recv reports it.
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return true,
+            }
+        }
+        match &self.peeked {
+            Some(Ok((_, deliver))) => *deliver <= Instant::now(),
+            _ => true,
+        }
+    }
+
+    /// When the emulated link hands over a frame the reader got at `arrived` (at once without one).
+    fn delivery(&mut self, got: Incoming) -> std::io::Result<(Vec<u8>, Instant)> {
+        let (body, arrived) = got?;
+        let deliver = match &self.link {
+            Some(l) => self.down_lane.schedule(l, arrived, LENGTH_PREFIX + body.len()),
+            None => arrived,
+        };
+        Ok((body, deliver))
     }
 }
 
@@ -286,6 +323,33 @@ mod tests {
         }
         let spread = *delays.iter().max().expect("delays") - *delays.iter().min().expect("delays");
         assert!(spread > Duration::from_millis(20), "jitter actually varies the delay: spread {spread:?}");
+    }
+
+    /// `reply_ready` says no while the reply is on the emulated link, yes once it is delivered, and
+    /// the frame it peeked is the one `recv` returns.
+    #[test]
+    fn reply_ready_waits_for_the_emulated_delivery() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let echo = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            let body = read_frame(&mut s, 1024).expect("frame");
+            s.write_all(&frame(&body)).expect("echo");
+        });
+        let link = LinkEmulation::new(0.0, Duration::from_millis(200));
+        let mut conn = FramedConn::connect(&addr, Some(link), 1024, Arc::new(Counters::default()), None).expect("connect");
+        let sent = Instant::now();
+        conn.send(b"ping").expect("send");
+        assert!(!conn.reply_ready(), "ready before the request could even have left");
+        while !conn.reply_ready() {
+            assert!(sent.elapsed() < Duration::from_secs(5), "the echo never became ready");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(sent.elapsed() >= Duration::from_millis(200), "ready after {:?}, before a 200 ms round trip", sent.elapsed());
+        let waited = Instant::now();
+        assert_eq!(conn.recv(Duration::from_secs(1)).expect("recv"), b"ping");
+        assert!(waited.elapsed() < Duration::from_millis(50), "recv waited {:?} for a delivered frame", waited.elapsed());
+        echo.join().expect("echo thread");
     }
 
     #[test]

@@ -45,6 +45,12 @@ pub trait Middle {
     /// Positions one session may hold.
     fn max_context(&self) -> usize;
 
+    /// Whether the oldest uncollected reply is back, so that [`Middle::collect`] would not wait.
+    /// Never blocks. The device drafts the next round only while this is false.
+    fn reply_ready(&mut self) -> bool {
+        true
+    }
+
     fn traffic(&self) -> Traffic {
         Traffic::default()
     }

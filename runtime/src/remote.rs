@@ -378,6 +378,11 @@ impl Middle for RemoteMiddle {
         self.granted_context
     }
 
+    fn reply_ready(&mut self) -> bool {
+        // Not connected: collect reconnects, which is no reason to wait here.
+        self.conn.as_mut().is_none_or(|c| c.reply_ready())
+    }
+
     fn traffic(&self) -> Traffic {
         self.counters.traffic(self.reconnects)
     }

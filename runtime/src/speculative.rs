@@ -5,10 +5,15 @@
 //! 3. the output submodel turns the k+1 returned states into logits, and the verifier keeps the
 //!    longest acceptable prefix plus one token of the model's own.
 //!
+//! Drafting while verifying: after submitting a round, and until its reply is back, the feature
+//! head drafts the round after it on the assumption that every draft is accepted and the cloud's
+//! own next token is the head's guess ([`Drafter::speculate`]). When the verdict bears that out,
+//! the next round goes to the cloud at once, its drafting already done.
+//!
 //! The prompt's round overlaps the adapter's prefill with the cloud's work, and with
 //! `GenerateOptions::prefill_chunk` the prompt is pipelined in chunks ([`SplitPipeline::prefill`]).
 
-use crate::draft::{Drafter, Verified};
+use crate::draft::{Draft, Drafter, Verified};
 use crate::error::Result;
 use crate::generate::{token_budget, DraftCounts, Emitter, GenerateOptions, Generation, SplitPipeline, TokenModel};
 use crate::middle::Middle;
@@ -43,11 +48,20 @@ pub fn generate_speculative<M: Middle>(
     let mut going = out.push(last);
     // The draft head takes in the prompt's features after the first token is out, not before it.
     drafter.prefilled(prompt, &pre.high, &pre.top)?;
+    // A round drafted while the one before it was verified, whose assumption held.
+    let mut prepared: Option<Draft> = None;
     while going {
         // Never draft past the budget: a round yields at most k + 1 tokens.
         let k = draft_len.min(out.remaining() - 1);
-        let draft = drafter.propose(pipeline, last, pos, k, &mut sampler)?;
-        let middle_states = pipeline.middle().forward(pos, &draft.states)?;
+        let draft = match prepared.take() {
+            Some(d) => d.truncated(k)?,
+            None => drafter.propose(pipeline, last, pos, k, &mut sampler)?,
+        };
+        pipeline.middle().submit(pos, &draft.states)?;
+        // If every draft is accepted this round yields n + 1 tokens; the next one drafts after that.
+        let after = out.remaining().saturating_sub(draft.tokens.len() + 1);
+        let spec = if after > 0 { drafter.speculate(pipeline, &draft, pos, draft_len.min(after - 1), &mut sampler)? } else { None };
+        let middle_states = pipeline.middle().collect()?;
         let (top, logits) = pipeline.output_states_logits(&middle_states, pos)?;
         let target = logits_rows(&logits)?;
         let verdict = if sampler.is_greedy() {
@@ -66,6 +80,14 @@ pub fn generate_speculative<M: Middle>(
             }
         }
         drafter.commit(&Verified { draft: &draft, pos, accepted: verdict.accepted, high: &middle_states, top: &top })?;
+        if let Some(spec) = spec {
+            counts.speculated += 1;
+            if going && verdict.accepted == spec.expects && verdict.next == spec.guess {
+                counts.prepared += 1;
+                drafter.adopt(&spec);
+                prepared = Some(spec.draft);
+            }
+        }
         pos += verdict.accepted + 1;
         last = verdict.next;
     }

@@ -7,7 +7,9 @@
 //!
 //! Medians of interleaved repetitions.
 //!
-//! `cargo bench -p hat-tests --bench draft_step` (env: HAT_BENCH_REPS, default 200).
+//! `cargo bench -p hat-tests --bench draft_step` (env: HAT_BENCH_REPS, default 200; HAT_BENCH_ARTIFACTS,
+//! a `hat split` directory to measure instead of the f32 test split, such as a q8_0 one, whose head
+//! then runs in q8_0 too).
 
 use std::time::{Duration, Instant};
 
@@ -23,7 +25,10 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 fn main() {
     let reps: usize = std::env::var("HAT_BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
-    let dir = default_artifacts().join("device");
+    let dir = match std::env::var_os("HAT_BENCH_ARTIFACTS") {
+        Some(d) => std::path::PathBuf::from(d).join("device"),
+        None => default_artifacts().join("device"),
+    };
     install_shipped_head(&dir).expect("install").expect("a head ships for the default split");
     let dev = Device::Cpu;
     let package = DevicePackage::open(&dir, &dev).expect("device package");

@@ -1,6 +1,6 @@
 //! The feature draft head. On a tiny random Llama: training's unrolled steps compute exactly what the
 //! drafter's cache computes at inference (the off-by-one guard); sampling with the head still draws
-//! the model's own distribution; a head made for another split is refused and drafting falls back to
+//! the model's own distribution, with and without drafting while verifying; a head made for another split is refused and drafting falls back to
 //! U-shaped steps. On the real default model with the shipped head: greedy `hat` over TCP equals
 //! `--mode local` token for token at fixed and adaptive draft lengths; a head that never agrees
 //! loses nothing; `hat split` installs the shipped head by fingerprint.
@@ -15,7 +15,7 @@ use hat_runtime::draft_head::{install_shipped_head, save_head, split_label, Head
 use hat_runtime::protocol::{WireDType, WireFormat};
 use hat_runtime::{
     generate, generate_speculative, CloudOptions, CloudPackage, CloudServer, DevicePackage, DeviceRuntime, DraftChoice, Drafter,
-    FeatureHead, GenerateOptions, Generation, LocalPipeline, Mode, Sampler, SamplingOptions, ServerConfig,
+    FeatureHead, GenerateOptions, Generation, LocalPipeline, Mode, Overlap, Sampler, SamplingOptions, ServerConfig,
 };
 use hat_tests::{chi_square, default_artifacts, max_abs_diff, open_default, second_token_distribution, tiny_artifacts, TinyLlama, PROMPTS};
 
@@ -106,20 +106,26 @@ fn sampling_with_the_head_draws_the_models_distribution() {
     let vocab = t.device.config.vocab_size;
     let mut model = LocalPipeline::new(&t.device, &t.cloud).expect("pipeline");
     let (_, exact) = second_token_distribution(&mut model, &prompt, &dist);
-    let mut counts = vec![0usize; vocab];
-    let (mut accepted, mut drafted) = (0, 0);
-    let mut drafter = Drafter::feature(head, Some(0.0));
-    for seed in 0..4000 {
-        let opts = GenerateOptions { max_tokens: 5, sampling: SamplingOptions { seed, ..sampling }, eos: vec![], ..Default::default() };
-        let g = generate_speculative(&mut model, &mut drafter, &prompt, &opts, 3, |_| {}).expect("generate");
-        counts[g.tokens[1] as usize] += 1;
-        accepted += g.accepted;
-        drafted += g.drafted;
+    // Drafting while verifying draws the next round's drafts from the same sampler before the
+    // verdict: the verdict's draws must still give the model's distribution.
+    for overlap in [Overlap::Off, Overlap::Always] {
+        let mut counts = vec![0usize; vocab];
+        let (mut accepted, mut drafted, mut speculated) = (0, 0, 0);
+        let mut drafter = Drafter::feature(head.clone(), Some(0.0)).with_overlap(overlap);
+        for seed in 0..4000 {
+            let opts = GenerateOptions { max_tokens: 8, sampling: SamplingOptions { seed, ..sampling }, eos: vec![], ..Default::default() };
+            let g = generate_speculative(&mut model, &mut drafter, &prompt, &opts, 3, |_| {}).expect("generate");
+            counts[g.tokens[1] as usize] += 1;
+            accepted += g.accepted;
+            drafted += g.drafted;
+            speculated += g.speculated;
+        }
+        assert!(accepted > 0 && accepted < drafted, "{overlap:?}: both branches ran: {accepted} of {drafted} drafts accepted");
+        assert_eq!(speculated > 0, overlap == Overlap::Always, "{overlap:?}: {speculated} rounds speculated");
+        let (stat, critical) = chi_square(&counts, &exact);
+        eprintln!("{overlap:?}: chi-square {stat:.1} (critical ~{critical:.1}); {accepted}/{drafted} drafts accepted");
+        assert!(stat < critical, "{overlap:?}: speculative samples with the head do not follow the model: {stat:.1} > {critical:.1}");
     }
-    assert!(accepted > 0 && accepted < drafted, "both branches ran: {accepted} of {drafted} drafts accepted");
-    let (stat, critical) = chi_square(&counts, &exact);
-    eprintln!("chi-square {stat:.1} (critical ~{critical:.1}); {accepted}/{drafted} drafts accepted");
-    assert!(stat < critical, "speculative samples with the head do not follow the model: {stat:.1} > {critical:.1}");
 }
 
 /// Prompt lookup's drafts are deterministic (one-hot q). With a head that is never sure, every

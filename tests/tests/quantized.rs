@@ -1,7 +1,7 @@
 //! Quantized packages. On the real default model split 2/2 in q8_0 (both sides): greedy `hat` (shipped
 //! draft head, matched through the package's base fingerprint) and `ushape` over TCP equal
 //! `--mode local` on the same package token for token, and chunked prefill equals unchunked at chunk
-//! sizes that divide the prompt and sizes that do not. `keep` keeps the GGUF's own blocks with Q/K rows
+//! sizes that divide the prompt and sizes that do not, and drafting while verifying changes no token. `keep` keeps the GGUF's own blocks with Q/K rows
 //! moved into hat's rope layout. Bad input: a type whose blocks do not fit the rows, a truncated
 //! shard, and a shard whose type is not its manifest's get a one-line cause and leave nothing behind.
 
@@ -15,7 +15,8 @@ use hat_runtime::draft_head::install_shipped_head;
 use hat_runtime::package::dense_shard_tensors;
 use hat_runtime::protocol::{WireDType, WireFormat};
 use hat_runtime::{
-    generate, CloudOptions, CloudPackage, CloudServer, DevicePackage, DeviceRuntime, GenerateOptions, LocalPipeline, Mode, ServerConfig,
+    generate, generate_speculative, CloudOptions, CloudPackage, CloudServer, DevicePackage, DeviceRuntime, GenerateOptions, LocalPipeline,
+    Mode, Overlap, ServerConfig,
 };
 use hat_splitter::{load_model, split_model, ModelSource, SplitOptions};
 use hat_tests::{default_artifacts, default_model_gguf, TinyLlama, PROMPTS};
@@ -74,10 +75,17 @@ fn q8_0_hat_and_ushape_equal_local_token_for_token() {
     let mut session = device.connect(o).expect("connect");
     assert_eq!(session.drafter().kind(), "feature");
     let opts = GenerateOptions { max_tokens: NEW_TOKENS, ..Default::default() };
+    // Drafting while verifying as `--overlap` runs it: over TCP, speculating only while the reply is out.
+    let overlapping = DeviceRuntime::open(&q.out.join("device")).expect("device").with_overlap(Overlap::WhileWaiting);
+    let mut o = CloudOptions::new(server.local_addr().to_string());
+    o.wire = WireFormat { dtype: WireDType::F32, zstd: false };
+    let mut overlap_session = overlapping.connect(o).expect("connect");
     let (mut rounds, mut gained) = (0, 0);
     for (i, p) in q.prompts.iter().enumerate() {
         let hat = session.generate(p, &opts, Mode::Hat { draft_len: 4 }, |_| {}).expect("hat");
         assert_eq!(hat.tokens, q.local[i], "prompt {i}: hat differs from local on the q8_0 package");
+        let over = overlap_session.generate(p, &opts, Mode::Hat { draft_len: 4 }, |_| {}).expect("hat --overlap");
+        assert_eq!(over.tokens, q.local[i], "prompt {i}: hat --overlap differs from local on the q8_0 package");
         let ushape = session.generate(p, &opts, Mode::UShape, |_| {}).expect("ushape");
         assert_eq!(ushape.tokens, q.local[i], "prompt {i}: ushape differs from local on the q8_0 package");
         rounds += hat.rounds;
@@ -86,6 +94,36 @@ fn q8_0_hat_and_ushape_equal_local_token_for_token() {
     let a = gained as f64 / rounds as f64;
     eprintln!("q8_0: hat and ushape equal local; shipped head accept_len {a:.3}");
     assert!(a > 1.2, "the shipped head gains only {a:.3} tokens per round on q8_0 features");
+}
+
+/// Drafting while verifying changes no token. In process the middle's reply is back before the device
+/// looks, so the overlap is forced (`Overlap::Always`): every round drafts the next one while it is
+/// "verified", and the rounds whose assumption held go out as drafted then. A reply that repeats a
+/// sentence makes the guesses right often enough that kept rounds are certain to occur.
+#[test]
+fn q8_0_drafting_while_verifying_changes_no_token() {
+    let q = q8();
+    let device = DevicePackage::open(&q.out.join("device"), &Device::Cpu).expect("device");
+    let cloud = CloudPackage::open(&q.out.join("cloud"), &Device::Cpu).expect("cloud");
+    let runtime = DeviceRuntime::open(&q.out.join("device")).expect("runtime").with_overlap(Overlap::Always);
+    let opts = GenerateOptions { max_tokens: NEW_TOKENS, ..Default::default() };
+    let repeat = runtime
+        .prompt_ids("Write this sentence four times, one per line: The quick brown fox jumps over the lazy dog.", true)
+        .expect("encode");
+    let repeat_local = generate(&mut LocalPipeline::new(&device, &cloud).expect("pipeline"), &repeat, &opts, |_| {}).expect("local").tokens;
+    let cases = q.prompts.iter().zip(&q.local).chain([(&repeat, &repeat_local)]);
+    let (mut rounds, mut speculated, mut prepared) = (0, 0, 0);
+    for (i, (prompt, local)) in cases.enumerate() {
+        for k in [2, 4] {
+            let mut pipeline = LocalPipeline::new(&device, &cloud).expect("pipeline");
+            let mut drafter = runtime.new_drafter();
+            let g = generate_speculative(&mut pipeline, &mut drafter, prompt, &opts, k, |_| {}).expect("hat");
+            assert_eq!(&g.tokens, local, "prompt {i}, k={k}: drafting while verifying changed a token");
+            (rounds, speculated, prepared) = (rounds + g.rounds, speculated + g.speculated, prepared + g.prepared);
+        }
+    }
+    eprintln!("drafting while verifying: {speculated} of {rounds} rounds speculated, {prepared} kept; tokens equal local");
+    assert!(speculated > 0 && prepared > 0, "no speculation was kept ({prepared} of {speculated}): the kept path went untested");
 }
 
 #[test]
