@@ -20,7 +20,7 @@ use hat_tests::{default_artifacts, default_model_gguf, max_abs_diff, tiny_artifa
 fn q8_artifacts() -> &'static Path {
     static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
     &DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("tmp");
+        let dir = hat_tests::fixture_dir();
         let out = dir.path().join("q8_0");
         let model = load_model(&ModelSource::Gguf(default_model_gguf()), false).expect("load default model");
         let opts = SplitOptions { device_quant: Quant::Q8_0, cloud_quant: Quant::Q8_0, ..SplitOptions::new(2, 2, out.clone()) };

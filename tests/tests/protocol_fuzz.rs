@@ -386,7 +386,7 @@ const IDLE: Duration = Duration::from_secs(2);
 fn live() -> &'static Live {
     static LIVE: OnceLock<Live> = OnceLock::new();
     LIVE.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("tmp");
+        let dir = hat_tests::fixture_dir();
         let out = tiny_artifacts(dir.path(), &TinyLlama::default(), 1, 1);
         let device = DevicePackage::open(&out.join("device"), &Device::Cpu).expect("device");
         let cloud = CloudPackage::open(&out.join("cloud"), &Device::Cpu).expect("cloud");

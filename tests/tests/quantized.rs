@@ -41,7 +41,7 @@ struct Q8 {
 fn q8() -> &'static Q8 {
     static Q: OnceLock<Q8> = OnceLock::new();
     Q.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("tmp");
+        let dir = hat_tests::fixture_dir();
         let out = split_default(dir.path(), Quant::Q8_0);
         install_shipped_head(&out.join("device"))
             .expect("install")

@@ -29,7 +29,7 @@ fn real() -> &'static Real {
     static REAL: OnceLock<Real> = OnceLock::new();
     REAL.get_or_init(|| {
         let (device, cloud) = open_default();
-        let dir = tempfile::tempdir().expect("tmp");
+        let dir = hat_tests::fixture_dir();
         let pki = TestPki::generate(dir.path(), "good");
         let other = TestPki::generate(dir.path(), "other");
         Real { device, cloud, pki, other, _dir: dir }
