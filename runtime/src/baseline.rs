@@ -64,6 +64,10 @@ impl WholeModel {
         self.input.config().max_position_embeddings
     }
 
+    pub fn vocab_size(&self) -> usize {
+        self.input.config().vocab_size
+    }
+
     /// Runs `ids` at positions `start..` and returns the greedy next token of every position, or of
     /// the last one only (the LM head then runs once).
     pub fn greedy(&self, ids: &[u32], start: usize, last_only: bool, cache: &mut WholeCache) -> Result<Vec<u32>> {

@@ -593,7 +593,7 @@ impl Connection {
     }
 
     /// The unsplit model and this session's cache of it, or the reply that refuses a baseline.
-    fn baseline_session(&mut self, start: usize, rows: usize) -> std::result::Result<(Arc<WholeModel>, WholeCache), Step> {
+    fn baseline_session(&mut self, start: usize, ids: &[u32]) -> std::result::Result<(Arc<WholeModel>, WholeCache), Step> {
         let Some(model) = self.shared.cfg.baselines.clone() else {
             return Err(Step::Reply(error(
                 ErrorCode::NotServed,
@@ -604,10 +604,13 @@ impl Connection {
             return Err(Step::Reply(error(ErrorCode::NoSession, "tokens before open")));
         };
         let mut cache = session.whole.take().unwrap_or_else(|| model.new_cache());
-        let check = if rows == 0 {
+        let vocab = model.vocab_size();
+        let check = if ids.is_empty() {
             Err(error(ErrorCode::BadFrame, "no token ids"))
+        } else if let Some(t) = ids.iter().find(|&&t| t as usize >= vocab) {
+            Err(error(ErrorCode::BadFrame, format!("token id {t} is outside the vocabulary ({vocab} ids)")))
         } else {
-            check_positions(start, rows, cache.len(), session.max_context.min(model.max_context()))
+            check_positions(start, ids.len(), cache.len(), session.max_context.min(model.max_context()))
         };
         if let Err(e) = check {
             session.whole = Some(cache);
@@ -615,13 +618,13 @@ impl Connection {
         }
         cache.truncate(start);
         session.messages += 1;
-        session.positions += rows as u64;
+        session.positions += ids.len() as u64;
         Ok((model, cache))
     }
 
     /// Baseline: the whole model's greedy token(s) after `ids`.
     async fn tokens(&mut self, start: usize, last_only: bool, ids: Vec<u32>) -> Step {
-        let (model, mut cache) = match self.baseline_session(start, ids.len()) {
+        let (model, mut cache) = match self.baseline_session(start, &ids) {
             Ok(x) => x,
             Err(step) => return step,
         };
@@ -648,7 +651,7 @@ impl Connection {
 
     /// Baseline: greedy generation in the cloud, one message per token.
     fn generate(&mut self, max_tokens: usize, eos: Vec<u32>, prompt: Vec<u32>) -> Step {
-        let (model, mut cache) = match self.baseline_session(0, prompt.len()) {
+        let (model, mut cache) = match self.baseline_session(0, &prompt) {
             Ok(x) => x,
             Err(step) => return step,
         };
