@@ -446,9 +446,12 @@ impl FeatureDrafter {
         let drafted = self.draft(&history, pos, k, sampler, &mut || false);
         self.history = history;
         let (tokens, q) = drafted?.expect("drafting without a stop never stops");
-        let ids: Vec<u32> = std::iter::once(last).chain(tokens.iter().copied()).collect();
-        let states = pipeline.input_states(&ids, pos)?;
-        Ok(crate::draft::Draft { tokens, q, states })
+        with_states(pipeline, last, tokens, q, pos)
+    }
+
+    /// The head's newest output, which predicts the next token.
+    fn tip(&self) -> Result<Tensor> {
+        self.tip.clone().ok_or_else(|| RuntimeError::BadInput("draft head: nothing entered to draft from".into()))
     }
 
     /// Enters the pending verified positions with their true features. `pending_next` holds the
@@ -481,7 +484,7 @@ impl FeatureDrafter {
         sampler: &mut crate::sampling::Sampler,
         stop: &mut dyn FnMut() -> bool,
     ) -> Result<Option<Drafted>> {
-        let mut h = self.tip.clone().ok_or_else(|| RuntimeError::BadInput("draft head: nothing entered to draft from".into()))?;
+        let mut h = self.tip()?;
         let copied = if self.lookup && k > 0 { lookup(history, k) } else { Vec::new() };
         let (mut tokens, mut q) = (Vec::with_capacity(k), Vec::new());
         for j in 0..k {
@@ -563,13 +566,13 @@ impl FeatureDrafter {
             if stop(pipeline) {
                 return Ok(None);
             }
-            let h = self.tip.as_ref().ok_or_else(|| RuntimeError::BadInput("draft head: nothing entered to draft from".into()))?;
-            self.tip = Some(self.head.step(h, &[draft.tokens[entered]], pos + entered - self.offset, &mut self.cache)?);
+            let h = self.tip()?;
+            self.tip = Some(self.head.step(&h, &[draft.tokens[entered]], pos + entered - self.offset, &mut self.cache)?);
             entered += 1;
         }
         // The guess follows the drafting rule: the head's top token, or prompt lookup's where the
         // head is unsure.
-        let h = self.tip.clone().ok_or_else(|| RuntimeError::BadInput("draft head: nothing entered to draft from".into()))?;
+        let h = self.tip()?;
         let (i, p) = top1(&self.head.logits(&h)?);
         let mut history = self.history.clone();
         history.extend_from_slice(&draft.tokens);
@@ -587,9 +590,7 @@ impl FeatureDrafter {
         if stop(pipeline) {
             return Ok(None);
         }
-        let ids: Vec<u32> = std::iter::once(guess).chain(tokens.iter().copied()).collect();
-        let states = pipeline.input_states(&ids, next_pos)?;
-        Ok(Some(Speculation { expects: n, guess, draft: crate::draft::Draft { tokens, q, states } }))
+        Ok(Some(Speculation { expects: n, guess, draft: with_states(pipeline, guess, tokens, q, next_pos)? }))
     }
 
     /// A speculation's assumption held (the round accepted all its drafts and the cloud's next
@@ -656,6 +657,20 @@ pub enum Overlap {
     /// Finish every speculation even when the reply is back (tests, and an in-process middle,
     /// whose reply is always back).
     Always,
+}
+
+/// A draft of `tokens` after `last` (at `pos`), with the input submodel's states of [last, tokens...]
+/// that the cloud verifies.
+fn with_states<M: crate::middle::Middle>(
+    pipeline: &mut crate::generate::SplitPipeline<M>,
+    last: u32,
+    tokens: Vec<u32>,
+    q: Vec<Vec<f32>>,
+    pos: usize,
+) -> Result<crate::draft::Draft> {
+    let ids: Vec<u32> = std::iter::once(last).chain(tokens.iter().copied()).collect();
+    let states = pipeline.input_states(&ids, pos)?;
+    Ok(crate::draft::Draft { tokens, q, states })
 }
 
 fn one_hot(n: usize, t: u32) -> Vec<f32> {
