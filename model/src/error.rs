@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("unsupported architecture `{0}`: hat supports Llama-family models (LlamaForCausalLM)")]
+    #[error("unsupported architecture `{0}`: hat supports the model types llama, mistral, qwen2, qwen3 and gemma3 (gemma3_text)")]
     UnsupportedArchitecture(String),
     #[error("invalid model config: {0}")]
     InvalidConfig(String),

@@ -1,5 +1,10 @@
 //! Per-layer key/value cache, kept outside the weights. `truncate` is what makes speculative decoding
 //! and position-addressed cloud messages cheap: rejected drafts are dropped by moving the length back.
+//!
+//! A sliding-window layer keeps only the keys a future row can still see, plus [`REWIND`] more, so a
+//! long session's memory stays bounded there. A rollback deeper than `REWIND` positions on such a
+//! layer is refused (hat rolls back at most the drafts of one round; a reconnecting device replays
+//! into a fresh cache).
 
 use candle_core::Tensor;
 
@@ -7,23 +12,35 @@ use crate::error::Result;
 
 const INITIAL_CAPACITY: usize = 256;
 
+/// Positions a sliding-window layer keeps beyond its window, so a rollback of up to this many
+/// positions still finds every key it needs.
+pub const REWIND: usize = 64;
+
 /// Keys and values of one attention layer, stored in a buffer that grows by doubling, up to a
-/// limit when one is set.
+/// limit when one is set. The buffer holds positions `start..len`; `start` stays 0 except on a
+/// sliding-window layer.
 #[derive(Debug, Clone)]
 pub struct LayerCache {
     k: Option<Tensor>,
     v: Option<Tensor>,
+    start: usize,
     len: usize,
     limit: usize,
+    window: Option<usize>,
 }
 
 impl Default for LayerCache {
     fn default() -> Self {
-        Self { k: None, v: None, len: 0, limit: usize::MAX }
+        Self { k: None, v: None, start: 0, len: 0, limit: usize::MAX, window: None }
     }
 }
 
 impl LayerCache {
+    /// A cache for a layer that attends to the last `window` positions (`None`: to all).
+    pub fn windowed(window: Option<usize>) -> Self {
+        Self { window, ..Self::default() }
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
@@ -32,41 +49,58 @@ impl LayerCache {
         self.len == 0
     }
 
-    /// Drops every position at or after `len`.
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
+    /// The first position the buffer still holds (the keys `append` returns start there).
+    pub fn start(&self) -> usize {
+        self.start
     }
 
-    /// Appends new keys and values and returns the whole cached sequence.
+    /// Drops every position at or after `len` (never below what the buffer holds: a rollback past
+    /// a sliding window's kept keys leaves the length above the target, and the caller refuses it).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len).max(self.start);
+    }
+
+    /// Appends new keys and values and returns the cached sequence from [`LayerCache::start`].
     ///
     /// # Shapes
-    /// k, v: (batch, kv_heads, seq, head_dim) -> (batch, kv_heads, len + seq, head_dim) each
+    /// k, v: (batch, kv_heads, seq, head_dim) -> (batch, kv_heads, len + seq - start, head_dim) each
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let seq = k.dim(2)?;
-        let needed = self.len + seq;
         let capacity = self.k.as_ref().map(|t| t.dim(2)).transpose()?.unwrap_or(0);
-        if needed > capacity {
-            let new_cap = needed.max((capacity * 2).max(INITIAL_CAPACITY).min(self.limit));
-            self.k = Some(grow(self.k.take(), k, self.len, new_cap)?);
-            self.v = Some(grow(self.v.take(), v, self.len, new_cap)?);
+        if self.len - self.start + seq > capacity {
+            // Out of room: a sliding layer first drops the keys no row will see again.
+            let (from, new_cap) = match self.window {
+                Some(w) => {
+                    let keep = w + REWIND;
+                    let from = self.len.saturating_sub(keep).max(self.start);
+                    (from, (self.len - from + seq).max(keep + INITIAL_CAPACITY))
+                }
+                None => (self.start, (self.len + seq).max((capacity * 2).max(INITIAL_CAPACITY).min(self.limit))),
+            };
+            let (held_from, held) = (from - self.start, self.len - from);
+            self.k = Some(rebuild(self.k.take(), k, held_from, held, new_cap)?);
+            self.v = Some(rebuild(self.v.take(), v, held_from, held, new_cap)?);
+            self.start = from;
         }
         let (kb, vb) = match (&self.k, &self.v) {
             (Some(kb), Some(vb)) => (kb, vb),
             _ => unreachable!("buffers are allocated above"),
         };
-        kb.slice_set(&k.contiguous()?, 2, self.len)?;
-        vb.slice_set(&v.contiguous()?, 2, self.len)?;
-        self.len = needed;
-        Ok((kb.narrow(2, 0, needed)?, vb.narrow(2, 0, needed)?))
+        let at = self.len - self.start;
+        kb.slice_set(&k.contiguous()?, 2, at)?;
+        vb.slice_set(&v.contiguous()?, 2, at)?;
+        self.len += seq;
+        Ok((kb.narrow(2, 0, at + seq)?, vb.narrow(2, 0, at + seq)?))
     }
 }
 
-fn grow(old: Option<Tensor>, like: &Tensor, keep: usize, cap: usize) -> Result<Tensor> {
+/// A buffer of `cap` positions holding rows `from..from + count` of `old` at its front.
+fn rebuild(old: Option<Tensor>, like: &Tensor, from: usize, count: usize, cap: usize) -> Result<Tensor> {
     let (b, h, _, d) = like.dims4()?;
     let buf = Tensor::zeros((b, h, cap, d), like.dtype(), like.device())?;
     if let Some(old) = old {
-        if keep > 0 {
-            buf.slice_set(&old.narrow(2, 0, keep)?.contiguous()?, 2, 0)?;
+        if count > 0 {
+            buf.slice_set(&old.narrow(2, from, count)?.contiguous()?, 2, 0)?;
         }
     }
     Ok(buf)
@@ -83,10 +117,16 @@ impl KvCache {
         Self { layers: vec![LayerCache::default(); num_layers] }
     }
 
-    /// A cache whose buffers never grow past `positions` (unless more are appended): a cloud that
-    /// grants a session that many positions then knows its memory bound.
+    /// One layer cache per entry of `windows` (see [`LayerCache::windowed`]), whose buffers never
+    /// grow past `limit` positions (unless more are appended): a cloud that grants a session that
+    /// many positions then knows its memory bound.
+    pub fn with_windows(windows: &[Option<usize>], limit: usize) -> Self {
+        Self { layers: windows.iter().map(|&window| LayerCache { limit, window, ..LayerCache::default() }).collect() }
+    }
+
+    /// A cache whose buffers never grow past `positions` (unless more are appended).
     pub fn with_limit(num_layers: usize, positions: usize) -> Self {
-        Self { layers: vec![LayerCache { limit: positions, ..LayerCache::default() }; num_layers] }
+        Self::with_windows(&vec![None; num_layers], positions)
     }
 
     /// Positions the buffers can hold before growing.
@@ -105,6 +145,11 @@ impl KvCache {
 
     pub fn truncate(&mut self, len: usize) {
         self.layers.iter_mut().for_each(|l| l.truncate(len));
+    }
+
+    /// The first position every layer still holds (0 unless a sliding-window layer dropped keys).
+    pub fn start(&self) -> usize {
+        self.layers.iter().map(LayerCache::start).max().unwrap_or(0)
     }
 
     pub fn layer_mut(&mut self, i: usize) -> &mut LayerCache {
@@ -148,6 +193,31 @@ mod tests {
         assert_eq!(c.capacity(), 256);
         c.layer_mut(0).append(&a.narrow(2, 0, 90)?, &a.narrow(2, 0, 90)?)?;
         assert_eq!(c.capacity(), 300, "doubling stops at the limit");
+        Ok(())
+    }
+
+    /// A sliding layer keeps its window plus `REWIND` positions, returns them with their start,
+    /// and refuses (by keeping its length) a rollback past them.
+    #[test]
+    fn a_window_bounds_the_buffer() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut c = LayerCache::windowed(Some(100));
+        let row = |p: usize| Tensor::full(p as f32, (1, 1, 1, 2), &dev);
+        for p in 0..2000 {
+            let (k, _) = c.append(&row(p)?, &row(p)?)?;
+            assert_eq!(c.start() + k.dim(2)?, p + 1);
+            let first = k.narrow(2, 0, 1)?.flatten_all()?.to_vec1::<f32>()?[0];
+            assert_eq!(first as usize, c.start(), "the buffer starts at `start`");
+            assert!(p < 100 + REWIND || c.start() + 100 + REWIND <= p + 1, "position {p}: the window and the rewind are kept");
+        }
+        let cap = c.k.as_ref().map(|k| k.dim(2)).transpose()?.unwrap_or(0);
+        assert!(cap <= 100 + REWIND + INITIAL_CAPACITY, "capacity {cap} stays bounded");
+        c.truncate(2000 - REWIND);
+        assert_eq!(c.len(), 2000 - REWIND);
+        let (k, _) = c.append(&row(7)?, &row(7)?)?;
+        assert_eq!(k.narrow(2, k.dim(2)? - 1, 1)?.flatten_all()?.to_vec1::<f32>()?, vec![7.0, 7.0]);
+        c.truncate(0);
+        assert_eq!(c.len(), c.start(), "a rollback past the kept keys stops at them");
         Ok(())
     }
 }

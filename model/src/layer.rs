@@ -1,13 +1,17 @@
-//! One Llama decoder block: RMSNorm, grouped-query attention with rotary positions, SwiGLU MLP.
-//! Blocks are loaded under their Hugging Face names, so `vb.pp("model.layers").pp(i)` finds layer i.
+//! One decoder block for every family: RMSNorm, grouped-query attention with rotary positions, a
+//! gated MLP. The family's options come from [`Config`]: Q/K/V biases, per-head Q/K norms, Gemma's
+//! sandwich norms, the activation, the attention scale, and a sliding window on some layers (with
+//! their own rope base). Blocks are loaded under their Hugging Face names, so
+//! `vb.pp("model.layers").pp(i)` finds layer i.
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{RmsNorm, VarBuilder};
 
-use crate::config::Config;
-use crate::error::Result;
+use crate::attention::Span;
+use crate::config::{Activation, Config};
+use crate::error::{ModelError, Result};
 use crate::kv_cache::LayerCache;
-use crate::rope::Rope;
+use crate::rope::{Rope, Ropes};
 use crate::weights::{Proj, Weights};
 
 #[derive(Debug, Clone)]
@@ -16,52 +20,74 @@ struct Attention {
     k_proj: Proj,
     v_proj: Proj,
     o_proj: Proj,
+    /// Per-head RMSNorm of queries and keys before rope (Qwen3, Gemma 3).
+    qk_norm: Option<(Norm, Norm)>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
+    scale: f32,
+    window: Option<usize>,
 }
 
 impl Attention {
-    fn load(w: &Weights, cfg: &Config) -> Result<Self> {
+    fn load(w: &Weights, cfg: &Config, layer: usize) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let qk_norm = if cfg.qk_norm {
+            let norm = |name: &str| Norm::load_offset(d, cfg.rms_norm_eps, cfg.norm_weight_offset, w.vb().pp(name));
+            Some((norm("q_norm")?, norm("k_norm")?))
+        } else {
+            None
+        };
         Ok(Self {
             q_proj: w.proj(h, cfg.num_heads * d, cfg.attention_bias, "q_proj")?,
             k_proj: w.proj(h, cfg.num_kv_heads * d, cfg.attention_bias, "k_proj")?,
             v_proj: w.proj(h, cfg.num_kv_heads * d, cfg.attention_bias, "v_proj")?,
             o_proj: w.proj(cfg.num_heads * d, h, false, "o_proj")?,
+            qk_norm,
             num_heads: cfg.num_heads,
             num_kv_heads: cfg.num_kv_heads,
             head_dim: d,
+            scale: cfg.attn_scale as f32,
+            window: cfg.window(layer),
         })
+    }
+
+    fn span(&self, key_start: usize) -> Span {
+        Span { key_start, window: self.window, scale: self.scale }
     }
 
     /// # Shapes
     /// x: (batch, seq, hidden) -> q: (batch, heads, seq, head_dim), k and v: (batch, kv_heads, seq, head_dim)
-    fn project(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    fn project(&self, x: &Tensor, differentiable: bool) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, seq, _) = x.dims3()?;
         let heads = |t: Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((b, seq, n, self.head_dim))?.transpose(1, 2)?.contiguous()?) };
-        Ok((
-            heads(self.q_proj.forward(x)?, self.num_heads)?,
-            heads(self.k_proj.forward(x)?, self.num_kv_heads)?,
-            heads(self.v_proj.forward(x)?, self.num_kv_heads)?,
-        ))
+        let (mut q, mut k) = (heads(self.q_proj.forward(x)?, self.num_heads)?, heads(self.k_proj.forward(x)?, self.num_kv_heads)?);
+        if let Some((qn, kn)) = &self.qk_norm {
+            (q, k) = if differentiable {
+                (qn.forward_differentiable(&q)?, kn.forward_differentiable(&k)?)
+            } else {
+                (qn.forward(&q)?, kn.forward(&k)?)
+            };
+        }
+        Ok((q, k, heads(self.v_proj.forward(x)?, self.num_kv_heads)?))
     }
 
     /// # Shapes
     /// x: (batch, seq, hidden) -> (batch, seq, hidden)
     fn forward(&self, x: &Tensor, rope: &Rope, pos: usize, cache: &mut LayerCache) -> Result<Tensor> {
-        let (q, k, v) = self.project(x)?;
+        let (q, k, v) = self.project(x, false)?;
         let q = rope.apply(&q, pos)?;
         let k = rope.apply(&k, pos)?;
         let (k, v) = cache.append(&k, &v)?;
+        let span = self.span(cache.start());
         if q.device().is_cpu() && q.dtype() == DType::F32 {
             // Batch-invariant: see `crate::attention`.
             let (b, _, seq, _) = q.dims4()?;
-            let out = crate::attention::attend_rows(&q, &k, &v, pos)?;
+            let out = crate::attention::attend_rows(&q, &k, &v, pos, span)?;
             let out = out.transpose(1, 2)?.reshape((b, seq, self.num_heads * self.head_dim))?;
             return self.o_proj.forward(&out);
         }
-        self.attend(&q, &k, &v, pos, false)
+        self.attend(&q, &k, &v, pos, span, false)
     }
 
     /// Several sessions' new rows in one pass: `x` holds their rows back to back, `segments[i]` is
@@ -73,14 +99,14 @@ impl Attention {
     /// # Shapes
     /// x: (1, rows, hidden) -> (1, rows, hidden)
     fn forward_ragged(&self, x: &Tensor, rope: &Rope, segments: &[(usize, usize)], caches: &mut [&mut LayerCache]) -> Result<Tensor> {
-        let (q, k, v) = self.project(x)?;
+        let (q, k, v) = self.project(x, false)?;
         let mut outs = Vec::with_capacity(segments.len());
         let mut offset = 0;
         for (&(pos, seq), cache) in segments.iter().zip(caches.iter_mut()) {
             let q = rope.apply(&q.narrow(2, offset, seq)?.contiguous()?, pos)?;
             let k = rope.apply(&k.narrow(2, offset, seq)?.contiguous()?, pos)?;
             let (k, v) = cache.append(&k, &v.narrow(2, offset, seq)?)?;
-            let out = crate::attention::attend_rows(&q, &k, &v, pos)?;
+            let out = crate::attention::attend_rows(&q, &k, &v, pos, self.span(cache.start()))?;
             outs.push(out.transpose(1, 2)?.reshape((1, seq, self.num_heads * self.head_dim))?);
             offset += seq;
         }
@@ -92,35 +118,37 @@ impl Attention {
     /// # Shapes
     /// x: (batch, seq, hidden) -> (batch, seq, hidden)
     fn forward_differentiable(&self, x: &Tensor, rope: &Rope) -> Result<Tensor> {
-        let (q, k, v) = self.project(x)?;
+        let (q, k, v) = self.project(x, true)?;
         let q = rope.apply_differentiable(&q, 0)?;
         let k = rope.apply_differentiable(&k, 0)?;
-        self.attend(&q, &k, &v, 0, true)
+        self.attend(&q, &k, &v, 0, self.span(0), true)
     }
 
     /// One unrolled draft step in training (EAGLE-3's training-time test), differentiable. Step
     /// `s = past.len()` of a chain that started from true features `s` positions earlier: the query at
-    /// position q sees step 0's keys at positions `..=q - s` (the true context) and step j's key at
-    /// `q - s + j` (the chain's own earlier drafts), exactly what the draft cache holds at inference.
-    /// This step's keys and values are pushed onto `past`.
+    /// position q sees step 0's keys at positions `..=q - s` (the true context, within the window on
+    /// a sliding layer) and step j's key at `q - s + j` (the chain's own earlier drafts), exactly what
+    /// the draft cache holds at inference. This step's keys and values are pushed onto `past`.
     ///
     /// # Shapes
     /// x: (batch, seq, hidden) -> (batch, seq, hidden); past: per step (batch, kv_heads, seq, head_dim) keys and values
     fn forward_unrolled(&self, x: &Tensor, rope: &Rope, past: &mut Vec<(Tensor, Tensor)>) -> Result<Tensor> {
-        let (q, k, v) = self.project(x)?;
+        let (q, k, v) = self.project(x, true)?;
         let q = rope.apply_differentiable(&q, 0)?;
         let k = rope.apply_differentiable(&k, 0)?;
         past.push((k, v));
         let (b, _, seq, _) = q.dims4()?;
         let step = past.len() - 1;
+        if self.window.is_some_and(|w| step >= w) {
+            return Err(ModelError::InvalidConfig(format!("{} unrolled steps reach past the sliding window", step + 1)));
+        }
         let keys: Vec<&Tensor> = past.iter().map(|(k, _)| k).collect();
         let values: Vec<&Tensor> = past.iter().map(|(_, v)| v).collect();
         let (k, v) = (Tensor::cat(&keys, 2)?, Tensor::cat(&values, 2)?);
         let rep = self.num_heads / self.num_kv_heads;
         let q = q.reshape((b, self.num_kv_heads, rep * seq, self.head_dim))?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.transpose(2, 3)?)? * scale)?;
-        let mask = unrolled_mask(seq, step, rep, scores.dtype(), scores.device())?;
+        let scores = (q.matmul(&k.transpose(2, 3)?)? * self.scale as f64)?;
+        let mask = unrolled_mask(seq, step, rep, self.window, scores.dtype(), scores.device())?;
         let probs = candle_nn::ops::softmax(&scores.broadcast_add(&mask)?, candle_core::D::Minus1)?;
         let out = probs.matmul(&v)?;
         let out =
@@ -129,18 +157,17 @@ impl Attention {
     }
 
     /// # Shapes
-    /// q: (batch, heads, seq, head_dim), k and v: (batch, kv_heads, pos + seq, head_dim) -> (batch, seq, hidden)
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, pos: usize, differentiable: bool) -> Result<Tensor> {
+    /// q: (batch, heads, seq, head_dim), k and v: (batch, kv_heads, pos + seq - span.key_start, head_dim) -> (batch, seq, hidden)
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, pos: usize, span: Span, differentiable: bool) -> Result<Tensor> {
         let (b, _, seq, _) = q.dims4()?;
         // Grouped-query attention without copying K/V per head: fold the query heads that share a KV
         // head into the sequence axis. (b, kv, rep*seq, d) x (b, kv, d, total)
         let rep = self.num_heads / self.num_kv_heads;
         let q = q.reshape((b, self.num_kv_heads, rep * seq, self.head_dim))?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
         let k_t = k.transpose(2, 3)?;
-        let mut scores = (q.matmul(&k_t)? * scale)?;
-        if seq > 1 {
-            let mask = causal_mask(seq, pos, rep, scores.dtype(), scores.device())?;
+        let mut scores = (q.matmul(&k_t)? * span.scale as f64)?;
+        if seq > 1 || span.window.is_some() {
+            let mask = causal_mask(seq, pos, rep, span, scores.dtype(), scores.device())?;
             scores = scores.broadcast_add(&mask)?;
         }
         // candle's fused softmax kernel has no backward pass.
@@ -156,35 +183,38 @@ impl Attention {
     }
 }
 
-/// Additive mask for `seq` new positions starting at `pos`, repeated for `rep` query heads folded into
-/// the sequence axis.
+/// Additive mask for `seq` new positions starting at `pos` over the keys from `span.key_start`,
+/// repeated for `rep` query heads folded into the sequence axis.
 ///
 /// # Shapes
-/// -> (rep * seq, pos + seq)
-fn causal_mask(seq: usize, pos: usize, rep: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let total = pos + seq;
+/// -> (rep * seq, pos + seq - span.key_start)
+fn causal_mask(seq: usize, pos: usize, rep: usize, span: Span, dtype: DType, device: &Device) -> Result<Tensor> {
+    let total = pos + seq - span.key_start;
     let mut data = Vec::with_capacity(rep * seq * total);
     for _ in 0..rep {
         for i in 0..seq {
-            data.extend((0..total).map(|j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }));
+            let seen = span.keys(pos + i);
+            data.extend((0..total).map(|j| if seen.contains(&(j + span.key_start)) { 0.0 } else { f32::NEG_INFINITY }));
         }
     }
     Ok(Tensor::from_vec(data, (rep * seq, total), device)?.to_dtype(dtype)?)
 }
 
 /// The additive mask of unrolled step `step` over the keys of steps `0..=step`, each `seq` long (see
-/// `Attention::forward_unrolled`). Every query sees at least its own key, so no row is all masked.
+/// `Attention::forward_unrolled`), true keys limited to `window` on a sliding layer. Every query sees
+/// at least its own key, so no row is all masked.
 ///
 /// # Shapes
 /// -> (rep * seq, (step + 1) * seq)
-fn unrolled_mask(seq: usize, step: usize, rep: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+fn unrolled_mask(seq: usize, step: usize, rep: usize, window: Option<usize>, dtype: DType, device: &Device) -> Result<Tensor> {
     let total = (step + 1) * seq;
     let mut row = vec![0f32; total];
     let mut data = Vec::with_capacity(rep * seq * total);
     for q in 0..seq {
         for (j, r) in row.iter_mut().enumerate() {
             let (s, key) = (j / seq, j % seq);
-            let visible = if s == 0 { key + step <= q } else { key + step == q + s };
+            let in_window = window.is_none_or(|w| q < key + w);
+            let visible = if s == 0 { key + step <= q && in_window } else { key + step == q + s };
             *r = if visible || (s == step && key == q) { 0.0 } else { f32::NEG_INFINITY };
         }
         data.extend_from_slice(&row);
@@ -198,6 +228,7 @@ struct Mlp {
     gate_proj: Proj,
     up_proj: Proj,
     down_proj: Proj,
+    activation: Activation,
 }
 
 impl Mlp {
@@ -207,13 +238,18 @@ impl Mlp {
             gate_proj: w.proj(h, i, cfg.mlp_bias, "gate_proj")?,
             up_proj: w.proj(h, i, cfg.mlp_bias, "up_proj")?,
             down_proj: w.proj(i, h, cfg.mlp_bias, "down_proj")?,
+            activation: cfg.activation,
         })
     }
 
     /// # Shapes
     /// x: (batch, seq, hidden) -> (batch, seq, hidden)
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        let gate = self.gate_proj.forward(x)?;
+        let gate = match self.activation {
+            Activation::Silu => candle_nn::ops::silu(&gate)?,
+            Activation::GeluTanh => gate.gelu()?,
+        };
         self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
     }
 }
@@ -229,7 +265,15 @@ pub struct Norm {
 
 impl Norm {
     pub fn load(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        let weight = vb.get(size, "weight")?;
+        Self::load_offset(size, eps, 0.0, vb)
+    }
+
+    /// A norm that multiplies by `offset + w` (Gemma's `1 + w`); [`Norm::weight`] is that sum.
+    pub fn load_offset(size: usize, eps: f64, offset: f64, vb: VarBuilder) -> Result<Self> {
+        let mut weight = vb.get(size, "weight")?;
+        if offset != 0.0 {
+            weight = (weight + offset)?;
+        }
         Ok(Self { fused: RmsNorm::new(weight.clone(), eps), weight, eps: eps as f32 })
     }
 
@@ -241,9 +285,19 @@ impl Norm {
         Ok(candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)?)
     }
 
+    /// The weight the input is multiplied by (with the family's offset added).
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
+}
+
+/// Gemma's extra norms: after the attention, the MLP's input is normalised by `pre_feedforward`
+/// and its output by `post_feedforward` (and `post_attention_layernorm` normalises the attention's
+/// output instead of the MLP's input).
+#[derive(Debug, Clone)]
+struct SandwichNorms {
+    pre_feedforward: Norm,
+    post_feedforward: Norm,
 }
 
 #[derive(Debug, Clone)]
@@ -251,15 +305,27 @@ pub struct DecoderLayer {
     input_layernorm: Norm,
     self_attn: Attention,
     post_attention_layernorm: Norm,
+    sandwich: Option<SandwichNorms>,
     mlp: Mlp,
 }
 
 impl DecoderLayer {
-    pub fn load(w: &Weights, cfg: &Config) -> Result<Self> {
+    /// Layer `layer` (its original index: it decides a sliding window) from `w`.
+    pub fn load(w: &Weights, cfg: &Config, layer: usize) -> Result<Self> {
+        let norm = |name: &str| Norm::load_offset(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_weight_offset, w.vb().pp(name));
+        let sandwich = if cfg.sandwich_norms {
+            Some(SandwichNorms {
+                pre_feedforward: norm("pre_feedforward_layernorm")?,
+                post_feedforward: norm("post_feedforward_layernorm")?,
+            })
+        } else {
+            None
+        };
         Ok(Self {
-            input_layernorm: Norm::load(cfg.hidden_size, cfg.rms_norm_eps, w.vb().pp("input_layernorm"))?,
-            self_attn: Attention::load(&w.pp("self_attn"), cfg)?,
-            post_attention_layernorm: Norm::load(cfg.hidden_size, cfg.rms_norm_eps, w.vb().pp("post_attention_layernorm"))?,
+            input_layernorm: norm("input_layernorm")?,
+            self_attn: Attention::load(&w.pp("self_attn"), cfg, layer)?,
+            post_attention_layernorm: norm("post_attention_layernorm")?,
+            sandwich,
             mlp: Mlp::load(&w.pp("mlp"), cfg)?,
         })
     }
@@ -270,48 +336,65 @@ impl DecoderLayer {
         [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj].into_iter()
     }
 
+    /// The attention span of this layer: `Some(window)` on a sliding-window layer.
+    pub fn window(&self) -> Option<usize> {
+        self.self_attn.window
+    }
+
+    /// The residual block around `attend` (the attention, however it runs), with the fused norms or
+    /// the differentiable ones.
+    fn block(&self, x: &Tensor, differentiable: bool, attend: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let norm = |n: &Norm, t: &Tensor| if differentiable { n.forward_differentiable(t) } else { n.forward(t) };
+        let mut h = attend(&norm(&self.input_layernorm, x)?)?;
+        let (pre_mlp, post_mlp) = match &self.sandwich {
+            Some(s) => {
+                h = norm(&self.post_attention_layernorm, &h)?;
+                (&s.pre_feedforward, Some(&s.post_feedforward))
+            }
+            None => (&self.post_attention_layernorm, None),
+        };
+        let x = (x + h)?;
+        let mut h = self.mlp.forward(&norm(pre_mlp, &x)?)?;
+        if let Some(n) = post_mlp {
+            h = norm(n, &h)?;
+        }
+        Ok((x + h)?)
+    }
+
+    fn rope<'r>(&self, ropes: &'r Ropes) -> &'r Rope {
+        ropes.get(self.self_attn.window.is_some())
+    }
+
     /// Runs the block on `seq` new positions starting at `pos`, appending their keys and values to `cache`.
     ///
     /// # Shapes
     /// x: (batch, seq, hidden) -> (batch, seq, hidden)
-    pub fn forward(&self, x: &Tensor, rope: &Rope, pos: usize, cache: &mut LayerCache) -> Result<Tensor> {
-        let h = self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, pos, cache)?;
-        let x = (x + h)?;
-        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
-        Ok((x + h)?)
+    pub fn forward(&self, x: &Tensor, ropes: &Ropes, pos: usize, cache: &mut LayerCache) -> Result<Tensor> {
+        self.block(x, false, |h| self.self_attn.forward(h, self.rope(ropes), pos, cache))
     }
 
     /// Several sessions' rows in one pass (see `Attention::forward_ragged`); CPU and f32 only.
     ///
     /// # Shapes
     /// x: (1, rows, hidden) -> (1, rows, hidden)
-    pub fn forward_ragged(&self, x: &Tensor, rope: &Rope, segments: &[(usize, usize)], caches: &mut [&mut LayerCache]) -> Result<Tensor> {
-        let h = self.self_attn.forward_ragged(&self.input_layernorm.forward(x)?, rope, segments, caches)?;
-        let x = (x + h)?;
-        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
-        Ok((x + h)?)
+    pub fn forward_ragged(&self, x: &Tensor, ropes: &Ropes, segments: &[(usize, usize)], caches: &mut [&mut LayerCache]) -> Result<Tensor> {
+        self.block(x, false, |h| self.self_attn.forward_ragged(h, self.rope(ropes), segments, caches))
     }
 
     /// One unrolled draft step of training (see `Attention::forward_unrolled`), differentiable.
     ///
     /// # Shapes
     /// x: (batch, seq, hidden) -> (batch, seq, hidden)
-    pub fn forward_unrolled(&self, x: &Tensor, rope: &Rope, past: &mut Vec<(Tensor, Tensor)>) -> Result<Tensor> {
-        let h = self.self_attn.forward_unrolled(&self.input_layernorm.forward_differentiable(x)?, rope, past)?;
-        let x = (x + h)?;
-        let h = self.mlp.forward(&self.post_attention_layernorm.forward_differentiable(&x)?)?;
-        Ok((x + h)?)
+    pub fn forward_unrolled(&self, x: &Tensor, ropes: &Ropes, past: &mut Vec<(Tensor, Tensor)>) -> Result<Tensor> {
+        self.block(x, true, |h| self.self_attn.forward_unrolled(h, self.rope(ropes), past))
     }
 
     /// The block on positions `0..seq` without a cache, differentiable end to end (training).
     ///
     /// # Shapes
     /// x: (batch, seq, hidden) -> (batch, seq, hidden)
-    pub fn forward_differentiable(&self, x: &Tensor, rope: &Rope) -> Result<Tensor> {
-        let h = self.self_attn.forward_differentiable(&self.input_layernorm.forward_differentiable(x)?, rope)?;
-        let x = (x + h)?;
-        let h = self.mlp.forward(&self.post_attention_layernorm.forward_differentiable(&x)?)?;
-        Ok((x + h)?)
+    pub fn forward_differentiable(&self, x: &Tensor, ropes: &Ropes) -> Result<Tensor> {
+        self.block(x, true, |h| self.self_attn.forward_differentiable(h, self.rope(ropes)))
     }
 }
 
@@ -329,10 +412,11 @@ mod tests {
     #[test]
     fn unrolled_mask_follows_the_draft_chain() -> Result<()> {
         let seq = 5;
-        let step0 = visible(&unrolled_mask(seq, 0, 1, DType::F32, &Device::Cpu)?);
-        let causal = visible(&causal_mask(seq, 0, 1, DType::F32, &Device::Cpu)?);
+        let step0 = visible(&unrolled_mask(seq, 0, 1, None, DType::F32, &Device::Cpu)?);
+        let span = Span { key_start: 0, window: None, scale: 1.0 };
+        let causal = visible(&causal_mask(seq, 0, 1, span, DType::F32, &Device::Cpu)?);
         assert_eq!(step0, causal);
-        let step2 = visible(&unrolled_mask(seq, 2, 2, DType::F32, &Device::Cpu)?);
+        let step2 = visible(&unrolled_mask(seq, 2, 2, None, DType::F32, &Device::Cpu)?);
         assert_eq!(step2.len(), 2 * seq, "one block per folded query head");
         let q = 4;
         let seen: Vec<usize> = (0..3 * seq).filter(|&j| step2[q][j]).collect();
@@ -341,6 +425,24 @@ mod tests {
         assert_eq!(step2[q], step2[seq + q], "the second folded head sees the same");
         // A query whose chain starts before the window still sees itself.
         assert_eq!((0..3 * seq).filter(|&j| step2[0][j]).collect::<Vec<_>>(), vec![2 * seq]);
+        Ok(())
+    }
+
+    /// With a window, the true context of every step is the last `window` positions, and the masks
+    /// of the dense path match the row path's spans.
+    #[test]
+    fn windows_limit_the_true_context() -> Result<()> {
+        let (seq, w) = (6, 3);
+        let step0 = visible(&unrolled_mask(seq, 0, 1, Some(w), DType::F32, &Device::Cpu)?);
+        let span = Span { key_start: 0, window: Some(w), scale: 1.0 };
+        assert_eq!(step0, visible(&causal_mask(seq, 0, 1, span, DType::F32, &Device::Cpu)?));
+        assert_eq!((0..seq).filter(|&j| step0[5][j]).collect::<Vec<_>>(), vec![3, 4, 5]);
+        let step1 = visible(&unrolled_mask(seq, 1, 1, Some(w), DType::F32, &Device::Cpu)?);
+        // Query 5 at step 1: true keys 3 and 4 (the window of position 5 minus its own), its draft at 5.
+        assert_eq!((0..2 * seq).filter(|&j| step1[5][j]).collect::<Vec<_>>(), vec![3, 4, seq + 5]);
+        // Keys from 4 on, rows at 7 and 8: each sees its last 3.
+        let cut = visible(&causal_mask(2, 7, 1, Span { key_start: 4, window: Some(w), scale: 1.0 }, DType::F32, &Device::Cpu)?);
+        assert_eq!(cut, vec![vec![false, true, true, true, false], vec![false, false, true, true, true]]);
         Ok(())
     }
 }

@@ -13,10 +13,10 @@ pub mod rope;
 pub mod submodel;
 pub mod weights;
 
-pub use config::{Config, HfConfig};
+pub use config::{Activation, Config, Family, HfConfig};
 pub use error::{ModelError, Result};
 pub use kv_cache::{KvCache, LayerCache};
 pub use manifest::{Manifest, Role, ShardInfo, SplitSpec};
-pub use rope::Rope;
+pub use rope::{Rope, Ropes};
 pub use submodel::{Submodel, SubmodelKind};
 pub use weights::{Proj, Quant, Weights};

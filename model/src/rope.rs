@@ -12,11 +12,50 @@ pub struct Rope {
     sin: Tensor,
 }
 
+/// The rope of each kind of layer: global layers use `rope_theta` (and `rope_scaling`), Gemma 3's
+/// sliding-window layers their own base without scaling.
+#[derive(Debug, Clone)]
+pub struct Ropes {
+    global: Rope,
+    local: Option<Rope>,
+}
+
+impl Ropes {
+    pub fn new(cfg: &Config, dtype: DType, device: &Device) -> Result<Self> {
+        let local = match cfg.rope_local_theta {
+            Some(theta) if cfg.sliding_layers.iter().any(|&s| s) => Some(Rope::with_base(cfg, theta, false, dtype, device)?),
+            _ => None,
+        };
+        Ok(Self { global: Rope::new(cfg, dtype, device)?, local })
+    }
+
+    /// The rope of a layer that slides (`true`) or attends globally.
+    pub fn get(&self, sliding: bool) -> &Rope {
+        match (&self.local, sliding) {
+            (Some(local), true) => local,
+            _ => &self.global,
+        }
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.global.max_positions()
+    }
+}
+
 impl Rope {
     pub fn new(cfg: &Config, dtype: DType, device: &Device) -> Result<Self> {
+        Self::with_base(cfg, cfg.rope_theta, true, dtype, device)
+    }
+
+    fn with_base(cfg: &Config, theta: f64, scaled: bool, dtype: DType, device: &Device) -> Result<Self> {
         let half = cfg.head_dim / 2;
-        let mut inv_freq: Vec<f64> = (0..half).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64)).collect();
-        if let Some(s) = &cfg.rope_scaling {
+        let mut inv_freq: Vec<f64> = (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f64 / cfg.head_dim as f64)).collect();
+        let scaling = cfg.rope_scaling.as_ref().filter(|_| scaled);
+        if let Some(s) = scaling.filter(|s| s.rope_type == "linear") {
+            // Positions divided by the factor.
+            let factor = s.factor.unwrap_or(1.0);
+            inv_freq.iter_mut().for_each(|f| *f /= factor);
+        } else if let Some(s) = scaling {
             // Llama 3.x frequency-dependent scaling (as in the reference implementation).
             let factor = s.factor.unwrap_or(8.0);
             let low = s.low_freq_factor.unwrap_or(1.0);

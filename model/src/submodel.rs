@@ -12,7 +12,7 @@ use crate::error::{ModelError, Result};
 use crate::kv_cache::{KvCache, LayerCache};
 use crate::layer::{DecoderLayer, Norm};
 use crate::names::LAYERS_PREFIX;
-use crate::rope::Rope;
+use crate::rope::Ropes;
 use crate::weights::{Proj, Weights};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +44,7 @@ pub struct Submodel {
     layers: Vec<DecoderLayer>,
     norm: Option<Norm>,
     lm_head: Option<Proj>,
-    rope: Rope,
+    rope: Ropes,
     cfg: Config,
     dtype: DType,
     device: Device,
@@ -67,16 +67,16 @@ impl Submodel {
         let embed_tokens =
             if kind.has_embedding() { Some(w.embedding(cfg.vocab_size, cfg.hidden_size, "model.embed_tokens")?) } else { None };
         let layers_w = w.pp(LAYERS_PREFIX);
-        let layers = layer_range.clone().map(|i| DecoderLayer::load(&layers_w.pp(i), cfg)).collect::<Result<Vec<_>>>()?;
+        let layers = layer_range.clone().map(|i| DecoderLayer::load(&layers_w.pp(i), cfg, i)).collect::<Result<Vec<_>>>()?;
         let (norm, lm_head) = if kind.has_head() {
             (
-                Some(Norm::load(cfg.hidden_size, cfg.rms_norm_eps, w.vb().pp("model.norm"))?),
+                Some(Norm::load_offset(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_weight_offset, w.vb().pp("model.norm"))?),
                 Some(w.proj(cfg.hidden_size, cfg.vocab_size, false, "lm_head")?),
             )
         } else {
             (None, None)
         };
-        let rope = Rope::new(cfg, w.dtype(), w.device())?;
+        let rope = Ropes::new(cfg, w.dtype(), w.device())?;
         Ok(Self {
             kind,
             layer_range,
@@ -134,20 +134,27 @@ impl Submodel {
         })
     }
 
+    /// A cache for this submodel's layers; a sliding-window layer's keeps only its window (see
+    /// `crate::kv_cache`).
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.layers.len())
+        self.new_cache_limited(usize::MAX)
     }
 
     /// A cache whose buffers stop growing at `positions` (a session's granted context).
     pub fn new_cache_limited(&self, positions: usize) -> KvCache {
-        KvCache::with_limit(self.layers.len(), positions)
+        let windows: Vec<Option<usize>> = self.layers.iter().map(DecoderLayer::window).collect();
+        KvCache::with_windows(&windows, positions)
     }
 
     /// # Shapes
     /// ids: (batch, seq) u32 -> (batch, seq, hidden)
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let e = self.embed_tokens.as_ref().ok_or_else(|| missing_part(self.kind, "embedding"))?;
-        Ok(e.forward(ids)?)
+        let x = e.forward(ids)?;
+        Ok(match self.cfg.embed_scale {
+            Some(scale) => (x * scale)?,
+            None => x,
+        })
     }
 
     /// Checks that `seq` rows at `pos` fit the context and the cache, and rolls the cache back to `pos`.
@@ -164,7 +171,15 @@ impl Submodel {
         }
         cache.truncate(pos);
         if cache.len() != pos {
-            return Err(ModelError::InvalidConfig(format!("cannot run at position {pos}: the cache holds only {} positions", cache.len())));
+            return Err(ModelError::InvalidConfig(if cache.len() > pos {
+                format!(
+                    "cannot roll back to position {pos}: the sliding-window cache keeps positions from {} on (at most {} back)",
+                    cache.start(),
+                    crate::kv_cache::REWIND
+                )
+            } else {
+                format!("cannot run at position {pos}: the cache holds only {} positions", cache.len())
+            }));
         }
         Ok(())
     }
@@ -248,6 +263,14 @@ impl Submodel {
         Ok(h)
     }
 
+    /// Final-logit soft-capping, where the family sets it: `cap * tanh(logits / cap)`.
+    fn cap_logits(&self, logits: Tensor) -> Result<Tensor> {
+        Ok(match self.cfg.final_logit_softcap {
+            Some(cap) => ((logits / cap)?.tanh()? * cap)?,
+            None => logits,
+        })
+    }
+
     /// The LM head's weight (the output submodel's or the unsplit model's), dense (a dequantized copy
     /// when the head is quantized).
     ///
@@ -292,7 +315,7 @@ impl Submodel {
             (Some(n), Some(l)) => (n, l),
             _ => return Err(missing_part(self.kind, "LM head")),
         };
-        lm_head.forward(&norm.forward_differentiable(hidden)?)
+        self.cap_logits(lm_head.forward(&norm.forward_differentiable(hidden)?)?)
     }
 
     /// Final norm and LM head.
@@ -304,7 +327,7 @@ impl Submodel {
             (Some(n), Some(l)) => (n, l),
             _ => return Err(missing_part(self.kind, "LM head")),
         };
-        lm_head.forward(&norm.forward(hidden)?)
+        self.cap_logits(lm_head.forward(&norm.forward(hidden)?)?)
     }
 }
 

@@ -190,8 +190,16 @@ impl Proj {
         match self {
             Proj::Dense(l) => Ok(l.forward(x)?),
             Proj::Quant { w, bias, pad } => {
-                let y =
-                    if *pad > 0 { w.forward(&x.pad_with_zeros(candle_core::D::Minus1, 0, *pad)?)? } else { w.forward(&x.contiguous()?)? };
+                let x = if *pad > 0 { x.pad_with_zeros(candle_core::D::Minus1, 0, *pad)? } else { x.contiguous()? };
+                let y = if self.quant_type() == Some(GgmlDType::Q6K) && x.elem_count() == x.dim(candle_core::D::Minus1)? {
+                    // candle runs q6_k in a tiled kernel for two rows or more and in another kernel
+                    // for one, and the two round differently; one row goes in twice so that it
+                    // gets the bits it gets in a batch (a verification round or a prefill chunk).
+                    let rows = x.dims().len() - 1;
+                    w.forward(&Tensor::cat(&[&x, &x], rows.saturating_sub(1))?)?.narrow(rows.saturating_sub(1), 0, 1)?
+                } else {
+                    w.forward(&x)?
+                };
                 Ok(match bias {
                     Some(b) => y.broadcast_add(b)?,
                     None => y,
@@ -322,6 +330,32 @@ pub fn unfit(t: GgmlDType, dims: &[usize]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every block type a package may hold gives a row the same bits alone and in a batch (candle's
+    /// q6_k kernels do not, and `Proj` works around them).
+    #[test]
+    fn a_row_is_the_same_alone_and_in_a_batch_in_every_type() -> Result<()> {
+        let dev = Device::Cpu;
+        let types = [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K, GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0];
+        for ty in types {
+            for k in [640, 1024, 2048] {
+                if k % ty.block_size() != 0 {
+                    continue;
+                }
+                let w = Tensor::randn(0f32, 1.0, (64, k), &dev)?;
+                let proj = Proj::Quant { w: QMatMul::from_arc(Arc::new(QTensor::quantize(&w, ty)?))?, bias: None, pad: 0 };
+                let x = Tensor::randn(0f32, 1.0, (1, 5, k), &dev)?;
+                let all = proj.forward(&x)?;
+                for i in 0..5 {
+                    let one = proj.forward(&x.narrow(1, i, 1)?)?;
+                    let diff = (one - all.narrow(1, i, 1)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                    assert_eq!(diff, 0.0, "{ty:?}, rows of {k}: row {i}");
+                }
+                assert_eq!(proj.forward(&x.narrow(1, 0, 1)?.squeeze(0)?)?.dims(), &[1, 64], "a 2-d row keeps its shape");
+            }
+        }
+        Ok(())
+    }
 
     /// Padding keeps the weights, keeps a row's result independent of its batch, and computes what
     /// the unpadded matrix computes up to the kernels' different 8-bit rounding of the input.

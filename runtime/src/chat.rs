@@ -16,6 +16,9 @@ pub fn render_conversation(template: &str, turns: &[(String, String)], bos: Opti
 
 fn render(template: &str, turns: &[(String, String)], add_generation_prompt: bool, bos: Option<&str>, eos: Option<&str>) -> Result<String> {
     let mut env = Environment::new();
+    // Python's string and dict methods (`.startswith`, `.split`, `.items()`, ...), which Qwen's and
+    // other models' templates call.
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
         Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
     });
@@ -71,6 +74,50 @@ mod tests {
             text,
             "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
              <|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n"
+        );
+        Ok(())
+    }
+
+    /// Gemma 3's template as its tokenizer_config.json ships it: whitespace control, `is string`,
+    /// `| trim`, slicing, the system turn folded into the first user turn, and `raise_exception`.
+    const GEMMA3: &str = include_str!("../tests/templates/gemma3.jinja");
+    /// Qwen3's template (its shipped structure, written out offline): `namespace`, a reversed
+    /// slice, Python string methods (`startswith`, `split`, `lstrip`, ...), `is defined`.
+    const QWEN3: &str = include_str!("../tests/templates/qwen3.jinja");
+
+    fn turns(t: &[(&str, &str)]) -> Vec<(String, String)> {
+        t.iter().map(|(r, c)| (r.to_string(), c.to_string())).collect()
+    }
+
+    #[test]
+    fn gemma3_template_renders_turns_and_refuses_what_it_refuses() -> Result<()> {
+        let bos = Some("<bos>");
+        assert_eq!(render_user_prompt(GEMMA3, " Hi? ", bos, None)?, "<bos><start_of_turn>user\nHi?<end_of_turn>\n<start_of_turn>model\n");
+        let chat = turns(&[("system", "Be brief."), ("user", "Hi?"), ("assistant", "Hello."), ("user", "Bye?")]);
+        assert_eq!(
+            render(GEMMA3, &chat, true, bos, None)?,
+            "<bos><start_of_turn>user\nBe brief.\n\nHi?<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n\
+             <start_of_turn>user\nBye?<end_of_turn>\n<start_of_turn>model\n"
+        );
+        let err = render(GEMMA3, &turns(&[("user", "a"), ("user", "b")]), true, bos, None).expect_err("roles must alternate");
+        assert!(err.to_string().contains("Conversation roles must alternate"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn qwen3_template_renders_with_python_string_methods() -> Result<()> {
+        assert_eq!(render_user_prompt(QWEN3, "Hi?", None, None)?, "<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n");
+        let chat = turns(&[
+            ("system", "Be brief."),
+            ("user", "Hi?"),
+            ("assistant", "<think>\nThey greet me.\n</think>\n\nHello."),
+            ("user", "Bye?"),
+        ]);
+        // The earlier answer loses its reasoning (it precedes the last user query).
+        assert_eq!(
+            render(QWEN3, &chat, true, None, None)?,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n\
+             <|im_start|>user\nBye?<|im_end|>\n<|im_start|>assistant\n"
         );
         Ok(())
     }

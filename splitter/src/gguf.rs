@@ -9,7 +9,8 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{QStorage, QTensor};
 use candle_core::{Device, Tensor};
-use hat_model::{HfConfig, ModelError};
+use hat_model::config::RopeScaling;
+use hat_model::{Family, HfConfig};
 
 use crate::error::{Result, SplitError};
 use crate::source::{normalise_tensors, LoadedModel};
@@ -26,9 +27,17 @@ pub fn load(path: &Path, progress: bool) -> Result<LoadedModel> {
     let md = Metadata(&content.metadata);
 
     let arch = md.string("general.architecture")?;
-    if arch != "llama" {
-        return Err(ModelError::UnsupportedArchitecture(arch).into());
-    }
+    let family = match arch.as_str() {
+        "llama" => Family::Llama,
+        "qwen2" => Family::Qwen2,
+        "qwen3" => Family::Qwen3,
+        "gemma3" => Family::Gemma3,
+        other => {
+            return Err(SplitError::BadInput(format!(
+                "GGUF architecture `{other}` is not supported (supported: llama, which Mistral GGUFs also use, qwen2, qwen3, gemma3)"
+            )))
+        }
+    };
     if content.tensor_infos.contains_key("rope_freqs.weight") {
         return Err(SplitError::BadInput(
             "this GGUF carries rope_freqs (Llama 3.1-style rope scaling), which hat cannot map back to a config yet; \
@@ -36,38 +45,73 @@ pub fn load(path: &Path, progress: bool) -> Result<LoadedModel> {
                 .into(),
         ));
     }
+    let key = |k: &str| format!("{arch}.{k}");
     let tokens_len = md.get("tokenizer.ggml.tokens").and_then(|v| v.to_vec().ok()).map(Vec::len);
-    let num_heads = md.usize("llama.attention.head_count")?;
-    let hidden_size = md.usize("llama.embedding_length")?;
-    let head_dim = md.opt_usize("llama.attention.key_length")?.unwrap_or(hidden_size / num_heads.max(1));
-    if let Some(rope_dim) = md.opt_usize("llama.rope.dimension_count")? {
+    let num_heads = md.usize(&key("attention.head_count"))?;
+    let hidden_size = md.usize(&key("embedding_length"))?;
+    let num_layers = md.usize(&key("block_count"))?;
+    let head_dim = md.opt_usize(&key("attention.key_length"))?.unwrap_or(hidden_size / num_heads.max(1));
+    if let Some(value_dim) = md.opt_usize(&key("attention.value_length"))? {
+        if value_dim != head_dim {
+            return Err(SplitError::BadInput(format!("key length {head_dim} and value length {value_dim} differ; hat needs them equal")));
+        }
+    }
+    if let Some(rope_dim) = md.opt_usize(&key("rope.dimension_count"))? {
         if rope_dim != head_dim {
             return Err(SplitError::BadInput(format!(
                 "partial rotary embedding (rope dimension {rope_dim} of head dimension {head_dim}) is not supported"
             )));
         }
     }
+    let rope_scaling = match md.opt_string(&key("rope.scaling.type"))?.as_deref() {
+        None | Some("none") => None,
+        Some("linear") => Some(RopeScaling {
+            rope_type: "linear".into(),
+            factor: md.float(&key("rope.scaling.factor"))?,
+            low_freq_factor: None,
+            high_freq_factor: None,
+            original_max_position_embeddings: None,
+        }),
+        Some(other) => return Err(SplitError::BadInput(format!("GGUF rope scaling `{other}` is not supported (supported: linear)"))),
+    };
+    let gemma = family == Family::Gemma3;
+    let (model_type, architecture) = match family {
+        Family::Llama => ("llama", "LlamaForCausalLM"),
+        Family::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
+        Family::Qwen3 => ("qwen3", "Qwen3ForCausalLM"),
+        Family::Mistral => ("mistral", "MistralForCausalLM"),
+        Family::Gemma3 => ("gemma3_text", "Gemma3ForCausalLM"),
+    };
     let hf_config = HfConfig {
-        architectures: vec!["LlamaForCausalLM".into()],
-        model_type: Some("llama".into()),
+        architectures: vec![architecture.into()],
+        model_type: Some(model_type.into()),
         hidden_size,
-        intermediate_size: md.usize("llama.feed_forward_length")?,
-        num_hidden_layers: md.usize("llama.block_count")?,
+        intermediate_size: md.usize(&key("feed_forward_length"))?,
+        num_hidden_layers: num_layers,
         num_attention_heads: num_heads,
-        num_key_value_heads: Some(md.opt_usize("llama.attention.head_count_kv")?.unwrap_or(num_heads)),
+        num_key_value_heads: Some(md.opt_usize(&key("attention.head_count_kv"))?.unwrap_or(num_heads)),
         head_dim: Some(head_dim),
-        vocab_size: match md.opt_usize("llama.vocab_size")? {
+        vocab_size: match md.opt_usize(&key("vocab_size"))? {
             Some(v) => v,
-            None => tokens_len.ok_or_else(|| corrupt("no llama.vocab_size and no tokenizer tokens".into()))?,
+            None => tokens_len.ok_or_else(|| corrupt(format!("no {arch}.vocab_size and no tokenizer tokens")))?,
         },
-        rms_norm_eps: md.float("llama.attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5),
-        rope_theta: md.float("llama.rope.freq_base")?.unwrap_or(10_000.0),
-        rope_scaling: None,
-        max_position_embeddings: md.opt_usize("llama.context_length")?.unwrap_or(4096),
+        rms_norm_eps: md.float(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
+        rope_theta: md.float(&key("rope.freq_base"))?.unwrap_or(10_000.0),
+        rope_scaling,
+        max_position_embeddings: md.opt_usize(&key("context_length"))?.unwrap_or(4096),
         tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
         attention_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
         mlp_bias: false,
-        hidden_act: Some("silu".into()),
+        hidden_act: (!gemma).then(|| "silu".into()),
+        hidden_activation: gemma.then(|| "gelu_pytorch_tanh".into()),
+        sliding_window: md.opt_usize(&key("attention.sliding_window"))?.filter(|_| gemma),
+        // llama.cpp fixes Gemma 3's pattern at 6 (every sixth layer global); a GGUF may say otherwise.
+        sliding_window_pattern: gemma.then_some(md.opt_usize(&key("attention.sliding_window_pattern"))?.unwrap_or(6)),
+        rope_local_base_freq: if gemma { Some(md.float(&key("rope.local_freq_base"))?.unwrap_or(10_000.0)) } else { None },
+        // As llama.cpp: Gemma 3 27B scales by hidden / heads, the others by the head dimension.
+        query_pre_attn_scalar: gemma.then(|| if num_layers == 62 { (hidden_size / num_heads.max(1)) as f64 } else { head_dim as f64 }),
+        final_logit_softcapping: md.float(&key("final_logit_softcapping"))?,
+        ..HfConfig::default()
     };
     let config = hf_config.validate()?;
 
@@ -77,11 +121,18 @@ pub fn load(path: &Path, progress: bool) -> Result<LoadedModel> {
     let mut tensors = HashMap::with_capacity(names.len());
     let mut quantized = HashMap::new();
     for gguf_name in names {
-        let hf_name = hf_name(gguf_name)
-            .ok_or_else(|| SplitError::BadInput(format!("{}: unexpected tensor `{gguf_name}` for a llama GGUF", path.display())))?;
+        let hf_name = hf_name(gguf_name, family)
+            .ok_or_else(|| SplitError::BadInput(format!("{}: unexpected tensor `{gguf_name}` for a {arch} GGUF", path.display())))?;
         let qtensor = content.tensor(&mut reader, gguf_name, &Device::Cpu).map_err(|e| corrupt(format!("tensor `{gguf_name}`: {e}")))?;
         let mut t = qtensor.dequantize(&Device::Cpu).map_err(|e| SplitError::candle(format!("dequantizing `{gguf_name}`"), e))?;
-        let rope_heads = if hf_name.ends_with("self_attn.q_proj.weight") || hf_name.ends_with("self_attn.q_proj.bias") {
+        if gemma && hf_name.ends_with("norm.weight") {
+            // llama.cpp stores Gemma's norm weights as `1 + w`; packages keep Hugging Face's `w`.
+            t = (t - 1.0).map_err(|e| SplitError::candle("shifting a Gemma norm", e))?;
+        }
+        // Only llama.cpp's `llama` converter interleaves Q/K rows; the others keep Hugging Face's layout.
+        let rope_heads = if family != Family::Llama {
+            None
+        } else if hf_name.ends_with("self_attn.q_proj.weight") || hf_name.ends_with("self_attn.q_proj.bias") {
             Some(config.num_heads)
         } else if hf_name.ends_with("self_attn.k_proj.weight") || hf_name.ends_with("self_attn.k_proj.bias") {
             Some(config.num_kv_heads)
@@ -168,8 +219,8 @@ fn reorder_rope_rows(t: &Tensor, heads: usize, to_interleaved: bool) -> Result<T
         .map_err(|e| SplitError::candle("reordering Q/K rows for rope", e))
 }
 
-/// GGUF tensor name -> Hugging Face tensor name.
-pub fn hf_name(gguf: &str) -> Option<String> {
+/// GGUF tensor name -> Hugging Face tensor name, in `family`'s naming.
+pub fn hf_name(gguf: &str, family: Family) -> Option<String> {
     let fixed = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -183,9 +234,16 @@ pub fn hf_name(gguf: &str) -> Option<String> {
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (part, kind) = rest.rsplit_once('.')?;
+    let gemma = family == Family::Gemma3;
     let hf = match part {
         "attn_norm" => "input_layernorm",
+        // Gemma's `ffn_norm` is the MLP's input norm; its attention output norm has a name of its own.
+        "ffn_norm" if gemma => "pre_feedforward_layernorm",
         "ffn_norm" => "post_attention_layernorm",
+        "post_attention_norm" if gemma => "post_attention_layernorm",
+        "post_ffw_norm" if gemma => "post_feedforward_layernorm",
+        "attn_q_norm" if matches!(family, Family::Qwen3 | Family::Gemma3) => "self_attn.q_norm",
+        "attn_k_norm" if matches!(family, Family::Qwen3 | Family::Gemma3) => "self_attn.k_norm",
         "attn_q" => "self_attn.q_proj",
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
@@ -210,6 +268,9 @@ impl Metadata<'_> {
     fn string(&self, key: &str) -> Result<String> {
         let v = self.get(key).ok_or_else(|| SplitError::BadInput(format!("GGUF metadata `{key}` is missing")))?;
         v.to_string().cloned().map_err(|_| Self::bad(key, v))
+    }
+    fn opt_string(&self, key: &str) -> Result<Option<String>> {
+        self.get(key).map(|v| v.to_string().cloned().map_err(|_| Self::bad(key, v))).transpose()
     }
     fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
         match self.get(key) {
@@ -241,10 +302,17 @@ mod tests {
 
     #[test]
     fn names_map_to_hugging_face() {
-        assert_eq!(hf_name("blk.3.attn_q.weight").as_deref(), Some("model.layers.3.self_attn.q_proj.weight"));
-        assert_eq!(hf_name("blk.29.ffn_norm.weight").as_deref(), Some("model.layers.29.post_attention_layernorm.weight"));
-        assert_eq!(hf_name("token_embd.weight").as_deref(), Some("model.embed_tokens.weight"));
-        assert_eq!(hf_name("blk.1.unknown.weight"), None);
+        let llama = Family::Llama;
+        assert_eq!(hf_name("blk.3.attn_q.weight", llama).as_deref(), Some("model.layers.3.self_attn.q_proj.weight"));
+        assert_eq!(hf_name("blk.29.ffn_norm.weight", llama).as_deref(), Some("model.layers.29.post_attention_layernorm.weight"));
+        assert_eq!(hf_name("token_embd.weight", llama).as_deref(), Some("model.embed_tokens.weight"));
+        assert_eq!(hf_name("blk.1.unknown.weight", llama), None);
+        assert_eq!(hf_name("blk.1.attn_q_norm.weight", llama), None, "llama has no Q/K norm");
+        let gemma = Family::Gemma3;
+        assert_eq!(hf_name("blk.2.ffn_norm.weight", gemma).as_deref(), Some("model.layers.2.pre_feedforward_layernorm.weight"));
+        assert_eq!(hf_name("blk.2.post_attention_norm.weight", gemma).as_deref(), Some("model.layers.2.post_attention_layernorm.weight"));
+        assert_eq!(hf_name("blk.2.post_ffw_norm.weight", gemma).as_deref(), Some("model.layers.2.post_feedforward_layernorm.weight"));
+        assert_eq!(hf_name("blk.2.attn_k_norm.weight", Family::Qwen3).as_deref(), Some("model.layers.2.self_attn.k_norm.weight"));
     }
 
     #[test]

@@ -78,31 +78,15 @@ pub fn normalise_tensors(tensors: &mut HashMap<String, Tensor>, cfg: &Config, so
         tensors.insert(names::LM_HEAD.to_string(), embed);
     }
     tensors.retain(|name, _| !name.ends_with("rotary_emb.inv_freq"));
-    let (h, i, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+    let h = cfg.hidden_size;
     let mut expected: Vec<(String, Vec<usize>)> = vec![
         (names::EMBED_TOKENS.into(), vec![cfg.vocab_size, h]),
         (names::FINAL_NORM.into(), vec![h]),
         (names::LM_HEAD.into(), vec![cfg.vocab_size, h]),
     ];
+    let layer = names::layer_tensors(cfg);
     for l in 0..cfg.num_layers {
-        for suffix in names::layer_tensor_suffixes(cfg.attention_bias, cfg.mlp_bias) {
-            let shape = match suffix.as_str() {
-                "input_layernorm.weight" | "post_attention_layernorm.weight" => vec![h],
-                "self_attn.q_proj.weight" => vec![cfg.num_heads * d, h],
-                "self_attn.k_proj.weight" | "self_attn.v_proj.weight" => {
-                    vec![cfg.num_kv_heads * d, h]
-                }
-                "self_attn.o_proj.weight" => vec![h, cfg.num_heads * d],
-                "self_attn.q_proj.bias" => vec![cfg.num_heads * d],
-                "self_attn.k_proj.bias" | "self_attn.v_proj.bias" => vec![cfg.num_kv_heads * d],
-                "mlp.gate_proj.weight" | "mlp.up_proj.weight" => vec![i, h],
-                "mlp.down_proj.weight" => vec![h, i],
-                "mlp.gate_proj.bias" | "mlp.up_proj.bias" => vec![i],
-                "mlp.down_proj.bias" => vec![h],
-                other => unreachable!("unlisted layer tensor {other}"),
-            };
-            expected.push((format!("{}.{l}.{suffix}", names::LAYERS_PREFIX), shape));
-        }
+        expected.extend(layer.iter().map(|(suffix, shape)| (format!("{}.{l}.{suffix}", names::LAYERS_PREFIX), shape.clone())));
     }
     for (name, shape) in &expected {
         let t = tensors.get(name).ok_or_else(|| missing(name, source))?;
@@ -117,7 +101,8 @@ pub fn normalise_tensors(tensors: &mut HashMap<String, Tensor>, cfg: &Config, so
         let mut extra: Vec<&String> = tensors.keys().filter(|n| !known.contains(n.as_str())).collect();
         extra.sort();
         return Err(SplitError::BadInput(format!(
-            "{source} has tensors a Llama model of this config does not use: {}",
+            "{source} has tensors a {} model of this config does not use: {}",
+            cfg.family.name(),
             extra.iter().take(5).map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
         )));
     }

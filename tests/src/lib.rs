@@ -8,9 +8,15 @@ use std::sync::OnceLock;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
-/// Shape of a tiny Llama fixture.
+/// Shape of a tiny random model: a Llama, or with `family` set, a Llama 3 (`llama3`, with rope
+/// scaling), Mistral (`mistral`, a 4-position sliding window), Qwen2 (`qwen2`), Qwen3 (`qwen3`) or
+/// Gemma 3 (`gemma3`, a 4-position window on every other layer and final-logit soft-capping), with
+/// each family's own tensors and config fields.
 #[derive(Debug, Clone, Copy)]
 pub struct TinyLlama {
+    pub family: &'static str,
+    /// Per-head size when it is not `hidden / heads`.
+    pub head_dim: Option<usize>,
     pub hidden: usize,
     pub intermediate: usize,
     pub layers: usize,
@@ -23,7 +29,18 @@ pub struct TinyLlama {
 
 impl Default for TinyLlama {
     fn default() -> Self {
-        Self { hidden: 32, intermediate: 64, layers: 4, heads: 4, kv_heads: 2, vocab: 64, tied: true, seed: 7 }
+        Self {
+            family: "llama",
+            head_dim: None,
+            hidden: 32,
+            intermediate: 64,
+            layers: 4,
+            heads: 4,
+            kv_heads: 2,
+            vocab: 64,
+            tied: true,
+            seed: 7,
+        }
     }
 }
 
@@ -40,8 +57,11 @@ fn random_values(n: usize, seed: &mut u64, scale: f32) -> Vec<f32> {
 }
 
 impl TinyLlama {
+    /// The window of the sliding-window families' fixtures.
+    pub const WINDOW: usize = 4;
+
     pub fn config_json(&self) -> serde_json::Value {
-        json!({
+        let mut c = json!({
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
             "hidden_size": self.hidden,
@@ -56,7 +76,40 @@ impl TinyLlama {
             "tie_word_embeddings": self.tied,
             "hidden_act": "silu",
             "torch_dtype": "float32"
-        })
+        });
+        let extra = match self.family {
+            "llama" => json!({}),
+            "llama3" => json!({
+                "rope_theta": 500000.0,
+                "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 64},
+            }),
+            "mistral" => json!({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": Self::WINDOW}),
+            "qwen2" => json!({
+                "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "rope_theta": 1000000.0,
+                "sliding_window": 128, "max_window_layers": self.layers, "use_sliding_window": false,
+            }),
+            "qwen3" => json!({
+                "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": self.head_dim(), "attention_bias": false,
+                "sliding_window": null, "max_window_layers": self.layers, "use_sliding_window": false,
+            }),
+            "gemma3" => json!({
+                "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_act": null,
+                "hidden_activation": "gelu_pytorch_tanh", "head_dim": self.head_dim(), "attention_bias": false,
+                "query_pre_attn_scalar": self.head_dim(), "sliding_window": Self::WINDOW, "sliding_window_pattern": 2,
+                "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "final_logit_softcapping": 30.0,
+                "attn_logit_softcapping": null, "rms_norm_eps": 1e-6,
+            }),
+            other => panic!("no tiny {other} fixture"),
+        };
+        for (k, v) in extra.as_object().expect("object") {
+            c[k] = v.clone();
+        }
+        c
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden / self.heads)
     }
 
     /// Hugging Face-named random tensors.
@@ -67,17 +120,19 @@ impl TinyLlama {
             let n = shape.iter().product();
             Tensor::from_vec(random_values(n, &mut seed, scale), shape, &dev).expect("tensor")
         };
-        let (h, i, d) = (self.hidden, self.intermediate, self.hidden / self.heads);
+        let (h, i, d) = (self.hidden, self.intermediate, self.head_dim());
+        // Gemma's norms multiply by 1 + w, so its weights sit around 0.
+        let one = if self.family == "gemma3" { 0.0 } else { 1.0 };
         let mut m = HashMap::new();
         m.insert("model.embed_tokens.weight".to_string(), t(&[self.vocab, h], 1.0));
-        m.insert("model.norm.weight".to_string(), (t(&[h], 0.1) + 1.0).expect("norm"));
+        m.insert("model.norm.weight".to_string(), (t(&[h], 0.1) + one).expect("norm"));
         if !self.tied {
             m.insert("lm_head.weight".to_string(), t(&[self.vocab, h], 0.3));
         }
         for l in 0..self.layers {
             let p = format!("model.layers.{l}");
-            m.insert(format!("{p}.input_layernorm.weight"), (t(&[h], 0.1) + 1.0).expect("norm"));
-            m.insert(format!("{p}.post_attention_layernorm.weight"), (t(&[h], 0.1) + 1.0).expect("norm"));
+            m.insert(format!("{p}.input_layernorm.weight"), (t(&[h], 0.1) + one).expect("norm"));
+            m.insert(format!("{p}.post_attention_layernorm.weight"), (t(&[h], 0.1) + one).expect("norm"));
             m.insert(format!("{p}.self_attn.q_proj.weight"), t(&[self.heads * d, h], 0.3));
             m.insert(format!("{p}.self_attn.k_proj.weight"), t(&[self.kv_heads * d, h], 0.3));
             m.insert(format!("{p}.self_attn.v_proj.weight"), t(&[self.kv_heads * d, h], 0.3));
@@ -85,6 +140,19 @@ impl TinyLlama {
             m.insert(format!("{p}.mlp.gate_proj.weight"), t(&[i, h], 0.3));
             m.insert(format!("{p}.mlp.up_proj.weight"), t(&[i, h], 0.3));
             m.insert(format!("{p}.mlp.down_proj.weight"), t(&[h, i], 0.3));
+            if self.family == "qwen2" {
+                m.insert(format!("{p}.self_attn.q_proj.bias"), t(&[self.heads * d], 0.3));
+                m.insert(format!("{p}.self_attn.k_proj.bias"), t(&[self.kv_heads * d], 0.3));
+                m.insert(format!("{p}.self_attn.v_proj.bias"), t(&[self.kv_heads * d], 0.3));
+            }
+            if matches!(self.family, "qwen3" | "gemma3") {
+                m.insert(format!("{p}.self_attn.q_norm.weight"), (t(&[d], 0.1) + one).expect("norm"));
+                m.insert(format!("{p}.self_attn.k_norm.weight"), (t(&[d], 0.1) + one).expect("norm"));
+            }
+            if self.family == "gemma3" {
+                m.insert(format!("{p}.pre_feedforward_layernorm.weight"), t(&[h], 0.1));
+                m.insert(format!("{p}.post_feedforward_layernorm.weight"), t(&[h], 0.1));
+            }
         }
         m
     }
@@ -155,19 +223,28 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }
 
-/// The default model's GGUF, fetched by `scripts/fetch-default-model.sh` (idempotent) on first use.
+/// The default model's GGUF, fetched by `scripts/fetch-model.sh` (idempotent) on first use, or
+/// `$HAT_DEFAULT_MODEL`.
 pub fn default_model_gguf() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        if let Ok(p) = std::env::var("HAT_DEFAULT_MODEL") {
-            return PathBuf::from(p);
-        }
-        let script = repo_root().join("scripts/fetch-default-model.sh");
-        let out = std::process::Command::new("bash").arg(&script).output().expect("run fetch-default-model.sh");
-        assert!(out.status.success(), "fetch-default-model.sh failed: {}", String::from_utf8_lossy(&out.stderr));
-        PathBuf::from(String::from_utf8(out.stdout).expect("utf8 path").trim())
+    PATH.get_or_init(|| match std::env::var("HAT_DEFAULT_MODEL") {
+        Ok(p) => PathBuf::from(p),
+        Err(_) => fetch_model("smollm2"),
     })
     .clone()
+}
+
+/// Gemma 3 270M (base, Q4_K_M), fetched by `scripts/fetch-model.sh gemma3-270m` on first use.
+pub fn gemma3_gguf() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| fetch_model("gemma3-270m")).clone()
+}
+
+fn fetch_model(name: &str) -> PathBuf {
+    let script = repo_root().join("scripts/fetch-model.sh");
+    let out = std::process::Command::new("bash").arg(&script).arg(name).output().expect("run fetch-model.sh");
+    assert!(out.status.success(), "fetch-model.sh {name} failed: {}", String::from_utf8_lossy(&out.stderr));
+    PathBuf::from(String::from_utf8(out.stdout).expect("utf8 path").trim())
 }
 
 /// candle-transformers' own GGUF llama on the default model: the independent reference that tests
@@ -216,29 +293,76 @@ impl CandleLlama {
 
     /// Greedy decoding of `n >= 1` tokens after `prompt`, from an empty cache.
     pub fn greedy(&mut self, prompt: &[u32], n: usize) -> ReferenceRun {
-        assert!(n >= 1, "generate at least one token");
         self.0.clear_kv_cache();
-        let start = std::time::Instant::now();
-        let mut first_at = start;
-        let mut tokens = Vec::with_capacity(n);
-        let mut first_logits = None;
-        let mut input = prompt.to_vec();
-        let mut pos = 0;
-        for _ in 0..n {
-            let x = Tensor::new(input.as_slice(), &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("ids");
-            let logits = self.0.forward(&x, pos).expect("forward").squeeze(0).expect("squeeze");
-            let next = logits.argmax(0).and_then(|t| t.to_scalar::<u32>()).expect("argmax");
-            if first_logits.is_none() {
-                first_at = std::time::Instant::now();
-                first_logits = Some(logits);
-            }
-            pos += input.len();
-            tokens.push(next);
-            input = vec![next];
-        }
-        let tbt = if n > 1 { first_at.elapsed() / (n as u32 - 1) } else { std::time::Duration::ZERO };
-        ReferenceRun { tokens, first_logits: first_logits.expect("n >= 1"), ttft: first_at - start, tbt }
+        greedy_reference(|x, pos| self.0.forward(x, pos), prompt, n)
     }
+}
+
+/// candle-transformers' Gemma 3 (`gemma3`, the dense model after Hugging Face's), on the weights a
+/// split reads: the reference for Gemma 3 270M. Its quantized twin (`quantized_gemma3` in candle
+/// 0.11) runs the MLP with SiLU where Gemma uses GELU, so it is not a reference for anything; the
+/// dense model in f32 on the dequantized GGUF matrices and a package split in f32 from the same file
+/// do the same arithmetic up to the order of float operations.
+pub struct CandleGemma3(candle_transformers::models::gemma3::Model);
+
+impl CandleGemma3 {
+    /// The model from Hugging Face-named f32 tensors (norm weights as Hugging Face stores them).
+    pub fn new(cfg: &hat_model::HfConfig, tensors: &HashMap<String, Tensor>) -> Self {
+        let c = json!({
+            "attention_bias": cfg.attention_bias,
+            "head_dim": cfg.head_dim,
+            "hidden_activation": cfg.hidden_activation.as_deref().unwrap_or("gelu_pytorch_tanh"),
+            "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.intermediate_size,
+            "num_attention_heads": cfg.num_attention_heads,
+            "num_hidden_layers": cfg.num_hidden_layers,
+            "num_key_value_heads": cfg.num_key_value_heads,
+            "rms_norm_eps": cfg.rms_norm_eps,
+            "rope_theta": cfg.rope_theta,
+            "rope_local_base_freq": cfg.rope_local_base_freq.unwrap_or(10_000.0),
+            "vocab_size": cfg.vocab_size,
+            "final_logit_softcapping": cfg.final_logit_softcapping,
+            "attn_logit_softcapping": null,
+            "query_pre_attn_scalar": cfg.query_pre_attn_scalar.expect("a Gemma config") as usize,
+            "sliding_window": cfg.sliding_window.expect("a Gemma config"),
+            "sliding_window_pattern": cfg.sliding_window_pattern.unwrap_or(6),
+            "max_position_embeddings": cfg.max_position_embeddings,
+        });
+        let c: candle_transformers::models::gemma3::Config = serde_json::from_value(c).expect("candle gemma3 config");
+        let vb = candle_nn::VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
+        Self(candle_transformers::models::gemma3::Model::new(false, &c, vb).expect("candle gemma3"))
+    }
+
+    /// Greedy decoding of `n >= 1` tokens after `prompt`, from an empty cache.
+    pub fn greedy(&mut self, prompt: &[u32], n: usize) -> ReferenceRun {
+        self.0.clear_kv_cache();
+        greedy_reference(|x, pos| self.0.forward(x, pos)?.squeeze(1), prompt, n)
+    }
+}
+
+/// Greedy decoding through a reference model's `forward(ids, position) -> last logits`.
+fn greedy_reference(mut forward: impl FnMut(&Tensor, usize) -> candle_core::Result<Tensor>, prompt: &[u32], n: usize) -> ReferenceRun {
+    assert!(n >= 1, "generate at least one token");
+    let start = std::time::Instant::now();
+    let mut first_at = start;
+    let mut tokens = Vec::with_capacity(n);
+    let mut first_logits = None;
+    let mut input = prompt.to_vec();
+    let mut pos = 0;
+    for _ in 0..n {
+        let x = Tensor::new(input.as_slice(), &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("ids");
+        let logits = forward(&x, pos).expect("forward").squeeze(0).expect("squeeze");
+        let next = logits.argmax(0).and_then(|t| t.to_scalar::<u32>()).expect("argmax");
+        if first_logits.is_none() {
+            first_at = std::time::Instant::now();
+            first_logits = Some(logits);
+        }
+        pos += input.len();
+        tokens.push(next);
+        input = vec![next];
+    }
+    let tbt = if n > 1 { first_at.elapsed() / (n as u32 - 1) } else { std::time::Duration::ZERO };
+    ReferenceRun { tokens, first_logits: first_logits.expect("n >= 1"), ttft: first_at - start, tbt }
 }
 
 /// A temporary directory for a fixture a test binary keeps in a static (statics are never dropped,
