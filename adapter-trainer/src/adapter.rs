@@ -68,7 +68,7 @@ impl TrainableAdapter {
             }
         }
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-        let layers = Submodel::load(vb.clone(), cfg, SubmodelKind::Middle, 0..num_layers)?;
+        let layers = Submodel::load(vb.clone(), &cfg.for_draft(), SubmodelKind::Middle, 0..num_layers)?;
         let bias = {
             let data = varmap.data().lock().map_err(|_| TrainError::BadInput("var map lock poisoned".into()))?;
             data.get(ADAPTER_BIAS).cloned().ok_or_else(|| TrainError::Checkpoint(format!("no `{ADAPTER_BIAS}`")))?
@@ -103,7 +103,7 @@ impl TrainableAdapter {
         let tensors = self.tensors()?;
         let bias = tensors.get(ADAPTER_BIAS).cloned();
         let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
-        let layers = Submodel::load(vb, &self.cfg, SubmodelKind::Middle, 0..self.num_layers())?;
+        let layers = Submodel::load(vb, &self.cfg.for_draft(), SubmodelKind::Middle, 0..self.num_layers())?;
         let adapter = Adapter::from_submodel(layers, origin);
         Ok(match bias {
             Some(b) => adapter.with_bias(b),

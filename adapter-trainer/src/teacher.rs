@@ -91,15 +91,15 @@ impl TeacherSet {
             offsets.push(offsets[offsets.len() - 1] + seq.len());
             bar.inc(1);
         }
-        // Rounded to f16 as the cache stores them, so a fresh run and a resumed one train on equal values.
-        let f16_round = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F16)?.to_dtype(DType::F32)?) };
+        // Rounded as the cache stores them, so a fresh run and a resumed one train on equal values.
+        let round = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(storage_dtype(&t)?)?.to_dtype(DType::F32)?) };
         Ok(Self {
-            x: f16_round(Tensor::cat(&xs, 0)?)?,
-            y: f16_round(Tensor::cat(&ys, 0)?)?,
+            x: round(Tensor::cat(&xs, 0)?)?,
+            y: round(Tensor::cat(&ys, 0)?)?,
             top_ids: Tensor::cat(&ids, 0)?,
             top_p: Tensor::cat(&ps, 0)?,
             offsets,
-            top: if with_top { Some(f16_round(Tensor::cat(&tops, 0)?)?) } else { None },
+            top: if with_top { Some(round(Tensor::cat(&tops, 0)?)?) } else { None },
             tokens: sequences.concat(),
         })
     }
@@ -122,18 +122,19 @@ impl TeacherSet {
         self.offsets[i + 1] - self.offsets[i]
     }
 
-    /// States as f16 (half the disk; the targets need no more precision), written then renamed.
+    /// States in 16 bits (half the disk; the targets need no more precision; see [`storage_dtype`]),
+    /// written then renamed.
     pub fn save(&self, path: &Path) -> Result<()> {
         let offsets = Tensor::new(self.offsets.iter().map(|o| *o as u32).collect::<Vec<_>>().as_slice(), &Device::Cpu)?;
         let mut m: HashMap<String, Tensor> = HashMap::new();
-        m.insert("x".into(), self.x.to_dtype(DType::F16)?);
-        m.insert("y".into(), self.y.to_dtype(DType::F16)?);
+        m.insert("x".into(), self.x.to_dtype(storage_dtype(&self.x)?)?);
+        m.insert("y".into(), self.y.to_dtype(storage_dtype(&self.y)?)?);
         m.insert("top_ids".into(), self.top_ids.clone());
         m.insert("top_p".into(), self.top_p.clone());
         m.insert("offsets".into(), offsets);
         m.insert("tokens".into(), Tensor::new(self.tokens.as_slice(), &Device::Cpu)?);
         if let Some(top) = &self.top {
-            m.insert("top".into(), top.to_dtype(DType::F16)?);
+            m.insert("top".into(), top.to_dtype(storage_dtype(top)?)?);
         }
         let tmp = path.with_extension("partial");
         candle_core::safetensors::save(&m, &tmp)?;
@@ -153,6 +154,15 @@ impl TeacherSet {
         let top = m.remove("top").map(|t| t.to_dtype(DType::F32)).transpose()?;
         Ok(Self { x, y, top_ids, top_p, offsets, top, tokens })
     }
+}
+
+/// f16 for states that fit its range, bf16 for those that do not: Gemma 3's residual stream passes
+/// f16's largest value (65504), and f16 would store infinities there, which made training's first
+/// gradient NaN. bf16 rounding of a value past 65504 stays past it, so a saved set reloads into the
+/// same type.
+fn storage_dtype(t: &Tensor) -> Result<DType> {
+    let max = t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    Ok(if max < 65504.0 { DType::F16 } else { DType::BF16 })
 }
 
 /// The `k` most likely tokens of each row and their probabilities, renormalised over the k, found by
@@ -180,4 +190,24 @@ pub fn top_k_probs(logits: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
     }
     let n = rows.len();
     Ok((Tensor::from_vec(ids, (n, k), &Device::Cpu)?, Tensor::from_vec(ps, (n, k), &Device::Cpu)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// States within f16's range stay f16; one past it makes the whole tensor bf16, which reloads
+    /// finite and as bf16 again.
+    #[test]
+    fn states_past_f16_are_stored_in_bf16() -> Result<()> {
+        let small = Tensor::new(&[1.5f32, -300.0, 65000.0], &Device::Cpu)?;
+        assert_eq!(storage_dtype(&small)?, DType::F16);
+        let big = Tensor::new(&[1.5f32, -300.0, 70000.0, 65504.0], &Device::Cpu)?;
+        assert_eq!(storage_dtype(&big)?, DType::BF16);
+        let stored = big.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+        assert!(stored.to_vec1::<f32>()?.iter().all(|v| v.is_finite()));
+        assert_eq!(storage_dtype(&stored)?, DType::BF16);
+        assert!(big.to_dtype(DType::F16)?.to_dtype(DType::F32)?.to_vec1::<f32>()?[2].is_infinite(), "f16 would store infinity");
+        Ok(())
+    }
 }

@@ -52,7 +52,8 @@ pub struct BenchArgs {
     /// With --spawn-cloud: CPUs given to the cloud process (default: half of them).
     #[arg(long, requires = "spawn_cloud")]
     cloud_cores: Option<usize>,
-    /// Prompt file: JSON lines with `text`, and optional `name` and `kind` (short, long, ...).
+    /// Prompt file: JSON lines with `text`, and optional `name` and `kind` (short, long, ...). Each text
+    /// is one user turn in the model's chat template, or plain text when the model has none.
     /// The project ships profiles/bench-prompts.jsonl.
     #[arg(long)]
     prompts: PathBuf,
@@ -170,7 +171,7 @@ fn read_prompts(args: &BenchArgs, device: &DeviceRuntime) -> Result<Vec<BenchPro
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let p: PromptLine = serde_json::from_str(line)
             .with_context(|| format!("{} line {}: expected a JSON object with \"text\"", args.prompts.display(), i + 1))?;
-        let ids = device.prompt_ids(&p.text, true)?;
+        let ids = device.prompt_ids(&p.text, device.has_chat_template())?;
         let kind = p.kind.unwrap_or_else(|| if ids.len() < 64 { "short".into() } else { "long".into() });
         if args.kinds.is_empty() || args.kinds.contains(&kind) {
             out.push(BenchPrompt { name: p.name.unwrap_or_else(|| format!("line{}", i + 1)), kind, ids });

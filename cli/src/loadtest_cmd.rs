@@ -130,7 +130,7 @@ fn prompts(device: &DeviceRuntime) -> Result<Vec<Vec<u32>>> {
     for line in PROMPTS.lines().filter(|l| !l.trim().is_empty()) {
         let l: Line = serde_json::from_str(line).context("the shipped benchmark prompts")?;
         if l.kind.as_deref() != Some("long") {
-            out.push(device.prompt_ids(&l.text, true)?);
+            out.push(device.prompt_ids(&l.text, device.has_chat_template())?);
         }
     }
     Ok(out)

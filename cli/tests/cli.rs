@@ -81,12 +81,12 @@ fn unsupported_architecture_is_named() {
     let fx = TinyLlama::default();
     let src = fx.write_dir(&tmp.path().join("src"), 1);
     let mut cfg = fx.config_json();
-    cfg["architectures"] = serde_json::json!(["MistralForCausalLM"]);
-    cfg["model_type"] = serde_json::json!("mistral");
+    cfg["architectures"] = serde_json::json!(["PhiForCausalLM"]);
+    cfg["model_type"] = serde_json::json!("phi");
     std::fs::write(src.join("config.json"), cfg.to_string()).expect("config");
     let out = tmp.path().join("out");
     let res = split(&src, &out, 1, 1, &[]);
-    assert_one_line_error(&res, "unsupported architecture `MistralForCausalLM`");
+    assert_one_line_error(&res, "unsupported architecture `phi`");
     assert_nothing_written(tmp.path(), &out);
 }
 

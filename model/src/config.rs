@@ -196,6 +196,13 @@ pub struct Config {
 }
 
 impl Config {
+    /// The config a draft model's own layers (the draft head's, the adapter's) are built with:
+    /// they attend to their whole context with the global rope. Their layer 0 is not the model's
+    /// layer 0, so the model's pattern of sliding layers does not apply to them.
+    pub fn for_draft(&self) -> Config {
+        Config { sliding_layers: vec![false; self.num_layers], sliding_window: None, ..self.clone() }
+    }
+
     /// The attention span of layer `i`: `Some(window)` on a sliding-window layer.
     pub fn window(&self, layer: usize) -> Option<usize> {
         match self.sliding_layers.get(layer) {
@@ -329,5 +336,52 @@ impl HfConfig {
                 (0..n).map(|i| self.sliding_window.is_some() && (i + 1) % pattern != 0).collect()
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(json: &str) -> Result<Config> {
+        HfConfig::from_json(json)?.validate()
+    }
+
+    const BASE: &str =
+        r#""hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 12, "num_attention_heads": 4, "vocab_size": 100"#;
+
+    #[test]
+    fn gemma3_slides_on_five_layers_of_six_and_drafts_globally() -> Result<()> {
+        let c = config(&format!(r#"{{"model_type": "gemma3_text", {BASE}, "sliding_window": 512, "sliding_window_pattern": 6}}"#))?;
+        let global: Vec<usize> = (0..12).filter(|&i| c.window(i).is_none()).collect();
+        assert_eq!(global, vec![5, 11]);
+        assert_eq!(c.window(0), Some(512));
+        assert_eq!((c.rope_local_theta, c.norm_weight_offset, c.activation), (Some(10_000.0), 1.0, Activation::GeluTanh));
+        assert_eq!(c.embed_scale, Some(8.0));
+        let d = c.for_draft();
+        assert!((0..12).all(|i| d.window(i).is_none()), "draft layers attend globally");
+        Ok(())
+    }
+
+    #[test]
+    fn qwen2_has_biases_and_an_unused_window() -> Result<()> {
+        let c = config(&format!(r#"{{"model_type": "qwen2", {BASE}, "sliding_window": 4096, "use_sliding_window": false}}"#))?;
+        assert!(c.attention_bias && !c.qk_norm);
+        assert!((0..12).all(|i| c.window(i).is_none()));
+        let c = config(&format!(
+            r#"{{"model_type": "qwen2", {BASE}, "sliding_window": 64, "use_sliding_window": true, "max_window_layers": 8}}"#
+        ))?;
+        assert_eq!((0..12).filter(|&i| c.window(i).is_some()).collect::<Vec<_>>(), vec![8, 9, 10, 11]);
+        Ok(())
+    }
+
+    #[test]
+    fn a_llama_config_serialises_as_before() -> Result<()> {
+        let hf = HfConfig::from_json(&format!(r#"{{"model_type": "llama", {BASE}}}"#))?;
+        let text = serde_json::to_string(&hf).map_err(|e| ModelError::InvalidConfig(e.to_string()))?;
+        for field in ["sliding_window", "layer_types", "query_pre_attn_scalar", "hidden_activation", "rope_local_base_freq"] {
+            assert!(!text.contains(field), "{field} appears in {text}: manifests and fingerprints would change");
+        }
+        Ok(())
     }
 }

@@ -54,10 +54,15 @@ impl LayerCache {
         self.start
     }
 
-    /// Drops every position at or after `len` (never below what the buffer holds: a rollback past
-    /// a sliding window's kept keys leaves the length above the target, and the caller refuses it).
+    /// Drops every position at or after `len`. Going back to 0 empties the cache (a new prompt);
+    /// otherwise the length never drops below what the buffer holds: a rollback past a sliding
+    /// window's kept keys leaves the length above the target, and the caller refuses it.
     pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len).max(self.start);
+        if len == 0 {
+            (self.start, self.len) = (0, 0);
+        } else {
+            self.len = self.len.min(len).max(self.start);
+        }
     }
 
     /// Appends new keys and values and returns the cached sequence from [`LayerCache::start`].
@@ -216,8 +221,12 @@ mod tests {
         assert_eq!(c.len(), 2000 - REWIND);
         let (k, _) = c.append(&row(7)?, &row(7)?)?;
         assert_eq!(k.narrow(2, k.dim(2)? - 1, 1)?.flatten_all()?.to_vec1::<f32>()?, vec![7.0, 7.0]);
-        c.truncate(0);
+        c.truncate(100);
         assert_eq!(c.len(), c.start(), "a rollback past the kept keys stops at them");
+        c.truncate(0);
+        assert_eq!((c.len(), c.start()), (0, 0), "a new prompt starts from an empty cache");
+        let (k, _) = c.append(&row(3)?, &row(3)?)?;
+        assert_eq!(k.flatten_all()?.to_vec1::<f32>()?, vec![3.0, 3.0]);
         Ok(())
     }
 }

@@ -189,6 +189,12 @@ impl DeviceRuntime {
         crate::chat::prompt_ids(&self.package, text, chat)
     }
 
+    /// Whether the package has a chat template (a base model such as Gemma 3 270M has none, and its
+    /// benchmark prompts go in as plain text).
+    pub fn has_chat_template(&self) -> bool {
+        self.package.manifest.tokenizer.as_ref().is_some_and(|t| t.chat_template.is_some())
+    }
+
     pub fn eos_ids(&self) -> Vec<u32> {
         self.package.eos_ids()
     }

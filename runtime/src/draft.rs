@@ -107,7 +107,7 @@ impl Adapter {
     /// One decoder layer of zeros: the identity, since both residual branches add nothing.
     pub fn zeros(cfg: &Config, device: &Device) -> Result<Self> {
         let vb = VarBuilder::zeros(candle_core::DType::F32, device);
-        let layers = Submodel::load(vb, cfg, SubmodelKind::Middle, 0..1)?;
+        let layers = Submodel::load(vb, &cfg.for_draft(), SubmodelKind::Middle, 0..1)?;
         Ok(Self { layers, bias: None, origin: AdapterOrigin::Custom("zeros") })
     }
 
@@ -137,7 +137,7 @@ fn load_layers(path: &Path, cfg: &Config, device: &Device, dtype: candle_core::D
         None => None,
     };
     let vb = VarBuilder::from_tensors(tensors, dtype, device);
-    let layers = Submodel::load(vb, cfg, SubmodelKind::Middle, *lo..*hi + 1).map_err(|e| bad(e.to_string()))?;
+    let layers = Submodel::load(vb, &cfg.for_draft(), SubmodelKind::Middle, *lo..*hi + 1).map_err(|e| bad(e.to_string()))?;
     Ok((layers, bias))
 }
 

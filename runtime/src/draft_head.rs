@@ -165,7 +165,7 @@ impl HeadParts {
             top_norm: Norm::load(d, eps, vb.pp("top_norm"))?,
             fuse: linear_no_bias(3 * d, d, vb.pp("fuse"))?,
             combine: linear_no_bias(2 * d, d, vb.pp("combine"))?,
-            layer: Submodel::load(vb.clone(), cfg, SubmodelKind::Middle, 0..1)?,
+            layer: Submodel::load(vb.clone(), &cfg.for_draft(), SubmodelKind::Middle, 0..1)?,
             norm: Norm::load(d, eps, vb.pp("norm"))?,
         })
     }
@@ -244,8 +244,8 @@ impl FeatureHead {
             }
             let vb = VarBuilder::from_tensors(tensors, dtype, device);
             let mut parts = HeadParts::load(&vb, cfg).map_err(|e| bad(e.to_string()))?;
-            parts.layer =
-                Submodel::load_weights(&Weights::mixed(vb, quant), cfg, SubmodelKind::Middle, 0..1).map_err(|e| bad(e.to_string()))?;
+            parts.layer = Submodel::load_weights(&Weights::mixed(vb, quant), &cfg.for_draft(), SubmodelKind::Middle, 0..1)
+                .map_err(|e| bad(e.to_string()))?;
             let (fuse, combine) = (q8_0(parts.fuse.weight())?, q8_0(parts.combine.weight())?);
             (parts, fuse, combine, q8_0(&rows)?)
         } else {

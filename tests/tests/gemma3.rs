@@ -3,7 +3,7 @@
 //! embedding, GELU, sliding-window layers with their own rope base, a SentencePiece tokenizer).
 //! Split 2/2 with the file's own quantized types, `--mode local` greedy output equals
 //! candle-transformers' `quantized_gemma3` on the same file, and `hat` and `ushape` over TCP equal
-//! `local` token for token, chunked prefill included, on a prompt longer than the 512-token window.
+//! `local` token for token, chunked prefill included, on a 1000-token prompt, longer than the 512-token window.
 
 use std::sync::OnceLock;
 
@@ -86,9 +86,11 @@ fn hat_and_ushape_over_tcp_equal_local_past_the_window() {
     let r = real();
     let text: String =
         bench_prompts().into_iter().filter(|(_, kind, _)| kind == "long").map(|(_, _, t)| t).collect::<Vec<_>>().join("\n\n");
-    let mut prompt = r.device.prompt_ids(&text, false).expect("encode");
-    prompt.truncate(700);
-    assert_eq!(prompt.len(), 700, "the long prompts give 700 tokens");
+    let mut prompt = r.device.prompt_ids(&format!("{text}\n\n{text}"), false).expect("encode");
+    // Past the window, what a sliding layer keeps beyond it and its first buffer (832 positions),
+    // so the caches drop keys, and each next generation in the same session must start afresh.
+    prompt.truncate(1000);
+    assert_eq!(prompt.len(), 1000, "the long prompts give 1000 tokens");
     let n = 24;
     let want = local(&r.device, &r.cloud, &prompt, n);
     let server = CloudServer::start(&r.cloud, ServerConfig { log: false, ..Default::default() }, "127.0.0.1:0").expect("cloud");
