@@ -26,13 +26,7 @@ pub fn build(md: &HashMap<String, Value>) -> Result<(String, TokenizerInfo), Str
              split the Hugging Face directory of this model instead"
         ));
     }
-    let tokens: Vec<String> = md
-        .get("tokenizer.ggml.tokens")
-        .and_then(|v| v.to_vec().ok())
-        .ok_or("GGUF has no tokenizer.ggml.tokens")?
-        .iter()
-        .map(|v| v.to_string().cloned().map_err(|_| "tokenizer.ggml.tokens holds a non-string".to_string()))
-        .collect::<Result<_, _>>()?;
+    let tokens = string_list(md, "tokenizer.ggml.tokens")?;
     let types: Vec<i64> = match md.get("tokenizer.ggml.token_type").and_then(|v| v.to_vec().ok()) {
         Some(list) => list.iter().map(as_i64).collect::<Option<_>>().ok_or("tokenizer.ggml.token_type holds a non-integer")?,
         None => vec![1; tokens.len()],
@@ -104,13 +98,7 @@ fn byte_level_bpe(
     added: Vec<Json>,
     bos: Option<Json>,
 ) -> Result<Json, String> {
-    let merges: Vec<String> = md
-        .get("tokenizer.ggml.merges")
-        .and_then(|v| v.to_vec().ok())
-        .ok_or("GGUF has no tokenizer.ggml.merges")?
-        .iter()
-        .map(|v| v.to_string().cloned().map_err(|_| "tokenizer.ggml.merges holds a non-string".to_string()))
-        .collect::<Result<_, _>>()?;
+    let merges = string_list(md, "tokenizer.ggml.merges")?;
     let pre = md.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).map(String::as_str).unwrap_or("default");
     let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
     let split_then_bytes = |regex: &str| {
@@ -213,6 +201,16 @@ fn sentencepiece_bpe(
             "vocab": vocab, "merges": merges,
         },
     })
+}
+
+/// The string array under `key`, or a one-line reason.
+fn string_list(md: &HashMap<String, Value>, key: &str) -> Result<Vec<String>, String> {
+    md.get(key)
+        .and_then(|v| v.to_vec().ok())
+        .ok_or_else(|| format!("GGUF has no {key}"))?
+        .iter()
+        .map(|v| v.to_string().cloned().map_err(|_| format!("{key} holds a non-string")))
+        .collect()
 }
 
 fn as_i64(v: &Value) -> Option<i64> {
