@@ -7,11 +7,11 @@ pub enum TrainError {
     #[error("{0}")]
     BadInput(String),
     #[error(
-        "--device cuda needs a hat built with CUDA support: rebuild with `cargo build --release --features cuda` \
-         (needs the CUDA toolkit), or use --device cpu"
+        "--device cuda needs a hat built with CUDA: build one with scripts/build-cuda.sh (no CUDA toolkit needed), \
+         or use --device cpu"
     )]
     NoCuda,
-    #[error("no CUDA device is available: {0}")]
+    #[error("{0}")]
     CudaUnavailable(String),
     #[error("{context}: {source}")]
     Io { context: String, source: std::io::Error },

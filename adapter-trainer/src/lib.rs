@@ -55,15 +55,14 @@ pub enum DeviceChoice {
     Cuda,
 }
 
-/// Where training runs: CUDA when asked for (or available under `auto`) and compiled in.
+/// Where training runs: CUDA when asked for (or, under `auto`, when compiled in and a GPU opens).
 pub fn select_device(choice: DeviceChoice) -> Result<Device> {
+    use hat_runtime::gpu::{open, ComputeDevice};
     match choice {
         DeviceChoice::Cpu => Ok(Device::Cpu),
-        DeviceChoice::Cuda if !cfg!(feature = "cuda") => Err(TrainError::NoCuda),
-        DeviceChoice::Cuda => Device::new_cuda(0).map_err(|e| TrainError::CudaUnavailable(e.to_string())),
-        DeviceChoice::Auto if cfg!(feature = "cuda") && candle_core::utils::cuda_is_available() => {
-            Device::new_cuda(0).map_err(|e| TrainError::CudaUnavailable(e.to_string()))
-        }
+        DeviceChoice::Cuda if !CUDA_BUILT => Err(TrainError::NoCuda),
+        DeviceChoice::Cuda => open(ComputeDevice::Cuda(0)).map_err(|e| TrainError::CudaUnavailable(e.to_string())),
+        DeviceChoice::Auto if CUDA_BUILT => Ok(open(ComputeDevice::Cuda(0)).unwrap_or(Device::Cpu)),
         DeviceChoice::Auto => Ok(Device::Cpu),
     }
 }

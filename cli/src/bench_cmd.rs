@@ -49,9 +49,8 @@ pub struct BenchArgs {
     /// process (the device) pinned to the others, so the two never compete for a core.
     #[arg(long)]
     spawn_cloud: bool,
-    /// With --spawn-cloud: CPUs given to the cloud process (default: half of them).
-    #[arg(long, requires = "spawn_cloud")]
-    cloud_cores: Option<usize>,
+    #[command(flatten)]
+    spawn: crate::placement::SpawnArgs,
     /// Prompt file: JSON lines with `text`, and optional `name` and `kind` (short, long, ...). Each text
     /// is one user turn in the model's chat template, or plain text when the model has none.
     /// The project ships profiles/bench-prompts.jsonl.
@@ -248,6 +247,7 @@ impl Runner {
 }
 
 pub fn run(args: BenchArgs, quiet: bool) -> Result<()> {
+    args.spawn.check(args.spawn_cloud, "--spawn-cloud")?;
     if args.max_tokens == 0 || args.repeat == 0 || args.draft_len == 0 {
         bail!("--max-tokens, --repeat and --draft-len must be at least 1");
     }
@@ -258,7 +258,7 @@ pub fn run(args: BenchArgs, quiet: bool) -> Result<()> {
     modes.dedup();
     // Before any compute starts threads: the spawned cloud takes its cores, this process the rest.
     let server = if args.spawn_cloud {
-        Some(spawn_cloud_process(&args.artifacts, modes.iter().any(BenchMode::exposes_tokens), args.cloud_cores)?)
+        Some(spawn_cloud_process(&args.artifacts, modes.iter().any(BenchMode::exposes_tokens), &args.spawn)?)
     } else {
         None
     };

@@ -37,9 +37,8 @@ pub struct LoadtestArgs {
     /// then measured too).
     #[arg(long)]
     spawn_cloud: bool,
-    /// With --spawn-cloud: CPUs given to the cloud (default: half of them).
-    #[arg(long, requires = "spawn_cloud")]
-    cloud_cores: Option<usize>,
+    #[command(flatten)]
+    spawn: crate::placement::SpawnArgs,
     /// With --spawn-cloud: run every level twice, against a batching cloud and one started with
     /// --no-batching.
     #[arg(long, requires = "spawn_cloud")]
@@ -220,6 +219,7 @@ fn run_level(
 }
 
 pub fn run(args: LoadtestArgs, quiet: bool) -> Result<()> {
+    args.spawn.check(args.spawn_cloud, "--spawn-cloud")?;
     if args.sessions.is_empty() || args.sessions.contains(&0) {
         bail!("--sessions takes concurrency levels of at least 1, e.g. 1,4,16,64");
     }
@@ -273,7 +273,7 @@ pub fn run(args: LoadtestArgs, quiet: bool) -> Result<()> {
                     if let Some(mb) = args.kv_budget_mb {
                         extra.extend(["--kv-budget-mb".to_string(), mb.to_string()]);
                     }
-                    let p = spawn_cloud_process_with(&args.artifacts, &extra, args.cloud_cores)?;
+                    let p = spawn_cloud_process_with(&args.artifacts, &extra, &args.spawn)?;
                     placement = p.placement.clone();
                     Some(p)
                 }

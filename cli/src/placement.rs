@@ -88,6 +88,30 @@ pub fn split_cores(cloud_cores: Option<usize>) -> Result<Option<(Vec<usize>, Vec
     Ok(Some((device.to_vec(), cloud.to_vec())))
 }
 
+/// How `hat bench --spawn-cloud`, `hat profile` and `hat loadtest --spawn-cloud` start the cloud.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct SpawnArgs {
+    /// When hat starts the cloud: CPUs given to the cloud process (default: half of them).
+    #[arg(long)]
+    pub cloud_cores: Option<usize>,
+    /// When hat starts the cloud: where it computes (its `--device`: cpu, cuda or cuda:N).
+    #[arg(long, value_name = "DEVICE")]
+    pub cloud_device: Option<hat_runtime::ComputeDevice>,
+    /// When hat starts the cloud: its compute dtype (its `--dtype`: f32, bf16 or f16).
+    #[arg(long, value_name = "DTYPE", value_parser = ["f32", "bf16", "f16"])]
+    pub cloud_dtype: Option<String>,
+}
+
+impl SpawnArgs {
+    /// Refuses these options where hat does not start the cloud (`how` says what would).
+    pub fn check(&self, spawns: bool, how: &str) -> Result<()> {
+        if !spawns && (self.cloud_cores.is_some() || self.cloud_device.is_some() || self.cloud_dtype.is_some()) {
+            bail!("--cloud-cores, --cloud-device and --cloud-dtype apply only when hat starts the cloud ({how})");
+        }
+        Ok(())
+    }
+}
+
 /// A `hat serve cloud` child process; killed when dropped.
 #[derive(Debug)]
 pub struct CloudProcess {
@@ -125,22 +149,28 @@ impl Drop for CloudProcess {
 
 /// Starts `hat serve cloud` on a free loopback port in its own process on its own cores, and pins
 /// this process (the device) to the others. With one CPU both share it, and the placement says so.
-pub fn spawn_cloud_process(artifacts: &Path, token_baselines: bool, cloud_cores: Option<usize>) -> Result<CloudProcess> {
+pub fn spawn_cloud_process(artifacts: &Path, token_baselines: bool, spawn: &SpawnArgs) -> Result<CloudProcess> {
     let mut extra = Vec::new();
     if token_baselines {
         extra.push("--token-baselines".to_string());
         extra.push(artifacts.join(hat_runtime::package::DEVICE_DIR).to_string_lossy().into_owned());
     }
-    spawn_cloud_process_with(artifacts, &extra, cloud_cores)
+    spawn_cloud_process_with(artifacts, &extra, spawn)
 }
 
 /// [`spawn_cloud_process`] with more `hat serve cloud` arguments.
-pub fn spawn_cloud_process_with(artifacts: &Path, extra: &[String], cloud_cores: Option<usize>) -> Result<CloudProcess> {
+pub fn spawn_cloud_process_with(artifacts: &Path, extra: &[String], spawn: &SpawnArgs) -> Result<CloudProcess> {
     let exe = std::env::current_exe().context("cannot find the hat executable")?;
     let mut cmd = Command::new(exe);
     cmd.args(["--quiet", "serve", "cloud", "--listen", "127.0.0.1:0", "--package"]).arg(artifacts.join(hat_runtime::package::CLOUD_DIR));
     cmd.args(extra);
-    let placement = match split_cores(cloud_cores)? {
+    if let Some(device) = spawn.cloud_device {
+        cmd.args(["--device".to_string(), device.to_string()]);
+    }
+    if let Some(dtype) = &spawn.cloud_dtype {
+        cmd.args(["--dtype", dtype]);
+    }
+    let placement = match split_cores(spawn.cloud_cores)? {
         Some((device, cloud)) => {
             cmd.args(["--cpus", &list(&cloud)]);
             pin_self(&device)?;
@@ -153,6 +183,14 @@ pub fn spawn_cloud_process_with(artifacts: &Path, extra: &[String], cloud_cores:
             )
         }
         None => "device and cloud process share the only CPU".to_string(),
+    };
+    let placement = match (spawn.cloud_device, &spawn.cloud_dtype) {
+        (None, None) => placement,
+        (device, dtype) => format!(
+            "{placement}; the cloud computes on {}{}",
+            device.unwrap_or_default(),
+            dtype.as_ref().map(|d| format!(" in {d}")).unwrap_or_default()
+        ),
     };
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().context("cannot start `hat serve cloud`")?;
     let stdout = child.stdout.take().context("no stdout from `hat serve cloud`")?;

@@ -27,9 +27,8 @@ pub struct ProfileArgs {
     /// pinned to its own CPUs, and this process (the device) to the others.
     #[arg(long)]
     cloud: Option<String>,
-    /// Without --cloud: CPUs given to the cloud process (default: half of them).
-    #[arg(long, conflicts_with = "cloud")]
-    cloud_cores: Option<usize>,
+    #[command(flatten)]
+    spawn: crate::placement::SpawnArgs,
     /// Where to write the profile (default DIR/device/profile.json).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -50,6 +49,7 @@ pub struct ProfileArgs {
 }
 
 pub fn run(args: ProfileArgs, quiet: bool) -> Result<()> {
+    args.spawn.check(args.cloud.is_none(), "without --cloud")?;
     if args.sizes.is_empty() || args.sizes.contains(&0) {
         bail!("--sizes must list chunk sizes of at least 1");
     }
@@ -60,7 +60,7 @@ pub fn run(args: ProfileArgs, quiet: bool) -> Result<()> {
     // starts threads), as it would on its own machine.
     let spawned = match &args.cloud {
         Some(_) => None,
-        None => Some(spawn_cloud_process(&args.artifacts, false, args.cloud_cores)?),
+        None => Some(spawn_cloud_process(&args.artifacts, false, &args.spawn)?),
     };
     let device = DeviceRuntime::open(&args.artifacts.join(DEVICE_DIR))?;
     let mut sizes = args.sizes.clone();

@@ -76,6 +76,15 @@ struct CloudArgs {
     /// Require every device to present a certificate signed by this CA (mutual TLS; PEM).
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     client_ca: Option<PathBuf>,
+    /// Where the middle submodel and its KV caches live: cpu, or a GPU as cuda or cuda:N (needs a
+    /// CUDA build, see scripts/build-cuda.sh). States cross the wire as before; they move to the GPU
+    /// once per forward and back once per reply.
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    device: hat_runtime::ComputeDevice,
+    /// The middle's compute dtype: f32, bf16 or f16. Default: f32 on the CPU; on a GPU bf16 for a
+    /// dense package. A quantized package computes in f32 everywhere (its matrices keep their types).
+    #[arg(long, value_parser = hat_runtime::gpu::parse_dtype)]
+    dtype: Option<candle_core::DType>,
     /// Serve Prometheus metrics at http://ADDR/metrics (sessions open, positions computed, forward
     /// time, bytes in and out, errors by class). Port 0 picks a free one and prints it.
     #[arg(long, value_name = "ADDR")]
@@ -107,7 +116,12 @@ pub fn run(args: ServeArgs, quiet: bool) -> Result<()> {
         (Some(cert), Some(key)) => Some(ServerTls::from_pem_files(cert, key, args.client_ca.as_deref())?),
         _ => None,
     };
-    let package = CloudPackage::open(&args.package, &default_device())?;
+    let compute = hat_runtime::gpu::open(args.device)?;
+    let package = CloudPackage::open_with(&args.package, &compute, args.dtype)?;
+    if !compute.is_cpu() {
+        // One forward before listening: a package the GPU cannot run fails here, not in a session.
+        warm_up(&package).with_context(|| format!("the middle submodel does not run on {}", args.device))?;
+    }
     let baselines = match &args.token_baselines {
         Some(dir) => {
             let device = DevicePackage::open(dir, &default_device())?;
@@ -141,7 +155,21 @@ pub fn run(args: ServeArgs, quiet: bool) -> Result<()> {
         let addr = crate::serve_device::serve_metrics(listen, server.metrics())?;
         println!("metrics on {addr}");
     }
+    if !quiet {
+        let m = &package.middle;
+        eprintln!("middle submodel on {} in {}", args.device, hat_runtime::gpu::dtype_name(m.dtype()));
+    }
     println!("listening on {}", server.local_addr());
     server.run_until_ctrl_c()?;
+    Ok(())
+}
+
+/// Runs the middle once on two rows at position 0 with a throwaway cache.
+fn warm_up(package: &CloudPackage) -> Result<()> {
+    let m = &package.middle;
+    let states = candle_core::Tensor::zeros((1, 2, m.config().hidden_size), candle_core::DType::F32, &candle_core::Device::Cpu)?;
+    let out = m.forward_layers(&states, 0, &mut m.new_cache())?;
+    let finite = out.flatten_all()?.to_vec1::<f32>()?.iter().all(|v| v.is_finite());
+    anyhow::ensure!(finite, "its output on zeros is not finite");
     Ok(())
 }

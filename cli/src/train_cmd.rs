@@ -44,7 +44,8 @@ pub struct TrainArgs {
     /// Passes over the teacher positions, instead of --steps.
     #[arg(long)]
     epochs: Option<f64>,
-    /// Where to train: CUDA needs a build with `--features cuda`.
+    /// Where to train: auto (CUDA when this build has it and a GPU opens, else the CPU), cpu, or
+    /// cuda (needs a CUDA build: scripts/build-cuda.sh).
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
     /// Decoder layers in the adapter.

@@ -338,3 +338,48 @@ fn profile_then_bench_every_mode_on_the_tiny_model() {
     let bad_link = hat(&["bench", "--artifacts", art_s, "--spawn-cloud", "--prompts", p_s, "--link", "50"], &[]);
     assert!(!bad_link.status.success() && String::from_utf8_lossy(&bad_link.stderr).contains("write a link as MBPS,RTT_MS"));
 }
+
+/// `--device` and `--dtype` of `hat serve cloud` (and `--cloud-device`/`--cloud-dtype` where hat
+/// starts the cloud): bad values and impossible asks are refused in one line before anything
+/// listens; a bf16 cloud, started by `hat bench`, gives `hat` exactly `ushape`'s tokens.
+#[test]
+fn cloud_device_and_dtype_are_checked_and_a_bf16_cloud_stays_exact() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = TinyLlama::default().write_dir(&tmp.path().join("src"), 1);
+    let (q8, dense) = (tmp.path().join("q8"), tmp.path().join("dense"));
+    assert!(split(&src, &q8, 1, 1, &[]).status.success());
+    let cloud = q8.join("cloud");
+    let serve = |extra: &[&str]| {
+        hat(&[&["serve", "cloud", "--package", cloud.to_str().expect("utf8"), "--listen", "127.0.0.1:0"], extra].concat(), &[])
+    };
+    let bad = serve(&["--device", "gpu"]);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("expected cpu, cuda or cuda:N"));
+    if !hat_runtime::gpu::CUDA_BUILT {
+        let res = serve(&["--device", "cuda:1"]);
+        assert_one_line_error(&res, "scripts/build-cuda.sh");
+        assert!(res.stdout.is_empty(), "a refused cloud printed: {}", String::from_utf8_lossy(&res.stdout));
+    }
+    assert_one_line_error(&serve(&["--dtype", "bf16"]), "quantized (q8_0) and computes in f32");
+
+    let args = ["--input-layers", "1", "--output-layers", "1", "--cloud-quant", "f32", "--out"];
+    let res = hat(&[&["split", "--model", src.to_str().expect("utf8")][..], &args, &[dense.to_str().expect("utf8")]].concat(), &[]);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let prompts = tmp.path().join("prompts.jsonl");
+    std::fs::write(&prompts, "{\"name\":\"a\",\"text\":\"w5 w9 w1\"}\n{\"name\":\"b\",\"text\":\"w7 w7 w2 w3\"}\n").expect("prompts");
+    let json = tmp.path().join("bench.json");
+    let bench = |extra: &[&str]| {
+        let base = ["bench", "--artifacts", dense.to_str().expect("utf8"), "--prompts", prompts.to_str().expect("utf8")];
+        hat(&[&base[..], &["--modes", "ushape,hat-nochunk", "--link", "100,1", "--max-tokens", "12"], extra].concat(), &[])
+    };
+    assert_one_line_error(&bench(&["--cloud", "127.0.0.1:9", "--cloud-device", "cuda"]), "apply only when hat starts the cloud");
+    let res = bench(&["--spawn-cloud", "--cloud-dtype", "bf16", "--json", json.to_str().expect("utf8")]);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).expect("bench.json")).expect("json");
+    assert!(v["placement"].as_str().is_some_and(|p| p.ends_with("the cloud computes on cpu in bf16")), "{}", v["placement"]);
+    let runs = v["runs"].as_array().expect("runs");
+    for prompt in ["a", "b"] {
+        let tokens = |mode: &str| runs.iter().find(|r| r["prompt"] == prompt && r["mode"] == mode).expect("run")["tokens"].clone();
+        assert_eq!(tokens("hat-nochunk"), tokens("ushape"), "prompt {prompt}: hat differs from ushape on the bf16 cloud");
+        assert!(tokens("ushape").as_array().is_some_and(|t| t.len() == 12), "prompt {prompt}: {}", tokens("ushape"));
+    }
+}

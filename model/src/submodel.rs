@@ -50,6 +50,10 @@ pub struct Submodel {
     device: Device,
 }
 
+/// Forwards of at most this many rows run row by row off the CPU's f32 path (see
+/// [`Submodel::forward_layers`]): a verification round is at most `--draft-len` + 1 rows.
+pub const ROW_BY_ROW_MAX: usize = 16;
+
 impl Submodel {
     /// Loads layers `layer_range` (original indices) and, depending on `kind`, the embedding or head.
     pub fn load(vb: VarBuilder, cfg: &Config, kind: SubmodelKind, layer_range: Range<usize>) -> Result<Self> {
@@ -185,13 +189,37 @@ impl Submodel {
     }
 
     /// Runs this submodel's decoder layers on new positions `pos..pos + seq`; the cache must hold
-    /// exactly `pos` positions already (truncate it first to roll back).
+    /// exactly `pos` positions already (truncate it first to roll back). `hidden` may live on
+    /// another device or in another dtype (the cloud on a GPU gets states from the wire on the CPU
+    /// in f32): it moves to this submodel's device and dtype once, and the output comes back to
+    /// where `hidden` was, once. On the submodel's own device and dtype both moves are no-ops.
+    ///
+    /// Off the CPU's f32 path (a GPU, or another dtype), a row's last bits depend on how many rows
+    /// share its matmuls. There a forward of at most [`ROW_BY_ROW_MAX`] rows (a verification round)
+    /// runs its rows one at a time, each exactly as a one-token step would: `hat` then gets the
+    /// bits `ushape` gets from the same cloud. Longer forwards (prompt chunks) run whole.
     ///
     /// # Shapes
     /// hidden: (batch, seq, hidden) -> (batch, seq, hidden)
     pub fn forward_layers(&self, hidden: &Tensor, pos: usize, cache: &mut KvCache) -> Result<Tensor> {
-        self.check_positions(pos, hidden.dim(1)?, cache)?;
-        let mut h = hidden.clone();
+        let seq = hidden.dim(1)?;
+        self.check_positions(pos, seq, cache)?;
+        let h = hidden.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let out = if self.row_by_row(seq) {
+            let rows = (0..seq).map(|i| self.run_layers(h.narrow(1, i, 1)?, pos + i, cache)).collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&rows, 1)?
+        } else {
+            self.run_layers(h, pos, cache)?
+        };
+        Ok(out.to_device(hidden.device())?.to_dtype(hidden.dtype())?)
+    }
+
+    /// Whether a forward of `rows` rows runs them one at a time (see [`Submodel::forward_layers`]).
+    fn row_by_row(&self, rows: usize) -> bool {
+        (2..=ROW_BY_ROW_MAX).contains(&rows) && !(self.device.is_cpu() && self.dtype == DType::F32)
+    }
+
+    fn run_layers(&self, mut h: Tensor, pos: usize, cache: &mut KvCache) -> Result<Tensor> {
         for (i, layer) in self.layers.iter().enumerate() {
             h = layer.forward(&h, &self.rope, pos, cache.layer_mut(i))?;
         }
@@ -201,7 +229,8 @@ impl Submodel {
     /// [`Submodel::forward_layers`] for several sessions at once, as one batch: `inputs[i]` is
     /// session i's new rows and their first position, `caches[i]` its cache. Each output equals, bit
     /// for bit, what `forward_layers` gives that session alone (see `DecoderLayer::forward_ragged`);
-    /// off the CPU or in another dtype the sessions simply run one after another.
+    /// off the CPU or in another dtype the sessions simply run one after another (a GPU's matmuls
+    /// are not row by row, so stacking sessions there would change their bits).
     ///
     /// # Shapes
     /// inputs: (1, seq_i, hidden) each -> (1, seq_i, hidden) each
@@ -209,7 +238,8 @@ impl Submodel {
         if inputs.len() != caches.len() {
             return Err(ModelError::InvalidConfig(format!("{} inputs for {} caches", inputs.len(), caches.len())));
         }
-        if !(self.device.is_cpu() && self.dtype == DType::F32) || inputs.len() == 1 {
+        let home = inputs.iter().all(|(h, _)| h.device().same_device(&self.device) && h.dtype() == self.dtype);
+        if !(self.device.is_cpu() && self.dtype == DType::F32 && home) || inputs.len() == 1 {
             return inputs.iter().zip(caches.iter_mut()).map(|((h, pos), c)| self.forward_layers(h, *pos, c)).collect();
         }
         let mut segments = Vec::with_capacity(inputs.len());
@@ -327,6 +357,13 @@ impl Submodel {
             (Some(n), Some(l)) => (n, l),
             _ => return Err(missing_part(self.kind, "LM head")),
         };
+        let rows = if hidden.rank() == 3 { hidden.dim(1)? } else { 1 };
+        if self.row_by_row(rows) {
+            let logits = (0..rows)
+                .map(|i| self.cap_logits(lm_head.forward(&norm.forward(&hidden.narrow(1, i, 1)?)?)?))
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(Tensor::cat(&logits, 1)?);
+        }
         self.cap_logits(lm_head.forward(&norm.forward(hidden)?)?)
     }
 }

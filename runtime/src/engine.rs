@@ -11,7 +11,9 @@
 //! matmuls quantize each input row alone; attention is `attend_rows`), so a session's output is
 //! the one it would get alone, bit for bit, whatever the batch, at any cached length and after
 //! any rollback (each session's cache is truncated to its message's start first). While a batch
-//! runs, new requests queue and form the next one. The caches travel with the requests: the engine
+//! runs, new requests queue and form the next one. On a GPU (or in a dtype other than f32) the
+//! batch's sessions run one after another: a GPU's matmuls are not row by row, so stacking sessions
+//! there would change their bits. The caches travel with the requests: the engine
 //! owns a session's cache while its forward is in flight and hands it back with the reply.
 
 use std::sync::atomic::{AtomicUsize, Ordering};

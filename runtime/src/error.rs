@@ -38,6 +38,9 @@ pub enum RuntimeError {
     CloudProtocol { addr: String, reason: String },
     #[error("{0}")]
     Adapter(String),
+    /// `--device cuda` could not be honoured (see `gpu::open`).
+    #[error("{0}")]
+    Gpu(String),
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error("{0}")]

@@ -180,8 +180,30 @@ pub struct CloudPackage {
 
 impl CloudPackage {
     pub fn open(dir: &Path, device: &Device) -> Result<Self> {
+        Self::open_with(dir, device, None)
+    }
+
+    /// Opens the package with its middle submodel on `device`, computing in `dtype` (default: f32
+    /// on the CPU; on a GPU bf16 for a dense package, or the package's stored f16/bf16). A quantized
+    /// middle computes in f32 on every device, its matrices staying in their ggml types (candle's
+    /// quantized matmuls take f32 rows), so another `dtype` is refused for it.
+    pub fn open_with(dir: &Path, device: &Device, dtype: Option<DType>) -> Result<Self> {
         let manifest = Self::read_manifest(dir)?;
-        let dtype = compute_dtype(&manifest, device);
+        let quant = manifest.shard("middle").and_then(|s| s.quant.clone());
+        let dtype = match (dtype, &quant) {
+            (Some(d), Some(q)) if d != DType::F32 => {
+                return Err(RuntimeError::BadInput(format!(
+                    "{}: the middle submodel is quantized ({q}) and computes in f32 on every device; --dtype {} is for a \
+                     dense package (`hat split --cloud-quant f32` or f16)",
+                    dir.display(),
+                    crate::gpu::dtype_name(d)
+                )))
+            }
+            (Some(d), _) => d,
+            (None, Some(_)) => DType::F32,
+            (None, None) if device.is_cpu() || manifest.dtype != "f32" => compute_dtype(&manifest, device),
+            (None, None) => DType::BF16,
+        };
         let middle = load_shard(dir, &manifest, "middle", SubmodelKind::Middle, device, dtype)?;
         Ok(Self { dir: dir.to_path_buf(), manifest, middle })
     }

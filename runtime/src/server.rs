@@ -106,10 +106,10 @@ impl std::fmt::Debug for CloudServer {
     }
 }
 
-/// KV-cache bytes one position costs in the middle submodel (f32 keys and values).
+/// KV-cache bytes one position costs in the middle submodel (keys and values in its compute dtype).
 pub fn kv_bytes_per_position(middle: &Submodel) -> usize {
     let c = middle.config();
-    middle.layer_range().len() * 2 * c.num_kv_heads * c.head_dim * 4
+    middle.layer_range().len() * 2 * c.num_kv_heads * c.head_dim * middle.dtype().size_in_bytes()
 }
 
 impl CloudServer {

@@ -1,7 +1,9 @@
 //! The cloud's batched verification engine on the real default model (split 2/2): a session's rows
 //! give the same bits in a batch as alone, at every cached length, after rollbacks, in f32 and in
 //! q8_0; sessions through a batching cloud give `--mode local`'s tokens, and 64 at once give their
-//! solo tokens; the KV budget refuses a session it cannot hold and admits it once room is free.
+//! solo tokens; the KV budget refuses a session it cannot hold and admits it once room is free. Off
+//! the CPU's f32 path (bf16 here, a GPU's default), a verification round runs row by row and equals
+//! one-row steps bit for bit.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -202,4 +204,30 @@ fn the_kv_budget_refuses_a_session_it_cannot_hold_and_admits_it_once_room_is_fre
         }
     }
     assert!(admitted, "the budget was not given back when a session closed");
+}
+
+/// Off the CPU's f32 path (here the middle in bf16 on the CPU, as a GPU cloud runs a dense package)
+/// a verification-sized forward runs its rows one at a time: its output, and the cache it leaves,
+/// equal those of one-row steps bit for bit, so `hat` gets `ushape`'s bits from the same cloud. The
+/// states come back in the caller's dtype.
+#[test]
+fn off_the_cpu_f32_path_a_verification_round_equals_one_row_steps() {
+    let cloud = CloudPackage::open_with(&default_artifacts().join("cloud"), &Device::Cpu, Some(candle_core::DType::BF16)).expect("bf16");
+    let middle = &cloud.middle;
+    let hidden = middle.config().hidden_size;
+    let prompt = states(9, hidden, 0.0);
+    let round = states(5, hidden, 1.0);
+    let (mut whole, mut steps) = (middle.new_cache(), middle.new_cache());
+    middle.forward_layers(&prompt, 0, &mut whole).expect("prefill");
+    middle.forward_layers(&prompt, 0, &mut steps).expect("prefill");
+    let at_once = middle.forward_layers(&round, 9, &mut whole).expect("round");
+    assert_eq!(at_once.dtype(), candle_core::DType::F32, "states come back in the caller's dtype");
+    let one_by_one: Vec<Tensor> =
+        (0..5).map(|i| middle.forward_layers(&round.narrow(1, i, 1).expect("row"), 9 + i, &mut steps).expect("step")).collect();
+    assert_eq!(max_abs_diff(&at_once, &Tensor::cat(&one_by_one, 1).expect("cat")), 0.0);
+    // The caches agree too: a rollback to the middle of the round and one more row give the same bits.
+    let next = states(1, hidden, 2.0);
+    let a = middle.forward_layers(&next, 12, &mut whole).expect("after rollback");
+    let b = middle.forward_layers(&next, 12, &mut steps).expect("after rollback");
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
 }
