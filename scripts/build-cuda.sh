@@ -108,8 +108,9 @@ echo 'void unused(void) {}' >"$fake/empty.c"
 for so in libnvrtc.so.13 libcublasLt.so.13 libcublas.so.13 libcurand.so.10; do
     cc -shared -fPIC -o "$fake/$so" "$fake/empty.c" -Wl,-soname,"$so"
 done
-if ! LD_LIBRARY_PATH=$fake "$out/hat" serve cloud --package /nonexistent --device cuda 2>&1 | grep -q "stand-in driver"; then
-    echo "error: with a stand-in libcuda.so.1 on LD_LIBRARY_PATH, hat did not call it through its filter library" >&2
+stand_in=$(LD_LIBRARY_PATH=$fake "$out/hat" serve cloud --package /nonexistent --device cuda 2>&1 || true)
+if [[ $stand_in != *"stand-in driver"* ]]; then
+    echo "error: with a stand-in libcuda.so.1 on LD_LIBRARY_PATH, hat did not call it through its filter library: $stand_in" >&2
     exit 1
 fi
 strip -o "$out/hat.stripped" "$out/hat"
@@ -119,6 +120,7 @@ rm "$out/hat.stripped"
 echo "built $out/hat with $out/lib ($(du -h "$out/hat" | cut -f1); stripped and packed with lib/ as $out/hat-cuda.tar.xz, $(du -h "$out/hat-cuda.tar.xz" | cut -f1))" >&2
 echo "it needs: $needed" >&2
 echo "without CUDA it says: $msg" >&2
+echo "with a stand-in driver it says: $stand_in" >&2
 echo "on a GPU machine whose CUDA 13 libraries are not in the system's directories, before running it:" >&2
 echo "  export LD_LIBRARY_PATH=/usr/local/nvidia/lib64:\$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], \"cu13/lib\"))'):\$LD_LIBRARY_PATH" >&2
 echo "$out/hat"

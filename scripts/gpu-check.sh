@@ -29,11 +29,11 @@ mkdir -p "$work"
 SECONDS=0
 step() { printf '== [%4d s] %s\n' "$SECONDS" "$*" >&2; }
 
-case $bin in
-*.tar.xz) # hat and its lib/ of CUDA filter libraries, as scripts/build-cuda.sh packs them
-    mkdir -p "$work/bin" && tar -C "$work/bin" -xJf "$bin" && bin=$work/bin/hat ;;
-*.xz) xz -dc "$bin" >"$work/hat" && chmod +x "$work/hat" && bin=$work/hat ;;
-esac
+# hat-cuda.tar.xz holds hat and its lib/ of CUDA filter libraries, as scripts/build-cuda.sh packs
+# them; a binary given as is needs its lib/ beside it.
+if [[ $bin == *.tar.xz ]]; then
+    mkdir -p "$work/bin" && tar -C "$work/bin" -xJf "$bin" && bin=$work/bin/hat
+fi
 # The GPU machine's libraries: the driver's, and CUDA 13's as PyTorch's wheels install them.
 for d in /usr/local/nvidia/lib64 "$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13/lib"))' 2>/dev/null)"; do
     [[ -n $d && -d $d ]] && export LD_LIBRARY_PATH=$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}

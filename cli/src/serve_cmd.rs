@@ -120,7 +120,11 @@ pub fn run(args: ServeArgs, quiet: bool) -> Result<()> {
     let package = CloudPackage::open_with(&args.package, &compute, args.dtype)?;
     if !compute.is_cpu() {
         // One forward before listening: a package the GPU cannot run fails here, not in a session.
-        warm_up(&package).with_context(|| format!("the middle submodel does not run on {}", args.device))?;
+        let stored = package.manifest.shard("middle").and_then(|m| m.quant.clone()).unwrap_or_else(|| package.manifest.dtype.clone());
+        let dtype = hat_runtime::gpu::dtype_name(package.middle.dtype());
+        warm_up(&package).with_context(|| {
+            format!("the middle submodel ({stored} matrices, computing in {dtype}) does not run on {}; try --device cpu", args.device)
+        })?;
     }
     let baselines = match &args.token_baselines {
         Some(dir) => {

@@ -113,7 +113,9 @@ fn sampling_with_the_head_draws_the_models_distribution() {
         let (mut accepted, mut drafted, mut speculated) = (0, 0, 0);
         let mut drafter = Drafter::feature(head.clone(), Some(0.0)).with_overlap(overlap);
         for seed in 0..4000 {
-            let opts = GenerateOptions { max_tokens: 8, sampling: SamplingOptions { seed, ..sampling }, eos: vec![], ..Default::default() };
+            // Six tokens: the prompt's round, one round of three drafts, and a round after it
+            // (where drafting while verifying speculates).
+            let opts = GenerateOptions { max_tokens: 6, sampling: SamplingOptions { seed, ..sampling }, eos: vec![], ..Default::default() };
             let g = generate_speculative(&mut model, &mut drafter, &prompt, &opts, 3, |_| {}).expect("generate");
             counts[g.tokens[1] as usize] += 1;
             accepted += g.accepted;
