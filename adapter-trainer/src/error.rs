@@ -6,11 +6,7 @@ pub enum TrainError {
     BadData { path: PathBuf, reason: String },
     #[error("{0}")]
     BadInput(String),
-    #[error(
-        "--device cuda needs a hat built with CUDA: build one with scripts/build-cuda.sh (no CUDA toolkit needed), \
-         or use --device cpu"
-    )]
-    NoCuda,
+    /// `--device cuda` could not be honoured: a CPU build, or no usable GPU (`hat_runtime::gpu::open`).
     #[error("{0}")]
     CudaUnavailable(String),
     #[error("{context}: {source}")]

@@ -46,7 +46,7 @@ pub const REPORT_FILE: &str = "adapter-report.json";
 pub const WORK_DIR: &str = "adapter-train";
 
 /// Whether this build can train on CUDA.
-pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
+pub use hat_runtime::gpu::CUDA_BUILT;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceChoice {
@@ -60,7 +60,7 @@ pub fn select_device(choice: DeviceChoice) -> Result<Device> {
     use hat_runtime::gpu::{open, ComputeDevice};
     match choice {
         DeviceChoice::Cpu => Ok(Device::Cpu),
-        DeviceChoice::Cuda if !CUDA_BUILT => Err(TrainError::NoCuda),
+        // A CPU build's refusal comes from `open` too.
         DeviceChoice::Cuda => open(ComputeDevice::Cuda(0)).map_err(|e| TrainError::CudaUnavailable(e.to_string())),
         DeviceChoice::Auto if CUDA_BUILT => Ok(open(ComputeDevice::Cuda(0)).unwrap_or(Device::Cpu)),
         DeviceChoice::Auto => Ok(Device::Cpu),

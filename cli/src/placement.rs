@@ -98,8 +98,8 @@ pub struct SpawnArgs {
     #[arg(long, value_name = "DEVICE")]
     pub cloud_device: Option<hat_runtime::ComputeDevice>,
     /// When hat starts the cloud: its compute dtype (its `--dtype`: f32, bf16 or f16).
-    #[arg(long, value_name = "DTYPE", value_parser = ["f32", "bf16", "f16"])]
-    pub cloud_dtype: Option<String>,
+    #[arg(long, value_name = "DTYPE", value_parser = hat_runtime::gpu::parse_dtype)]
+    pub cloud_dtype: Option<candle_core::DType>,
 }
 
 impl SpawnArgs {
@@ -167,8 +167,8 @@ pub fn spawn_cloud_process_with(artifacts: &Path, extra: &[String], spawn: &Spaw
     if let Some(device) = spawn.cloud_device {
         cmd.args(["--device".to_string(), device.to_string()]);
     }
-    if let Some(dtype) = &spawn.cloud_dtype {
-        cmd.args(["--dtype", dtype]);
+    if let Some(dtype) = spawn.cloud_dtype {
+        cmd.args(["--dtype", dtype.as_str()]);
     }
     let placement = match split_cores(spawn.cloud_cores)? {
         Some((device, cloud)) => {
@@ -184,12 +184,12 @@ pub fn spawn_cloud_process_with(artifacts: &Path, extra: &[String], spawn: &Spaw
         }
         None => "device and cloud process share the only CPU".to_string(),
     };
-    let placement = match (spawn.cloud_device, &spawn.cloud_dtype) {
+    let placement = match (spawn.cloud_device, spawn.cloud_dtype) {
         (None, None) => placement,
         (device, dtype) => format!(
             "{placement}; the cloud computes on {}{}",
             device.unwrap_or_default(),
-            dtype.as_ref().map(|d| format!(" in {d}")).unwrap_or_default()
+            dtype.map(|d| format!(" in {}", d.as_str())).unwrap_or_default()
         ),
     };
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().context("cannot start `hat serve cloud`")?;

@@ -121,7 +121,7 @@ pub fn run(args: ServeArgs, quiet: bool) -> Result<()> {
     if !compute.is_cpu() {
         // One forward before listening: a package the GPU cannot run fails here, not in a session.
         let stored = package.manifest.shard("middle").and_then(|m| m.quant.clone()).unwrap_or_else(|| package.manifest.dtype.clone());
-        let dtype = hat_runtime::gpu::dtype_name(package.middle.dtype());
+        let dtype = package.middle.dtype().as_str();
         warm_up(&package).with_context(|| {
             format!("the middle submodel ({stored} matrices, computing in {dtype}) does not run on {}; try --device cpu", args.device)
         })?;
@@ -161,7 +161,7 @@ pub fn run(args: ServeArgs, quiet: bool) -> Result<()> {
     }
     if !quiet {
         let m = &package.middle;
-        eprintln!("middle submodel on {} in {}", args.device, hat_runtime::gpu::dtype_name(m.dtype()));
+        eprintln!("middle submodel on {} in {}", args.device, m.dtype().as_str());
     }
     println!("listening on {}", server.local_addr());
     server.run_until_ctrl_c()?;

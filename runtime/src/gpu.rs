@@ -50,22 +50,12 @@ impl fmt::Display for ComputeDevice {
 /// Whether this build has CUDA compiled in.
 pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
 
-/// The dtype `--dtype` names (f32, bf16 or f16).
+/// The dtype `--dtype` names: f32, bf16 or f16, by candle's names for them (`DType::as_str` gives
+/// them back).
 pub fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
-    match s {
-        "f32" => Ok(DType::F32),
-        "bf16" => Ok(DType::BF16),
-        "f16" => Ok(DType::F16),
+    match s.parse::<DType>() {
+        Ok(d @ (DType::F32 | DType::BF16 | DType::F16)) => Ok(d),
         _ => Err(format!("`{s}`: expected f32, bf16 or f16")),
-    }
-}
-
-/// The name `--dtype` gives `dtype`.
-pub fn dtype_name(dtype: DType) -> &'static str {
-    match dtype {
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        _ => "f32",
     }
 }
 

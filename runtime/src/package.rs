@@ -119,11 +119,7 @@ pub fn compute_dtype(manifest: &Manifest, device: &Device) -> DType {
     if device.is_cpu() {
         return DType::F32;
     }
-    match manifest.dtype.as_str() {
-        "f16" => DType::F16,
-        "bf16" => DType::BF16,
-        _ => DType::F32,
-    }
+    crate::gpu::parse_dtype(&manifest.dtype).unwrap_or(DType::F32)
 }
 
 /// The device side: input and output submodels and the tokenizer.
@@ -196,13 +192,15 @@ impl CloudPackage {
                     "{}: the middle submodel is quantized ({q}) and computes in f32 on every device; --dtype {} is for a \
                      dense package (`hat split --cloud-quant f32` or f16)",
                     dir.display(),
-                    crate::gpu::dtype_name(d)
+                    d.as_str()
                 )))
             }
             (Some(d), _) => d,
             (None, Some(_)) => DType::F32,
-            (None, None) if device.is_cpu() || manifest.dtype != "f32" => compute_dtype(&manifest, device),
-            (None, None) => DType::BF16,
+            (None, None) => match compute_dtype(&manifest, device) {
+                DType::F32 if !device.is_cpu() => DType::BF16,
+                d => d,
+            },
         };
         let middle = load_shard(dir, &manifest, "middle", SubmodelKind::Middle, device, dtype)?;
         Ok(Self { dir: dir.to_path_buf(), manifest, middle })
