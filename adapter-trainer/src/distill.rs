@@ -1,10 +1,13 @@
-//! Batched self-distillation: the full split model answers many prompts greedily, several at a time.
-//! Prompts of equal token length share a batch, so no padding or mask is needed; one decode step
-//! then costs about what one sequence's step costs on this CPU, because a lone step is bound by
-//! reading the weights. Rows that have ended keep stepping until the batch ends and are trimmed.
+//! Batched self-distillation: the full split model answers many prompts, several at a time, greedily
+//! or sampled (more answers per prompt: the draft head sees the model's distribution after tokens the
+//! greedy text never takes). Prompts of equal token length share a batch, so no padding or mask is
+//! needed; one decode step then costs about what one sequence's step costs on this CPU, because a
+//! lone step is bound by reading the weights. Rows that have ended keep stepping until the batch ends
+//! and are trimmed.
 
 use candle_core::{Device, Tensor};
 use hat_model::KvCache;
+use hat_runtime::sampling::{logits_rows, Sampler, SamplingOptions};
 use hat_runtime::{CloudPackage, DevicePackage};
 use serde::{Deserialize, Serialize};
 
@@ -18,29 +21,32 @@ pub struct Distilled {
     pub tokens: Vec<u32>,
 }
 
-/// Answers every prompt greedily with at most `max_new` tokens, `batch` prompts of equal length at
-/// a time, in the order given.
-pub fn distill_greedy(
+/// Answers every prompt with at most `max_new` tokens, `batch` prompts of equal length at a time:
+/// greedily (the first on ties, as `hat generate` does) or drawn as `sampling` says, from one seeded
+/// stream in the order of the batches, so a run is repeatable.
+pub fn distill(
     device: &DevicePackage,
     cloud: &CloudPackage,
     prompts: &[Vec<u32>],
     max_new: usize,
     batch: usize,
+    sampling: SamplingOptions,
     bar: &indicatif::ProgressBar,
 ) -> Result<Vec<Distilled>> {
     let eos = device.eos_ids();
+    let mut sampler = Sampler::new(sampling);
     let mut order: Vec<usize> = (0..prompts.len()).collect();
     order.sort_by_key(|&i| prompts[i].len());
     let mut out: Vec<Option<Distilled>> = vec![None; prompts.len()];
     let mut group: Vec<usize> = Vec::new();
-    let flush = |group: &mut Vec<usize>, out: &mut Vec<Option<Distilled>>| -> Result<()> {
+    let mut flush = |group: &mut Vec<usize>, out: &mut Vec<Option<Distilled>>| -> Result<()> {
         if group.is_empty() {
             return Ok(());
         }
         let rows: Vec<&[u32]> = group.iter().map(|&i| prompts[i].as_slice()).collect();
         let context = device.config.max_position_embeddings;
         let budget = max_new.min(context.saturating_sub(rows[0].len() + 1));
-        for (answer, &i) in answer_batch(device, cloud, &rows, budget, &eos)?.into_iter().zip(group.iter()) {
+        for (answer, &i) in answer_batch(device, cloud, &rows, budget, &eos, &mut sampler)?.into_iter().zip(group.iter()) {
             out[i] = Some(Distilled { prompt_len: prompts[i].len(), tokens: [prompts[i].clone(), answer].concat() });
             bar.inc(1);
         }
@@ -57,8 +63,15 @@ pub fn distill_greedy(
     Ok(out.into_iter().flatten().collect())
 }
 
-/// Greedy answers of a batch of prompts of one length.
-fn answer_batch(device: &DevicePackage, cloud: &CloudPackage, prompts: &[&[u32]], budget: usize, eos: &[u32]) -> Result<Vec<Vec<u32>>> {
+/// Answers of a batch of prompts of one length.
+fn answer_batch(
+    device: &DevicePackage,
+    cloud: &CloudPackage,
+    prompts: &[&[u32]],
+    budget: usize,
+    eos: &[u32],
+    sampler: &mut Sampler,
+) -> Result<Vec<Vec<u32>>> {
     let b = prompts.len();
     let n = prompts[0].len();
     let flat: Vec<u32> = prompts.concat();
@@ -69,7 +82,8 @@ fn answer_batch(device: &DevicePackage, cloud: &CloudPackage, prompts: &[&[u32]]
         let x = cloud.middle.forward_layers(&x, pos, &mut caches[1])?;
         let x = device.output.forward_layers(&x, pos, &mut caches[2])?;
         let last = x.narrow(1, x.dim(1)? - 1, 1)?;
-        Ok(device.output.head(&last)?.squeeze(1)?.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?)
+        let rows = logits_rows(&device.output.head(&last)?.squeeze(1)?)?;
+        Ok(rows.iter().map(|r| sampler.choose(r)).collect())
     };
     let mut answers = vec![Vec::new(); b];
     let mut done = vec![false; b];

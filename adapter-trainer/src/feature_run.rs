@@ -8,13 +8,14 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::DType;
-use hat_runtime::draft_head::{save_head, split_label, HeadMeta, DRAFT_HEAD_FILE, HEAD_FORMAT_VERSION};
+use hat_runtime::draft_head::{read_head_meta, save_head, split_label, HeadMeta, DRAFT_HEAD_FILE, HEAD_FORMAT_VERSION, VOCAB_TENSOR};
+use hat_runtime::sampling::SamplingOptions;
 use hat_runtime::{CloudPackage, DevicePackage, Drafter};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
 use crate::data::{chat_prompt, prompt_lines, read_data, Example, HELDOUT_PROMPTS};
-use crate::distill::{distill_greedy, Distilled};
+use crate::distill::{distill, Distilled};
 use crate::error::{Result, TrainError};
 use crate::eval::{evaluate_drafter, EvalResult};
 use crate::feature::{alignment, draft_vocab, initial_tensors, teacher_forced_top1, HeadLossConfig, HeadStudent, TrainableHead};
@@ -54,6 +55,14 @@ pub struct HeadReport {
     /// Share of held-out answer tokens inside the draft vocabulary (a ceiling on acceptance).
     pub heldout_vocab_coverage: f64,
     pub sequences: usize,
+    /// Answers per training prompt (the first greedy, the rest sampled at `distill_temperature`).
+    #[serde(default = "one")]
+    pub answers_per_prompt: usize,
+    #[serde(default)]
+    pub distill_temperature: f64,
+    /// The head file training started from, when not the model's last layer.
+    #[serde(default)]
+    pub init_head: Option<PathBuf>,
     pub teacher_positions: usize,
     pub heldout_sequences: usize,
     /// Share of answer positions where the teacher's top token is the next token of the greedy text
@@ -75,6 +84,10 @@ pub struct HeadReport {
     pub loss: HeadLossConfig,
 }
 
+fn one() -> usize {
+    1
+}
+
 /// Distilled answers, cached by everything that decides them.
 fn distilled(
     opts: &TrainAdapterOptions,
@@ -82,13 +95,17 @@ fn distilled(
     cloud: &CloudPackage,
     prompts: &[String],
     what: &str,
+    sampling: SamplingOptions,
 ) -> Result<(Vec<Distilled>, f64)> {
     let ids = prompts.iter().map(|p| chat_prompt(device, p)).collect::<Result<Vec<_>>>()?;
     let context = device.config.max_position_embeddings;
     if let Some((i, p)) = ids.iter().enumerate().find(|(_, p)| p.len() + 1 >= context) {
         return Err(TrainError::BadInput(format!("prompt {} has {} tokens, longer than the model's context of {context}", i + 1, p.len())));
     }
-    let key = format!("{}|{}|{ids:?}", device.manifest.fingerprint, opts.distill_tokens);
+    let mut key = format!("{}|{}|{ids:?}", device.manifest.fingerprint, opts.distill_tokens);
+    if !sampling.is_greedy() {
+        key += &format!("|sampled {} {}", sampling.temperature, sampling.seed);
+    }
     let key = &hex::encode(sha2::Sha256::digest(key.as_bytes()))[..16];
     let cache = device.dir.join(WORK_DIR).join(format!("distill-{what}-{key}.json"));
     if let Some(d) = std::fs::read_to_string(&cache).ok().and_then(|t| serde_json::from_str::<Vec<Distilled>>(&t).ok()) {
@@ -96,7 +113,7 @@ fn distilled(
     }
     let started = Instant::now();
     let b = bar(opts.progress, ids.len() as u64, &format!("distilling {what}"));
-    let d = distill_greedy(device, cloud, &ids, opts.distill_tokens, opts.distill_batch, &b)?;
+    let d = distill(device, cloud, &ids, opts.distill_tokens, opts.distill_batch, sampling, &b)?;
     b.finish_and_clear();
     let json = serde_json::to_string(&d).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
     write_atomically(&cache, |tmp| std::fs::write(tmp, &json).map_err(|e| TrainError::io(format!("cannot write {}", tmp.display()), e)))?;
@@ -123,6 +140,30 @@ fn teacher(
     Ok((t, started.elapsed().as_secs_f64(), key))
 }
 
+/// Where training starts.
+struct Start {
+    tensors: std::collections::HashMap<String, candle_core::Tensor>,
+    /// `--init-head`'s draft vocabulary and the first hex digits of its file's SHA-256.
+    init: Option<(Vec<u32>, String)>,
+}
+
+/// `--init-head`'s weights and vocabulary (checked against the package like any head), or the
+/// model's last layer and no vocabulary yet.
+fn start_tensors(opts: &TrainAdapterOptions, device: &DevicePackage) -> Result<Start> {
+    let Some(path) = &opts.init_head else { return Ok(Start { tensors: initial_tensors(device, opts.seed)?, init: None }) };
+    let bytes = std::fs::read(path).map_err(|e| TrainError::io(format!("cannot read --init-head {}", path.display()), e))?;
+    read_head_meta(&bytes, path)?.check(path, device)?;
+    let mut t = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)?;
+    let vocab = t
+        .remove(VOCAB_TENSOR)
+        .ok_or_else(|| TrainError::BadInput(format!("{} has no `{VOCAB_TENSOR}` tensor", path.display())))?
+        .to_dtype(DType::U32)?
+        .to_vec1::<u32>()?;
+    let tensors = t.into_iter().map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?))).collect::<Result<_>>()?;
+    let digest = hex::encode(sha2::Sha256::digest(&bytes))[..12].to_string();
+    Ok(Start { tensors, init: Some((vocab, digest)) })
+}
+
 fn head_eval(
     opts: &TrainAdapterOptions,
     head: &TrainableHead,
@@ -139,10 +180,20 @@ fn head_eval(
 }
 
 pub fn run_feature(opts: &TrainAdapterOptions) -> Result<HeadReport> {
-    if opts.batch == 0 || opts.seq_len < 3 || opts.draft_vocab == 0 || opts.head_loss.unroll == 0 {
-        return Err(TrainError::BadInput("--batch, --draft-vocab and --unroll must be at least 1, --seq-len at least 3".into()));
+    if opts.batch == 0 || opts.seq_len < 3 || opts.draft_vocab == 0 || opts.head_loss.unroll == 0 || opts.distill_samples == 0 {
+        return Err(TrainError::BadInput(
+            "--batch, --draft-vocab, --unroll and --distill-samples must be at least 1, --seq-len at least 3".into(),
+        ));
+    }
+    if opts.distill_samples > 1 && !(opts.distill_temperature > 0.0 && opts.distill_temperature.is_finite()) {
+        return Err(TrainError::BadInput(format!(
+            "--distill-temperature must be above 0 to sample answers (got {})",
+            opts.distill_temperature
+        )));
     }
     let Opened { train_device, device_dir, device, cloud, work } = open_packages(opts)?;
+    // Before any distilling: a bad --init-head fails at once.
+    let Start { tensors: start, init } = start_tensors(opts, &device)?;
 
     // Prompts: the data file's, or the shipped set; the held-out prompts are never among them.
     let heldout_prompts: Vec<String> = prompt_lines(HELDOUT_PROMPTS).into_iter().take(opts.eval_prompts).collect();
@@ -157,22 +208,37 @@ pub fn run_feature(opts: &TrainAdapterOptions) -> Result<HeadReport> {
     if prompts.is_empty() {
         return Err(TrainError::BadInput("no prompts to self-distill from".into()));
     }
-    let (train_seqs, t1) = distilled(opts, &device, &cloud, &prompts, "train")?;
-    let (held_seqs, t2) = distilled(opts, &device, &cloud, &heldout_prompts, "heldout")?;
+    let greedy = SamplingOptions::default();
+    let (mut train_seqs, mut t1) = distilled(opts, &device, &cloud, &prompts, "train", greedy)?;
+    let greedy_lens: Vec<usize> = train_seqs.iter().map(|d| d.prompt_len).collect();
+    for sample in 1..opts.distill_samples {
+        let sampling = SamplingOptions {
+            temperature: opts.distill_temperature,
+            top_p: None,
+            seed: opts.seed.wrapping_mul(1_000_003).wrapping_add(sample as u64),
+        };
+        let (more, t) = distilled(opts, &device, &cloud, &prompts, &format!("train-sample{sample}"), sampling)?;
+        train_seqs.extend(more);
+        t1 += t;
+    }
+    let (held_seqs, t2) = distilled(opts, &device, &cloud, &heldout_prompts, "heldout", greedy)?;
     let seqs: Vec<Vec<u32>> = train_seqs.iter().map(|d| d.tokens.clone()).collect();
     let held: Vec<Vec<u32>> = held_seqs.iter().map(|d| d.tokens.clone()).collect();
     let held_lens: Vec<usize> = held_seqs.iter().map(|d| d.prompt_len).collect();
     let held_prompts: Vec<Vec<u32>> = held_seqs.iter().map(|d| d.tokens[..d.prompt_len].to_vec()).collect();
 
-    let vocab = draft_vocab(&seqs.concat(), opts.draft_vocab, device.config.vocab_size, &device.eos_ids());
+    let (vocab, init) = match init {
+        Some((v, digest)) => (v, format!("-init{digest}")),
+        None => (draft_vocab(&seqs.concat(), opts.draft_vocab, device.config.vocab_size, &device.eos_ids()), String::new()),
+    };
     let in_vocab: std::collections::HashSet<u32> = vocab.iter().copied().collect();
     let held_answers: Vec<u32> = held_seqs.iter().flat_map(|d| d.tokens[d.prompt_len..].iter().copied()).collect();
     let coverage = held_answers.iter().filter(|t| in_vocab.contains(t)).count() as f64 / held_answers.len().max(1) as f64;
 
     let (train_teacher, t3, key) = teacher(opts, &device, &cloud, &seqs, "train")?;
     let (held_teacher, t4, _) = teacher(opts, &device, &cloud, &held, "heldout")?;
-    let train_lens: Vec<usize> = train_seqs.iter().map(|d| d.prompt_len).collect();
-    let aligned = alignment(&train_teacher, &train_lens)?;
+    // Only greedy answers (the first of each prompt's) must follow the teacher's top token.
+    let aligned = alignment(&train_teacher, &greedy_lens)?;
 
     let config = train_config(opts, train_teacher.num_positions());
     let steps = config.steps;
@@ -185,7 +251,7 @@ pub fn run_feature(opts: &TrainAdapterOptions) -> Result<HeadReport> {
         made_by: opts.made_by.clone(),
     };
     let checkpoint = Checkpoint { dir: work.join("feature") };
-    let ckpt_key = format!("{key}-v{}", vocab.len());
+    let ckpt_key = format!("{key}-v{}{init}", vocab.len());
     let (head, mut opt, mut meta) = if opts.resume {
         if !checkpoint.exists() {
             return Err(TrainError::BadInput(format!(
@@ -208,7 +274,7 @@ pub fn run_feature(opts: &TrainAdapterOptions) -> Result<HeadReport> {
         let meta = CheckpointMeta { config: TrainConfig { steps, ..meta.config.clone() }, ..meta };
         (head, opt, meta)
     } else {
-        let head = TrainableHead::new(initial_tensors(&device, opts.seed)?, vocab, &device, &train_device)?;
+        let head = TrainableHead::new(start.clone(), vocab, &device, &train_device)?;
         let opt = AdamW::new(head.vars(), config.optimizer)?;
         let meta = CheckpointMeta {
             step: 0,
@@ -223,9 +289,9 @@ pub fn run_feature(opts: &TrainAdapterOptions) -> Result<HeadReport> {
         (head, opt, meta)
     };
     let heldout = (&held_teacher, held_lens.as_slice(), held_prompts.as_slice());
-    // The untrained head is measured afresh each time (the checkpoint keeps only the adapter's numbers).
+    // The starting head is measured afresh each time (the checkpoint keeps only the adapter's numbers).
     let before = if opts.resume {
-        let fresh = TrainableHead::new(initial_tensors(&device, opts.seed)?, head.vocab.clone(), &device, &train_device)?;
+        let fresh = TrainableHead::new(start, head.vocab.clone(), &device, &train_device)?;
         head_eval(opts, &fresh, &device, &cloud, heldout, &meta_for(0.0))?
     } else {
         head_eval(opts, &head, &device, &cloud, heldout, &meta_for(0.0))?
@@ -256,6 +322,9 @@ pub fn run_feature(opts: &TrainAdapterOptions) -> Result<HeadReport> {
         draft_vocab: head.vocab.len(),
         heldout_vocab_coverage: coverage,
         sequences: train_teacher.num_sequences(),
+        answers_per_prompt: opts.distill_samples,
+        distill_temperature: if opts.distill_samples > 1 { opts.distill_temperature } else { 0.0 },
+        init_head: opts.init_head.clone(),
         teacher_positions: train_teacher.num_positions(),
         heldout_sequences: held_teacher.num_sequences(),
         alignment: aligned,

@@ -96,6 +96,13 @@ pub struct TrainAdapterOptions {
     pub stop_after: Option<usize>,
     /// Draft head: prompts answered at once in self-distillation.
     pub distill_batch: usize,
+    /// Draft head: answers per training prompt; the first is greedy, the rest are sampled at
+    /// `distill_temperature`.
+    pub distill_samples: usize,
+    pub distill_temperature: f64,
+    /// Draft head: start from this head file's weights and draft vocabulary instead of the model's
+    /// last layer.
+    pub init_head: Option<PathBuf>,
     /// Draft head: tokens in the draft vocabulary.
     pub draft_vocab: usize,
     pub head_loss: HeadLossConfig,
@@ -131,6 +138,9 @@ impl TrainAdapterOptions {
             progress: true,
             stop_after: None,
             distill_batch: 16,
+            distill_samples: 1,
+            distill_temperature: 0.8,
+            init_head: None,
             draft_vocab: hat_runtime::draft_head::DEFAULT_DRAFT_VOCAB,
             head_loss: HeadLossConfig::default(),
             threshold: 0.0,

@@ -61,8 +61,36 @@ fn main() {
         Command::Audit(args) => audit_cmd::run(args, cli.quiet),
     };
     if let Err(e) = result {
-        // The whole cause chain on one line: what failed and why.
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", one_line(&e));
         std::process::exit(1);
+    }
+}
+
+/// The whole cause chain on one line: what failed and why. A cause whose words its parent's message
+/// already ends with (the `Io { context, source }` errors print their source) is not repeated.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.is_empty() {
+            line = text;
+        } else if !line.ends_with(&text) {
+            line = format!("{line}: {text}");
+        }
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn a_cause_its_parent_already_prints_is_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let e = anyhow::Error::from(hat_adapter_trainer::TrainError::io("cannot read x", io)).context("training");
+        assert_eq!(one_line(&e), "training: cannot read x: no such file");
+        let e = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(one_line(&e), "outer: inner");
     }
 }

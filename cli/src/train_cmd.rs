@@ -96,6 +96,19 @@ pub struct TrainArgs {
     /// Draft head: prompts of equal length answered at once while self-distilling.
     #[arg(long, default_value_t = 16)]
     distill_batch: usize,
+    /// Draft head: answers per training prompt while self-distilling. The first is greedy; the others
+    /// are sampled at --distill-temperature, so the head also learns what the model does after
+    /// tokens its greedy text never takes.
+    #[arg(long, default_value_t = 1)]
+    distill_samples: usize,
+    /// Draft head: temperature of the sampled answers (--distill-samples above 1).
+    #[arg(long, default_value_t = 0.8)]
+    distill_temperature: f64,
+    /// Draft head: start from this head file (its weights and draft vocabulary; it must have been
+    /// made for this model and split) instead of the model's last layer, to train an existing head
+    /// further on new data.
+    #[arg(long)]
+    init_head: Option<PathBuf>,
     /// Draft head: the confidence threshold stored in the head (drafting stops below it).
     #[arg(long, default_value_t = 0.0)]
     threshold: f32,
@@ -146,6 +159,9 @@ pub fn run_cmd(args: TrainArgs, quiet: bool) -> Result<()> {
         o.draft_vocab = args.draft_vocab;
         o.head_loss = HeadLossConfig { unroll: args.unroll, step_decay: args.step_decay, feature_weight: args.feature_weight };
         o.distill_batch = args.distill_batch;
+        o.distill_samples = args.distill_samples;
+        o.distill_temperature = args.distill_temperature;
+        o.init_head = args.init_head;
         o.threshold = args.threshold;
         o.made_by = std::env::args().map(|a| if a.contains(' ') { format!("'{a}'") } else { a }).collect::<Vec<_>>().join(" ");
         let r = run_feature(&o)?;

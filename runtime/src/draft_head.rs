@@ -60,7 +60,7 @@ fn split_of(manifest: &hat_model::Manifest) -> String {
 /// Draft heads the project trained and ships inside the binary, so a fresh `hat split` of the same
 /// model and split drafts well at once: (name, head file).
 pub const SHIPPED_HEADS: &[(&str, &[u8])] =
-    &[("SmolLM2-135M-Instruct Q4_1 GGUF, split 2/26/2, f32", include_bytes!("../heads/smollm2-135m-instruct-2-2.safetensors"))];
+    &[("SmolLM2-135M-Instruct Q4_1 GGUF, split 2/26/2", include_bytes!("../heads/smollm2-135m-instruct-2-2.safetensors"))];
 
 /// The shipped head made for this package's weights and split (whatever their storage), if any.
 pub fn shipped_head(manifest: &hat_model::Manifest) -> Option<(&'static str, &'static [u8])> {

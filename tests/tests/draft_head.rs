@@ -273,6 +273,68 @@ fn head_training_reports_and_resumes_bit_identically() {
     }
 }
 
+/// Self-distillation's answers: greedy ones are `--mode local`'s tokens; sampled ones repeat for a
+/// seed and leave the greedy path.
+#[test]
+fn distilled_answers_are_greedy_or_seeded_samples() {
+    let t = tiny(1, 1);
+    let prompts: Vec<Vec<u32>> = vec![vec![3, 14, 15], vec![9, 26, 5], vec![35, 8, 9, 7], vec![2, 7, 18, 28]];
+    let bar = indicatif::ProgressBar::hidden();
+    let answer = |sampling: SamplingOptions| {
+        hat_adapter_trainer::distill::distill(&t.device, &t.cloud, &prompts, 10, 4, sampling, &bar).expect("distill")
+    };
+    let greedy = answer(SamplingOptions::default());
+    for (d, p) in greedy.iter().zip(&prompts) {
+        let mut pipeline = LocalPipeline::new(&t.device, &t.cloud).expect("pipeline");
+        let local = generate(&mut pipeline, p, &GenerateOptions { max_tokens: 10, ..Default::default() }, |_| {}).expect("local");
+        assert_eq!((d.prompt_len, &d.tokens[..p.len()]), (p.len(), p.as_slice()));
+        assert_eq!(&d.tokens[p.len()..], local.tokens.as_slice(), "a greedy answer is local's");
+    }
+    let hot = SamplingOptions { temperature: 1.5, top_p: None, seed: 11 };
+    let (a, b) = (answer(hot), answer(hot));
+    assert_eq!(a, b, "one seed, one set of answers");
+    assert_ne!(a, greedy, "sampled answers leave the greedy path");
+    assert_ne!(a, answer(SamplingOptions { seed: 12, ..hot }), "another seed, other answers");
+}
+
+/// `--init-head` trains an existing head further: training starts from its weights (the run's
+/// "before" is that head) and keeps its draft vocabulary; sampled answers add sequences without
+/// upsetting the alignment check; a head for another split is refused in one line naming both.
+#[test]
+fn training_continues_from_a_head_file_on_sampled_answers() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let art = tiny_artifacts(&tmp.path().join("a"), &TinyLlama::default(), 1, 1);
+    let data = tmp.path().join("data.txt");
+    let docs: Vec<String> =
+        (0..6).map(|d| (0..12).map(|i| format!("w{}", 3 + (i * 5 + d * 11) % 60)).collect::<Vec<_>>().join(" ")).collect();
+    std::fs::write(&data, docs.join("\n\n")).expect("data");
+    let first = run_feature(&head_options(&art, &data, 6)).expect("first run");
+    let start = tmp.path().join("start.safetensors");
+    std::fs::copy(art.join("device").join(DRAFT_HEAD_FILE), &start).expect("copy");
+    let start_tensors = candle_core::safetensors::load(&start, &Device::Cpu).expect("head file");
+
+    let mut more = head_options(&art, &data, 4);
+    more.init_head = Some(start.clone());
+    more.draft_vocab = 16;
+    more.distill_samples = 2;
+    more.distill_temperature = 1.0;
+    let second = run_feature(&more).expect("continued");
+    assert_eq!(second.sequences, 2 * first.sequences, "a greedy and a sampled answer per prompt");
+    assert_eq!(second.answers_per_prompt, 2);
+    assert_eq!(second.init_head.as_deref(), Some(start.as_path()));
+    assert!(second.alignment > 0.99, "the greedy answers line up: {}", second.alignment);
+    assert_eq!(second.draft_vocab, first.draft_vocab, "the start head's vocabulary, not a new --draft-vocab");
+    let end = candle_core::safetensors::load(art.join("device").join(DRAFT_HEAD_FILE), &Device::Cpu).expect("new head");
+    assert_eq!(end[VOCAB_TENSOR].to_vec1::<u32>().expect("vocab"), start_tensors[VOCAB_TENSOR].to_vec1::<u32>().expect("vocab"));
+
+    let other = tiny_artifacts(&tmp.path().join("b"), &TinyLlama::default(), 2, 1);
+    let mut wrong = head_options(&other, &data, 2);
+    wrong.init_head = Some(start);
+    let msg = run_feature(&wrong).expect_err("refused").to_string();
+    assert!(msg.contains("split 1/2/1") && msg.contains("split 2/1/1"), "{msg}");
+    assert_eq!(msg.lines().count(), 1, "{msg}");
+}
+
 // ---- The real default model with the shipped head.
 
 const NEW_TOKENS: usize = 64;
