@@ -209,8 +209,11 @@ pub fn run_feature(opts: &TrainAdapterOptions) -> Result<HeadReport> {
         return Err(TrainError::BadInput("no prompts to self-distill from".into()));
     }
     let greedy = SamplingOptions::default();
-    let (mut train_seqs, mut t1) = distilled(opts, &device, &cloud, &prompts, "train", greedy)?;
-    let greedy_lens: Vec<usize> = train_seqs.iter().map(|d| d.prompt_len).collect();
+    // One part per answer set, each with its own teacher cache, so a later run with more samples
+    // computes only the new parts.
+    let (first, mut t1) = distilled(opts, &device, &cloud, &prompts, "train", greedy)?;
+    let greedy_lens: Vec<usize> = first.iter().map(|d| d.prompt_len).collect();
+    let mut parts = vec![first];
     for sample in 1..opts.distill_samples {
         let sampling = SamplingOptions {
             temperature: opts.distill_temperature,
@@ -218,24 +221,35 @@ pub fn run_feature(opts: &TrainAdapterOptions) -> Result<HeadReport> {
             seed: opts.seed.wrapping_mul(1_000_003).wrapping_add(sample as u64),
         };
         let (more, t) = distilled(opts, &device, &cloud, &prompts, &format!("train-sample{sample}"), sampling)?;
-        train_seqs.extend(more);
+        parts.push(more);
         t1 += t;
     }
     let (held_seqs, t2) = distilled(opts, &device, &cloud, &heldout_prompts, "heldout", greedy)?;
-    let seqs: Vec<Vec<u32>> = train_seqs.iter().map(|d| d.tokens.clone()).collect();
+    let part_seqs: Vec<Vec<Vec<u32>>> = parts.iter().map(|p| p.iter().map(|d| d.tokens.clone()).collect()).collect();
     let held: Vec<Vec<u32>> = held_seqs.iter().map(|d| d.tokens.clone()).collect();
     let held_lens: Vec<usize> = held_seqs.iter().map(|d| d.prompt_len).collect();
     let held_prompts: Vec<Vec<u32>> = held_seqs.iter().map(|d| d.tokens[..d.prompt_len].to_vec()).collect();
 
     let (vocab, init) = match init {
         Some((v, digest)) => (v, format!("-init{digest}")),
-        None => (draft_vocab(&seqs.concat(), opts.draft_vocab, device.config.vocab_size, &device.eos_ids()), String::new()),
+        None => (draft_vocab(&part_seqs.concat().concat(), opts.draft_vocab, device.config.vocab_size, &device.eos_ids()), String::new()),
     };
     let in_vocab: std::collections::HashSet<u32> = vocab.iter().copied().collect();
     let held_answers: Vec<u32> = held_seqs.iter().flat_map(|d| d.tokens[d.prompt_len..].iter().copied()).collect();
     let coverage = held_answers.iter().filter(|t| in_vocab.contains(t)).count() as f64 / held_answers.len().max(1) as f64;
 
-    let (train_teacher, t3, key) = teacher(opts, &device, &cloud, &seqs, "train")?;
+    let (mut sets, mut keys, mut t3) = (Vec::new(), Vec::new(), 0.0);
+    for (i, seqs) in part_seqs.iter().enumerate() {
+        let (set, t, key) = teacher(opts, &device, &cloud, seqs, &format!("train {}/{}", i + 1, part_seqs.len()))?;
+        sets.push(set);
+        keys.push(key);
+        t3 += t;
+    }
+    let train_teacher = TeacherSet::concat(sets)?;
+    let key = match keys.as_slice() {
+        [one] => one.clone(),
+        many => hex::encode(sha2::Sha256::digest(many.join("+").as_bytes()))[..16].to_string(),
+    };
     let (held_teacher, t4, _) = teacher(opts, &device, &cloud, &held, "heldout")?;
     // Only greedy answers (the first of each prompt's) must follow the teacher's top token.
     let aligned = alignment(&train_teacher, &greedy_lens)?;

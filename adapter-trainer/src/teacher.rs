@@ -104,6 +104,32 @@ impl TeacherSet {
         })
     }
 
+    /// The sets' sequences one after another, as one set.
+    pub fn concat(mut sets: Vec<TeacherSet>) -> Result<Self> {
+        if sets.len() == 1 {
+            return Ok(sets.remove(0));
+        }
+        let tops: Option<Vec<Tensor>> = sets.iter().map(|s| s.top.clone()).collect();
+        if sets.is_empty() || (tops.is_none() && sets.iter().any(|s| s.top.is_some())) {
+            return Err(TrainError::BadInput("teacher sets to join must be some, and all with or all without top states".into()));
+        }
+        let cat = |f: &dyn Fn(&TeacherSet) -> Tensor| -> Result<Tensor> { Ok(Tensor::cat(&sets.iter().map(f).collect::<Vec<_>>(), 0)?) };
+        let mut offsets = vec![0];
+        for set in &sets {
+            let base = offsets[offsets.len() - 1];
+            offsets.extend(set.offsets[1..].iter().map(|o| base + o));
+        }
+        Ok(Self {
+            x: cat(&|s| s.x.clone())?,
+            y: cat(&|s| s.y.clone())?,
+            top_ids: cat(&|s| s.top_ids.clone())?,
+            top_p: cat(&|s| s.top_p.clone())?,
+            top: tops.map(|t| Tensor::cat(&t, 0)).transpose()?,
+            tokens: sets.iter().flat_map(|s| s.tokens.iter().copied()).collect(),
+            offsets,
+        })
+    }
+
     pub fn num_sequences(&self) -> usize {
         self.offsets.len() - 1
     }

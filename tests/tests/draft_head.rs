@@ -297,6 +297,23 @@ fn distilled_answers_are_greedy_or_seeded_samples() {
     assert_ne!(a, answer(SamplingOptions { seed: 12, ..hot }), "another seed, other answers");
 }
 
+/// Teacher sets computed in parts and joined equal one set computed over all the sequences.
+#[test]
+fn teacher_sets_join_into_the_set_of_all_their_sequences() {
+    let t = tiny(1, 1);
+    let seqs: Vec<Vec<u32>> = vec![vec![3, 14, 15, 9], vec![26, 5, 35], vec![8, 9, 7, 9, 3], vec![2, 38]];
+    let bar = indicatif::ProgressBar::hidden();
+    let set = |s: &[Vec<u32>]| TeacherSet::compute(&t.device, &t.cloud, s, 4, true, &bar).expect("teacher");
+    let whole = set(&seqs);
+    let joined = TeacherSet::concat(vec![set(&seqs[..1]), set(&seqs[1..3]), set(&seqs[3..])]).expect("join");
+    assert_eq!((&joined.offsets, &joined.tokens), (&whole.offsets, &whole.tokens));
+    let top = |s: &TeacherSet| s.top.clone().expect("top states");
+    for (a, b) in [(&joined.x, &whole.x), (&joined.y, &whole.y), (&joined.top_p, &whole.top_p), (&top(&joined), &top(&whole))] {
+        assert_eq!(max_abs_diff(a, b), 0.0);
+    }
+    assert_eq!(joined.top_ids.to_vec2::<u32>().expect("ids"), whole.top_ids.to_vec2::<u32>().expect("ids"));
+}
+
 /// `--init-head` trains an existing head further: training starts from its weights (the run's
 /// "before" is that head) and keeps its draft vocabulary; sampled answers add sequences without
 /// upsetting the alignment check; a head for another split is refused in one line naming both.
