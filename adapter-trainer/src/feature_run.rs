@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::DType;
-use hat_runtime::draft_head::{read_head_meta, save_head, split_label, HeadMeta, DRAFT_HEAD_FILE, HEAD_FORMAT_VERSION, VOCAB_TENSOR};
+use hat_runtime::draft_head::{read_head, save_head, split_label, HeadMeta, DRAFT_HEAD_FILE, HEAD_FORMAT_VERSION};
 use hat_runtime::sampling::SamplingOptions;
 use hat_runtime::{CloudPackage, DevicePackage, Drafter};
 use serde::{Deserialize, Serialize};
@@ -152,13 +152,7 @@ struct Start {
 fn start_tensors(opts: &TrainAdapterOptions, device: &DevicePackage) -> Result<Start> {
     let Some(path) = &opts.init_head else { return Ok(Start { tensors: initial_tensors(device, opts.seed)?, init: None }) };
     let bytes = std::fs::read(path).map_err(|e| TrainError::io(format!("cannot read --init-head {}", path.display()), e))?;
-    read_head_meta(&bytes, path)?.check(path, device)?;
-    let mut t = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)?;
-    let vocab = t
-        .remove(VOCAB_TENSOR)
-        .ok_or_else(|| TrainError::BadInput(format!("{} has no `{VOCAB_TENSOR}` tensor", path.display())))?
-        .to_dtype(DType::U32)?
-        .to_vec1::<u32>()?;
+    let (_, t, vocab) = read_head(&bytes, path, device, &candle_core::Device::Cpu)?;
     let tensors = t.into_iter().map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?))).collect::<Result<_>>()?;
     let digest = hex::encode(sha2::Sha256::digest(&bytes))[..12].to_string();
     Ok(Start { tensors, init: Some((vocab, digest)) })

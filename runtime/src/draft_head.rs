@@ -127,6 +127,24 @@ pub fn read_head_meta(bytes: &[u8], path: &Path) -> Result<HeadMeta> {
     Ok(meta)
 }
 
+/// A head file's contents (`bytes`, read from `path`), refused when it was made for another model or
+/// split than `package`: its description, its weights (every tensor but the vocabulary) and its draft
+/// vocabulary.
+pub fn read_head(
+    bytes: &[u8],
+    path: &Path,
+    package: &DevicePackage,
+    device: &Device,
+) -> Result<(HeadMeta, HashMap<String, Tensor>, Vec<u32>)> {
+    let meta = read_head_meta(bytes, path)?;
+    meta.check(path, package)?;
+    let bad = |why: String| RuntimeError::Adapter(format!("{}: {why}", path.display()));
+    let mut tensors = candle_core::safetensors::load_buffer(bytes, device).map_err(|e| bad(e.to_string()))?;
+    let vocab = tensors.remove(VOCAB_TENSOR).ok_or_else(|| bad(format!("no `{VOCAB_TENSOR}` tensor")))?;
+    let vocab = vocab.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+    Ok((meta, tensors, vocab))
+}
+
 /// Writes head tensors with their description, through a temporary file and a rename.
 pub fn save_head(tensors: &HashMap<String, Tensor>, meta: &HeadMeta, path: &Path) -> Result<()> {
     let json = serde_json::to_string(meta).map_err(|e| RuntimeError::Adapter(e.to_string()))?;
@@ -203,12 +221,7 @@ impl FeatureHead {
 
     pub fn load(path: &Path, package: &DevicePackage, device: &Device) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| RuntimeError::Io { context: format!("cannot read {}", path.display()), source: e })?;
-        let meta = read_head_meta(&bytes, path)?;
-        meta.check(path, package)?;
-        let bad = |why: String| RuntimeError::Adapter(format!("{}: {why}", path.display()));
-        let mut tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| bad(e.to_string()))?;
-        let vocab = tensors.remove(VOCAB_TENSOR).ok_or_else(|| bad(format!("no `{VOCAB_TENSOR}` tensor")))?;
-        let vocab = vocab.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+        let (meta, tensors, vocab) = read_head(&bytes, path, package, device)?;
         Self::from_tensors(tensors, vocab, meta, path.to_path_buf(), package, device)
     }
 

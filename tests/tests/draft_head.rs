@@ -314,8 +314,8 @@ fn teacher_sets_join_into_the_set_of_all_their_sequences() {
     assert_eq!(joined.top_ids.to_vec2::<u32>().expect("ids"), whole.top_ids.to_vec2::<u32>().expect("ids"));
 }
 
-/// `--init-head` trains an existing head further: training starts from its weights (the run's
-/// "before" is that head) and keeps its draft vocabulary; sampled answers add sequences without
+/// `--init-head` trains an existing head further: training starts from its weights and keeps its
+/// draft vocabulary; sampled answers add sequences without
 /// upsetting the alignment check; a head for another split is refused in one line naming both.
 #[test]
 fn training_continues_from_a_head_file_on_sampled_answers() {
