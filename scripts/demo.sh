@@ -51,4 +51,8 @@ u, h = s["ushape"], s["hat-nochunk"]
 mean = lambda m: m["tbt_ms"]["mean"]
 print(f"== time per token: HAT {mean(h):.1f} ms ({h['accept_len']:.2f} tokens per round trip), U-shaped {mean(u):.1f} ms: "
       f"HAT takes {mean(h) / mean(u):.2f}x U-shaped's time; tokens equal in {h['matches_reference']} prompts")
+r = h.get("round_ms")
+if r:
+    print(f"== a HAT round took {sum(r.values()):.1f} ms: drafting {r['draft']:.1f}, waiting for the cloud's reply (link and middle) "
+          f"{r['wait']:.1f}, verifying {r['verify']:.1f}, committing {r['commit']:.1f}")
 PY

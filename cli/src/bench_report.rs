@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use hat_runtime::Generation;
+use hat_runtime::{Generation, RoundTime};
 use serde::Serialize;
 
 use crate::bench_cmd::{BenchMode, BenchPrompt};
@@ -36,6 +36,40 @@ pub struct Run {
     /// Same tokens as the reference mode (cloud, else ushape) on this prompt; None without one.
     pub matches_reference: Option<bool>,
     pub tokens: Vec<u32>,
+    /// HAT modes: a decode round's mean time in its four parts.
+    pub round_ms: Option<RoundMs>,
+}
+
+/// A speculative decode round's mean time in its four parts (see [`RoundTime`]), in ms.
+#[derive(Debug, Clone, Copy, Serialize, Default, PartialEq)]
+pub struct RoundMs {
+    pub draft: f64,
+    pub wait: f64,
+    pub verify: f64,
+    pub commit: f64,
+}
+
+impl RoundMs {
+    /// The mean per round of a generation's summed round times.
+    pub fn per_round(t: RoundTime, rounds: usize) -> Self {
+        let mean = |d: std::time::Duration| ms(d) / rounds.max(1) as f64;
+        RoundMs { draft: mean(t.draft), wait: mean(t.wait), verify: mean(t.verify), commit: mean(t.commit) }
+    }
+
+    /// The mean per round over all of `runs`' rounds; None when no run has a breakdown or a round.
+    fn mean_over(runs: &[&Run]) -> Option<RoundMs> {
+        let timed: Vec<(&RoundMs, f64)> = runs.iter().filter_map(|r| r.round_ms.as_ref().map(|t| (t, r.rounds as f64))).collect();
+        let rounds: f64 = timed.iter().map(|(_, n)| n).sum();
+        if rounds == 0.0 {
+            return None;
+        }
+        let mean = |f: fn(&RoundMs) -> f64| timed.iter().map(|(t, n)| f(t) * n).sum::<f64>() / rounds;
+        Some(RoundMs { draft: mean(|t| t.draft), wait: mean(|t| t.wait), verify: mean(|t| t.verify), commit: mean(|t| t.commit) })
+    }
+
+    pub fn total(&self) -> f64 {
+        self.draft + self.wait + self.verify + self.commit
+    }
 }
 
 fn ms(d: std::time::Duration) -> f64 {
@@ -66,6 +100,7 @@ impl Run {
             chunk,
             matches_reference: None,
             tokens: g.tokens.clone(),
+            round_ms: g.round_time.map(|t| RoundMs::per_round(t, g.rounds)),
         }
     }
 }
@@ -118,6 +153,8 @@ pub struct Summary {
     pub prefill_kb_down: f64,
     pub matches_reference: String,
     pub chunks: Vec<Option<usize>>,
+    /// HAT modes: a decode round's mean time in its four parts.
+    pub round_ms: Option<RoundMs>,
 }
 
 fn summarise(runs: &[&Run]) -> Option<Summary> {
@@ -149,6 +186,7 @@ fn summarise(runs: &[&Run]) -> Option<Summary> {
         prefill_kb_down: runs.iter().map(|r| r.prefill_bytes_down as f64).sum::<f64>() / runs.len() as f64 / 1e3,
         matches_reference: if compared == 0 { "-".into() } else { format!("{matched}/{compared}") },
         chunks: chunks.into_iter().collect(),
+        round_ms: RoundMs::mean_over(runs),
     })
 }
 
@@ -227,6 +265,23 @@ impl Report {
                 s.matches_reference
             );
         }
+        let timed: Vec<(&Summary, RoundMs)> = self.summaries.iter().filter_map(|s| s.round_ms.map(|t| (s, t))).collect();
+        if !timed.is_empty() {
+            out += "\n| link | prompts | mode | round ms | draft | wait (link + cloud) | verify | commit |\n|---|---|---|---|---|---|---|---|\n";
+            for (s, t) in timed {
+                out += &format!(
+                    "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
+                    s.link,
+                    s.kind,
+                    s.mode,
+                    t.total(),
+                    t.draft,
+                    t.wait,
+                    t.verify,
+                    t.commit
+                );
+            }
+        }
         if !self.hat_over_ushape.is_empty() {
             out += "\n| link | prompts | TTFT hat/ushape | TBT hat/ushape |\n|---|---|---|---|\n";
             for r in &self.hat_over_ushape {
@@ -276,5 +331,44 @@ mod tests {
         let s = Stats::of((1..=100).map(f64::from).collect());
         assert_eq!((s.mean, s.p50, s.p99), (50.5, 50.0, 99.0));
         assert!(Stats::of(vec![]).mean.is_nan());
+    }
+
+    /// A summary's round time is the mean over all its runs' rounds, not the mean of the runs' means.
+    #[test]
+    fn round_time_is_weighted_by_rounds() {
+        let millis = std::time::Duration::from_millis;
+        let run = |rounds: usize, t: RoundTime| Run {
+            link: "l".into(),
+            mode: "hat".into(),
+            exposes_tokens: false,
+            prompt: "p".into(),
+            kind: "short".into(),
+            prompt_tokens: 3,
+            new_tokens: rounds + 1,
+            ttft_ms: 1.0,
+            tbt_ms: 1.0,
+            gaps_ms: vec![],
+            rounds,
+            accept_len: 1.0,
+            speculated: 0,
+            prepared: 0,
+            bytes_up: 0,
+            bytes_down: 0,
+            prefill_bytes_up: 0,
+            prefill_bytes_down: 0,
+            chunk: None,
+            matches_reference: None,
+            tokens: vec![],
+            round_ms: Some(RoundMs::per_round(t, rounds)),
+        };
+        // 1 round of 10 ms drafting, 3 rounds of 2 ms each (6 ms): 16 ms over 4 rounds.
+        let a = run(1, RoundTime { draft: millis(10), wait: millis(40), ..Default::default() });
+        let b = run(3, RoundTime { draft: millis(6), wait: millis(120), verify: millis(3), commit: millis(0) });
+        let m = RoundMs::mean_over(&[&a, &b]).expect("timed");
+        assert_eq!(m, RoundMs { draft: 4.0, wait: 40.0, verify: 0.75, commit: 0.0 });
+        assert_eq!(m.total(), 44.75);
+        let mut untimed = a.clone();
+        untimed.round_ms = None;
+        assert_eq!(RoundMs::mean_over(&[&untimed]), None);
     }
 }

@@ -1,6 +1,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+use crate::bench_report::RoundMs;
 use crate::common::{chunking, CloudConnArgs, DraftArgs};
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
@@ -162,6 +163,9 @@ fn report(
             out["adapter"] = device.adapter().origin.to_string().into();
             out["draft_head"] = draft_head.into();
             out["prefill_chunk"] = chunk.into();
+            if let Some(t) = gen.round_time {
+                out["round_ms"] = serde_json::to_value(RoundMs::per_round(t, gen.rounds))?;
+            }
         }
         if args.mode != Mode::Local {
             out["wire"] = args.link.wire_label().into();

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use hat_model::{KvCache, Submodel};
 
 use crate::error::{Result, RuntimeError};
@@ -135,14 +135,23 @@ impl<M: Middle> SplitPipeline<M> {
         Ok(self.output.head(&h)?.squeeze(0)?)
     }
 
-    /// The output submodel's final states (what the LM head reads) and their logits.
+    /// The output submodel's final states (what the LM head reads) of middle states at positions `pos..`.
     ///
     /// # Shapes
-    /// middle_states: (1, seq, hidden) -> (1, seq, hidden), (seq, vocab)
-    pub fn output_states_logits(&mut self, middle_states: &Tensor, pos: usize) -> Result<(Tensor, Tensor)> {
-        let h = self.output.forward_layers(middle_states, pos, &mut self.output_cache)?;
-        let logits = self.output.head(&h)?.squeeze(0)?;
-        Ok((h, logits))
+    /// middle_states: (1, seq, hidden) -> (1, seq, hidden)
+    pub fn output_states(&mut self, middle_states: &Tensor, pos: usize) -> Result<Tensor> {
+        Ok(self.output.forward_layers(middle_states, pos, &mut self.output_cache)?)
+    }
+
+    /// The LM head's logits for row `row` of [`SplitPipeline::output_states`]' states. One row's
+    /// logits are the same numbers as that row's in a forward over all rows (the head's compute is
+    /// batch-invariant), so a verifier may ask for rows one by one and stop early.
+    ///
+    /// # Shapes
+    /// top: (1, seq, hidden) -> (vocab,)
+    pub fn head_row(&self, top: &Tensor, row: usize) -> Result<Vec<f32>> {
+        let logits = self.output.head(&top.narrow(1, row, 1)?)?;
+        Ok(logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
     }
 
     /// Logits of the last position only; the LM head runs once.
@@ -307,6 +316,23 @@ pub struct Generation {
     /// Time between consecutive tokens as the caller received them (tokens of one speculative
     /// round arrive together, so some gaps are near zero).
     pub gaps: Vec<Duration>,
+    /// Where the decode rounds' time went, summed over them (speculative decoding only).
+    pub round_time: Option<RoundTime>,
+}
+
+/// Where the time of HAT's decode rounds went, summed over the rounds (the prompt's round
+/// excluded). The four parts follow each other, so per round they add up to its length.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RoundTime {
+    /// Proposing the drafts: the draft head's steps (or prompt lookup) and the input submodel over them.
+    pub draft: Duration,
+    /// From sending the round until the middle's states are back: the link both ways and the
+    /// cloud's forward (with drafting while verifying, the next round's drafting done meanwhile).
+    pub wait: Duration,
+    /// The output submodel and the full LM head over the returned rows, and the verdict.
+    pub verify: Duration,
+    /// Handing out the round's tokens and entering the verified positions into the draft head.
+    pub commit: Duration,
 }
 
 impl Generation {
@@ -448,6 +474,7 @@ impl<'a, F: FnMut(u32)> Emitter<'a, F> {
             traffic,
             prefill_traffic: prefill.unwrap_or_default(),
             gaps: self.gaps,
+            round_time: None,
         }
     }
 }

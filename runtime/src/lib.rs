@@ -27,7 +27,7 @@ pub use draft::{Adapter, AdapterOrigin, Drafter};
 pub use draft_head::{FeatureDrafter, FeatureHead, HeadMeta, Overlap};
 pub use engine::BatchConfig;
 pub use error::{Result, RuntimeError};
-pub use generate::{generate, GenerateOptions, Generation, LocalPipeline, SplitPipeline, TokenModel, UnsplitModel};
+pub use generate::{generate, GenerateOptions, Generation, LocalPipeline, RoundTime, SplitPipeline, TokenModel, UnsplitModel};
 pub use gpu::ComputeDevice;
 pub use link::{LinkEmulation, LinkEstimate};
 pub use middle::{LocalMiddle, Middle, Traffic};

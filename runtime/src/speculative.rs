@@ -2,8 +2,9 @@
 //! in one round trip. One round, at position `pos` of the last accepted token:
 //! 1. the [`Drafter`] proposes k tokens and returns the input states of [last, drafts...];
 //! 2. the middle runs them from `pos` (rolling its cache back to `pos` first);
-//! 3. the output submodel turns the k+1 returned states into logits, and the verifier keeps the
-//!    longest acceptable prefix plus one token of the model's own.
+//! 3. the output submodel runs on the k+1 returned states, and the verifier keeps the longest
+//!    acceptable prefix plus one token of the model's own, asking the LM head for one row's logits
+//!    at a time up to the first rejection.
 //!
 //! Drafting while verifying: after submitting a round, and until its reply is back, the feature
 //! head drafts the round after it on the assumption that every draft is accepted and the cloud's
@@ -13,11 +14,13 @@
 //! The prompt's round overlaps the adapter's prefill with the cloud's work, and with
 //! `GenerateOptions::prefill_chunk` the prompt is pipelined in chunks ([`SplitPipeline::prefill`]).
 
+use std::time::Instant;
+
 use crate::draft::{Draft, Drafter, Verified};
 use crate::error::Result;
-use crate::generate::{token_budget, DraftCounts, Emitter, GenerateOptions, Generation, SplitPipeline, TokenModel};
+use crate::generate::{token_budget, DraftCounts, Emitter, GenerateOptions, Generation, RoundTime, SplitPipeline, TokenModel};
 use crate::middle::Middle;
-use crate::sampling::{logits_rows, Sampler};
+use crate::sampling::Sampler;
 use crate::verify::{verify_greedy, verify_sampled};
 
 /// Generates after `prompt` with drafts of up to `draft_len` tokens per round (the feature head stops
@@ -50,25 +53,31 @@ pub fn generate_speculative<M: Middle>(
     drafter.prefilled(prompt, &pre.high, &pre.top)?;
     // A round drafted while the one before it was verified, whose assumption held.
     let mut prepared: Option<Draft> = None;
+    let mut time = RoundTime::default();
     while going {
+        let start = Instant::now();
         // Never draft past the budget: a round yields at most k + 1 tokens.
         let k = draft_len.min(out.remaining() - 1);
         let draft = match prepared.take() {
             Some(d) => d.truncated(k)?,
             None => drafter.propose(pipeline, last, pos, k, &mut sampler)?,
         };
+        let sent = Instant::now();
         pipeline.middle().submit(pos, &draft.states)?;
         // If every draft is accepted this round yields n + 1 tokens; the next one drafts after that.
         let after = out.remaining().saturating_sub(draft.tokens.len() + 1);
         let spec = if after > 0 { drafter.speculate(pipeline, &draft, pos, draft_len.min(after - 1), &mut sampler)? } else { None };
         let middle_states = pipeline.middle().collect()?;
-        let (top, logits) = pipeline.output_states_logits(&middle_states, pos)?;
-        let target = logits_rows(&logits)?;
+        let back = Instant::now();
+        let top = pipeline.output_states(&middle_states, pos)?;
+        // The full LM head runs only on the rows the verdict reads: up to the first rejection.
+        let target = |j: usize| pipeline.head_row(&top, j);
         let verdict = if sampler.is_greedy() {
-            verify_greedy(&draft.tokens, &target)
+            verify_greedy(&draft.tokens, target)?
         } else {
-            verify_sampled(&draft.tokens, &draft.q, &target, &mut sampler)
+            verify_sampled(&draft.tokens, &draft.q, target, &mut sampler)?
         };
+        let verified = Instant::now();
         rounds += 1;
         counts.drafted += draft.tokens.len();
         counts.accepted += verdict.accepted;
@@ -90,7 +99,13 @@ pub fn generate_speculative<M: Middle>(
         }
         pos += verdict.accepted + 1;
         last = verdict.next;
+        time.draft += sent - start;
+        time.wait += back - sent;
+        time.verify += verified - back;
+        time.commit += verified.elapsed();
     }
     let traffic = pipeline.traffic().since(&traffic_before);
-    Ok(out.finish(prompt.len(), rounds, counts, traffic, Some(prefill_traffic)))
+    let mut generation = out.finish(prompt.len(), rounds, counts, traffic, Some(prefill_traffic));
+    generation.round_time = Some(time);
+    Ok(generation)
 }

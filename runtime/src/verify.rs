@@ -2,7 +2,12 @@
 //! many drafts to keep and which token follows them. Greedy keeps the longest prefix that matches the
 //! argmax; sampling uses the speculative rejection rule (Leviathan et al. 2023), so every emitted
 //! token follows the model's own distribution.
+//!
+//! The logits come one row at a time, on demand, and both rules stop at the first rejected draft:
+//! the rows after it are never asked for, so the device runs the full LM head (49152 rows on the
+//! default model, 262144 on Gemma 3) only on the rows a verdict reads.
 
+use crate::error::Result;
 use crate::sampling::{argmax, Sampler};
 
 /// The outcome of one verification round.
@@ -14,37 +19,42 @@ pub struct Verdict {
     pub next: u32,
 }
 
-/// Greedy verification. `target[j]` holds the full model's logits after the last accepted token and
-/// drafts `..j`, so `target` has one row more than `drafts`.
-pub fn verify_greedy(drafts: &[u32], target: &[Vec<f32>]) -> Verdict {
-    debug_assert_eq!(target.len(), drafts.len() + 1);
+/// Greedy verification. `target(j)` gives the full model's logits after the last accepted token and
+/// drafts `..j`, for j in `0..=drafts.len()`; it is called in order and only up to the first
+/// rejection.
+pub fn verify_greedy(drafts: &[u32], mut target: impl FnMut(usize) -> Result<Vec<f32>>) -> Result<Verdict> {
     for (j, d) in drafts.iter().enumerate() {
-        let t = argmax(&target[j]);
+        let t = argmax(&target(j)?);
         if t != *d {
-            return Verdict { accepted: j, next: t };
+            return Ok(Verdict { accepted: j, next: t });
         }
     }
-    Verdict { accepted: drafts.len(), next: argmax(&target[drafts.len()]) }
+    Ok(Verdict { accepted: drafts.len(), next: argmax(&target(drafts.len())?) })
 }
 
-/// Speculative sampling. `q[j]` is the distribution draft `j` was drawn from; the target rows are
-/// turned into distributions with the sampler's own temperature and top-p. Draft `j` is kept with
-/// probability min(1, p/q); on the first rejection the token is drawn from norm(max(0, p - q)).
-pub fn verify_sampled(drafts: &[u32], q: &[Vec<f32>], target: &[Vec<f32>], sampler: &mut Sampler) -> Verdict {
-    debug_assert_eq!(target.len(), drafts.len() + 1);
+/// Speculative sampling. `q[j]` is the distribution draft `j` was drawn from; the target rows (as in
+/// [`verify_greedy`]) are turned into distributions with the sampler's own temperature and top-p.
+/// Draft `j` is kept with probability min(1, p/q); on the first rejection the token is drawn from
+/// norm(max(0, p - q)).
+pub fn verify_sampled(
+    drafts: &[u32],
+    q: &[Vec<f32>],
+    mut target: impl FnMut(usize) -> Result<Vec<f32>>,
+    sampler: &mut Sampler,
+) -> Result<Verdict> {
     debug_assert_eq!(q.len(), drafts.len());
     for (j, d) in drafts.iter().enumerate() {
-        let p = sampler.distribution(&target[j]);
+        let p = sampler.distribution(&target(j)?);
         let (pd, qd) = (p[*d as usize], q[j][*d as usize]);
         if qd > 0.0 && sampler.uniform() < (pd / qd).min(1.0) {
             continue;
         }
         let residual: Vec<f32> = p.iter().zip(&q[j]).map(|(a, b)| (a - b).max(0.0)).collect();
         let next = if residual.iter().sum::<f32>() > 0.0 { sampler.draw(&residual) } else { sampler.draw(&p) };
-        return Verdict { accepted: j, next };
+        return Ok(Verdict { accepted: j, next });
     }
-    let p = sampler.distribution(&target[drafts.len()]);
-    Verdict { accepted: drafts.len(), next: sampler.draw(&p) }
+    let p = sampler.distribution(&target(drafts.len())?);
+    Ok(Verdict { accepted: drafts.len(), next: sampler.draw(&p) })
 }
 
 #[cfg(test)]
@@ -52,13 +62,29 @@ mod tests {
     use super::*;
     use crate::sampling::SamplingOptions;
 
+    /// Rows whose argmax is `ids[j]`, handed out in order; `asked` counts the rows the verifier read.
+    fn rows<'a>(ids: &'a [usize], asked: &'a mut Vec<usize>) -> impl FnMut(usize) -> Result<Vec<f32>> + 'a {
+        move |j| {
+            assert_eq!(j, asked.len(), "rows are asked for in order");
+            asked.push(j);
+            Ok((0..5).map(|v| if v == ids[j] { 1.0 } else { 0.0 }).collect())
+        }
+    }
+
     #[test]
-    fn greedy_keeps_the_matching_prefix_and_adds_a_token() {
-        let rows = |ids: &[usize]| ids.iter().map(|i| (0..5).map(|v| if v == *i { 1.0 } else { 0.0 }).collect()).collect::<Vec<Vec<f32>>>();
-        assert_eq!(verify_greedy(&[1, 2, 3], &rows(&[1, 2, 3, 4])), Verdict { accepted: 3, next: 4 });
-        assert_eq!(verify_greedy(&[1, 2, 3], &rows(&[1, 0, 3, 4])), Verdict { accepted: 1, next: 0 });
-        assert_eq!(verify_greedy(&[1], &rows(&[2, 4])), Verdict { accepted: 0, next: 2 });
-        assert_eq!(verify_greedy(&[], &rows(&[3])), Verdict { accepted: 0, next: 3 });
+    fn greedy_keeps_the_matching_prefix_and_reads_no_row_after_a_rejection() {
+        let mut asked = Vec::new();
+        assert_eq!(verify_greedy(&[1, 2, 3], rows(&[1, 2, 3, 4], &mut asked)).expect("verdict"), Verdict { accepted: 3, next: 4 });
+        assert_eq!(asked.len(), 4);
+        let mut asked = Vec::new();
+        assert_eq!(verify_greedy(&[1, 2, 3], rows(&[1, 0, 3, 4], &mut asked)).expect("verdict"), Verdict { accepted: 1, next: 0 });
+        assert_eq!(asked.len(), 2, "rows 2 and 3 are never computed");
+        let mut asked = Vec::new();
+        assert_eq!(verify_greedy(&[1], rows(&[2, 4], &mut asked)).expect("verdict"), Verdict { accepted: 0, next: 2 });
+        assert_eq!(asked.len(), 1);
+        let mut asked = Vec::new();
+        assert_eq!(verify_greedy(&[], rows(&[3], &mut asked)).expect("verdict"), Verdict { accepted: 0, next: 3 });
+        assert_eq!(asked.len(), 1);
     }
 
     /// The first emitted token must follow p whatever the draft distribution q is.
@@ -73,7 +99,7 @@ mod tests {
         let mut counts = vec![0usize; p.len()];
         for _ in 0..n {
             let d = s.draw(&q);
-            let v = verify_sampled(&[d], std::slice::from_ref(&q), &[logits.clone(), logits.clone()], &mut s);
+            let v = verify_sampled(&[d], std::slice::from_ref(&q), |_| Ok(logits.clone()), &mut s).expect("verdict");
             let first = if v.accepted == 1 { d } else { v.next };
             counts[first as usize] += 1;
         }

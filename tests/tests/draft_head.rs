@@ -6,6 +6,7 @@
 //! loses nothing; `hat split` installs the shipped head by fingerprint.
 
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use hat_adapter_trainer::feature::{initial_tensors, TrainableHead};
@@ -15,7 +16,8 @@ use hat_runtime::draft_head::{install_shipped_head, save_head, split_label, Head
 use hat_runtime::protocol::{WireDType, WireFormat};
 use hat_runtime::{
     generate, generate_speculative, CloudOptions, CloudPackage, CloudServer, DevicePackage, DeviceRuntime, DraftChoice, Drafter,
-    FeatureHead, GenerateOptions, Generation, LocalPipeline, Mode, Overlap, Sampler, SamplingOptions, ServerConfig,
+    FeatureHead, GenerateOptions, Generation, LocalMiddle, LocalPipeline, Middle, Mode, Overlap, Sampler, SamplingOptions, ServerConfig,
+    SplitPipeline,
 };
 use hat_tests::{chi_square, default_artifacts, max_abs_diff, open_default, second_token_distribution, tiny_artifacts, TinyLlama, PROMPTS};
 
@@ -202,6 +204,46 @@ fn a_head_for_another_split_is_refused_and_drafting_falls_back_to_none() {
     std::fs::write(&path, b"not safetensors").expect("write");
     let msg = FeatureHead::load(&path, &b.device, &Device::Cpu).expect_err("refused").to_string();
     assert!(msg.contains("not a hat draft head"), "{msg}");
+}
+
+/// A round's time is told in four parts that follow each other. With a middle that takes 20 ms to
+/// answer, every round's wait holds those 20 ms; the parts of all rounds add up to less than the
+/// whole call took; U-shaped generation, which has no rounds of drafts, reports none.
+#[test]
+fn round_time_holds_the_middles_time_in_the_wait() {
+    struct Slow(LocalMiddle);
+    impl Middle for Slow {
+        fn submit(&mut self, start: usize, states: &Tensor) -> hat_runtime::Result<()> {
+            self.0.submit(start, states)
+        }
+        fn collect(&mut self) -> hat_runtime::Result<Tensor> {
+            std::thread::sleep(SLOW);
+            self.0.collect()
+        }
+        fn max_context(&self) -> usize {
+            self.0.max_context()
+        }
+    }
+    const SLOW: Duration = Duration::from_millis(20);
+    let t = tiny(1, 1);
+    let head = untrained(&t).to_runtime(&t.device, meta_for(&t.device, 0.0), "test".into()).expect("runtime head");
+    let slow = Slow(LocalMiddle::new(t.cloud.middle.clone()));
+    let mut pipeline = SplitPipeline::with_middle(t.device.input.clone(), t.device.output.clone(), slow);
+    let prompt = [4u32, 8, 15, 16];
+    let opts = GenerateOptions { max_tokens: 10, ..Default::default() };
+    let called = Instant::now();
+    let g = generate_speculative(&mut pipeline, &mut Drafter::feature(head, Some(0.0)), &prompt, &opts, 3, |_| {}).expect("hat");
+    let call = called.elapsed();
+    let time = g.round_time.expect("a speculative generation tells its round time");
+    assert!(g.rounds > 0 && g.drafted > 0, "{} rounds, {} drafts", g.rounds, g.drafted);
+    assert!(time.wait >= SLOW * g.rounds as u32, "{time:?} over {} rounds", g.rounds);
+    assert!(time.draft > Duration::ZERO && time.verify > Duration::ZERO && time.commit > Duration::ZERO, "{time:?}");
+    let sum = time.draft + time.wait + time.verify + time.commit;
+    // The prompt's round (one more 20 ms wait) is in the call and in none of the parts.
+    assert!(sum + SLOW <= call, "parts {sum:?}, call {call:?}");
+
+    let mut pipeline = LocalPipeline::new(&t.device, &t.cloud).expect("pipeline");
+    assert_eq!(generate(&mut pipeline, &prompt, &opts, |_| {}).expect("local").round_time, None);
 }
 
 fn head_options(art: &std::path::Path, data: &std::path::Path, steps: usize) -> TrainAdapterOptions {
