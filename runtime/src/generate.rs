@@ -324,14 +324,15 @@ pub struct Generation {
 /// excluded). The four parts follow each other, so per round they add up to its length.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct RoundTime {
-    /// Proposing the drafts: the draft head's steps (or prompt lookup) and the input submodel over them.
+    /// Proposing the drafts: the draft head taking in the last round's verified positions, its
+    /// drafting steps (or prompt lookup), and the input submodel over the drafts.
     pub draft: Duration,
     /// From sending the round until the middle's states are back: the link both ways and the
     /// cloud's forward (with drafting while verifying, the next round's drafting done meanwhile).
     pub wait: Duration,
     /// The output submodel and the full LM head over the returned rows, and the verdict.
     pub verify: Duration,
-    /// Handing out the round's tokens and entering the verified positions into the draft head.
+    /// Handing out the round's tokens and queueing the verified positions' features for the head.
     pub commit: Duration,
 }
 
