@@ -26,6 +26,107 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// [`dot`] of one row with four keys at once: four independent sums in flight instead of one
+/// chain of dependent additions, each summed in exactly `dot`'s order (lane-wise products and sums,
+/// then `dot`'s reduction), so every result has `dot`'s bits. A lone `dot` over 64 values is bound
+/// by that chain, not by arithmetic; LLVM does not interleave four of them well on its own (it
+/// shuffles lanes across the keys), hence the explicit AVX form where the build allows it.
+fn dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
+    let n = a.len() - a.len() % 8;
+    let acc = lanes4(&a[..n], [&b[0][..n], &b[1][..n], &b[2][..n], &b[3][..n]]);
+    let mut out = [0f32; 4];
+    for ((o, acc), b) in out.iter_mut().zip(acc).zip(b) {
+        let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+        for (x, y) in a[n..].iter().zip(&b[n..]) {
+            s += x * y;
+        }
+        *o = s;
+    }
+    out
+}
+
+/// `acc[k][l] = sum over chunks c of a[8c + l] * b[k][8c + l]`, summed in chunk order. Every
+/// slice has the same length, a multiple of 8.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
+#[allow(unsafe_code)]
+fn lanes4(a: &[f32], b: [&[f32]; 4]) -> [[f32; 8]; 4] {
+    use std::arch::x86_64::{_mm256_add_ps, _mm256_loadu_ps, _mm256_mul_ps, _mm256_setzero_ps, _mm256_storeu_ps};
+    assert!(a.len().is_multiple_of(8) && b.iter().all(|b| b.len() == a.len()));
+    let mut out = [[0f32; 8]; 4];
+    // SAFETY: AVX is enabled at compile time (the cfg above), every load reads 8 floats at c with
+    // c + 8 <= len of the slice it reads (asserted above), and every store writes one [f32; 8].
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for c in (0..a.len()).step_by(8) {
+            let x = _mm256_loadu_ps(a.as_ptr().add(c));
+            for (acc, b) in acc.iter_mut().zip(&b) {
+                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(x, _mm256_loadu_ps(b.as_ptr().add(c))));
+            }
+        }
+        for (o, acc) in out.iter_mut().zip(acc) {
+            _mm256_storeu_ps(o.as_mut_ptr(), acc);
+        }
+    }
+    out
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_feature = "avx")))]
+fn lanes4(a: &[f32], b: [&[f32]; 4]) -> [[f32; 8]; 4] {
+    let mut out = [[0f32; 8]; 4];
+    for (o, b) in out.iter_mut().zip(b) {
+        for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+            for l in 0..8 {
+                o[l] += x[l] * y[l];
+            }
+        }
+    }
+    out
+}
+
+/// `o[x] = sum over n of p[n] * value(n)[x]`, summed in order of n from zero, as the plain loop
+/// below does. The AVX form keeps a block of 64 outputs in registers across all values instead of
+/// storing and reloading them per value; the order of every sum is the same, so are the bits.
+fn weighted_sum<'a>(o: &mut [f32], p: &[f32], value: impl Fn(usize) -> &'a [f32]) {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
+    if o.len().is_multiple_of(64) {
+        for block in (0..o.len()).step_by(64) {
+            o[block..block + 64].copy_from_slice(&sum64(p, |n| &value(n)[block..block + 64]));
+        }
+        return;
+    }
+    o.fill(0.0);
+    for (n, p) in p.iter().enumerate() {
+        for (x, y) in o.iter_mut().zip(value(n)) {
+            *x += p * y;
+        }
+    }
+}
+
+/// `sum over n of p[n] * v(n)` over 64 lanes, in order of n from zero; every `v(n)` has 64 values.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
+#[allow(unsafe_code)]
+fn sum64<'a>(p: &[f32], v: impl Fn(usize) -> &'a [f32]) -> [f32; 64] {
+    use std::arch::x86_64::{_mm256_add_ps, _mm256_loadu_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_setzero_ps, _mm256_storeu_ps};
+    let mut out = [0f32; 64];
+    // SAFETY: AVX is enabled at compile time (the cfg above); every load reads 8 floats at 8r < 64
+    // from a slice of 64 (asserted before its loads); every store writes 8 floats into a chunk of 8.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for (n, &p) in p.iter().enumerate() {
+            let v = v(n);
+            assert_eq!(v.len(), 64);
+            let pv = _mm256_set1_ps(p);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(pv, _mm256_loadu_ps(v.as_ptr().add(8 * r))));
+            }
+        }
+        for (o, acc) in out.chunks_exact_mut(8).zip(acc) {
+            _mm256_storeu_ps(o.as_mut_ptr(), acc);
+        }
+    }
+    out
+}
+
 /// Which keys a query row sees, and how its scores are scaled.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Span {
@@ -94,7 +195,13 @@ pub fn attend_rows(q: &Tensor, k: &Tensor, v: &Tensor, pos: usize, span: Span) -
             let row = &qd[(bh * seq + i) * d..][..d];
             let seen = span.keys(pos + i);
             scores.clear();
-            scores.extend(seen.clone().map(|j| dot(row, key(j - ks0)) * scale));
+            let mut j = seen.start;
+            while j + 4 <= seen.end {
+                let s = dot4(row, [key(j - ks0), key(j + 1 - ks0), key(j + 2 - ks0), key(j + 3 - ks0)]);
+                scores.extend(s.map(|s| s * scale));
+                j += 4;
+            }
+            scores.extend((j..seen.end).map(|j| dot(row, key(j - ks0)) * scale));
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
             for s in scores.iter_mut() {
@@ -102,11 +209,7 @@ pub fn attend_rows(q: &Tensor, k: &Tensor, v: &Tensor, pos: usize, span: Span) -
                 sum += *s;
             }
             let o = &mut dst[i * d..(i + 1) * d];
-            for (j, p) in seen.zip(scores.iter()) {
-                for (x, y) in o.iter_mut().zip(value(j - ks0)) {
-                    *x += p * y;
-                }
-            }
+            weighted_sum(o, &scores, |n| value(seen.start + n - ks0));
             let inv = 1.0 / sum;
             o.iter_mut().for_each(|x| *x *= inv);
         }
@@ -150,6 +253,40 @@ mod tests {
             let got = batch.narrow(1, h, 1)?.squeeze(0)?.squeeze(0)?;
             let diff = (want - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
             assert!(diff < 1e-5, "head {h}: {diff}");
+        }
+        Ok(())
+    }
+
+    /// Four keys at once give each key's score in `dot`'s bits, whole chunks of 8 or not: a row's
+    /// scores must not depend on where its keys fall in a block of four.
+    #[test]
+    fn dot4_has_the_bits_of_dot() -> Result<()> {
+        for n in [64, 13, 5, 256] {
+            let t = Tensor::randn(0f32, 3.0, (5, n), &Device::Cpu)?.to_vec2::<f32>()?;
+            let got = dot4(&t[0], [&t[1], &t[2], &t[3], &t[4]]);
+            for (i, g) in got.iter().enumerate() {
+                assert_eq!(g.to_bits(), dot(&t[0], &t[i + 1]).to_bits(), "length {n}, key {i}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The register-held weighted sum gives the plain loop's bits, for head sizes of 64, 128 and
+    /// one that is not a multiple of 64.
+    #[test]
+    fn weighted_sum_has_the_bits_of_the_plain_loop() -> Result<()> {
+        for d in [64, 128, 24] {
+            let v = Tensor::randn(0f32, 2.0, (37, d), &Device::Cpu)?.to_vec2::<f32>()?;
+            let p = Tensor::rand(0f32, 1.0, 37, &Device::Cpu)?.to_vec1::<f32>()?;
+            let mut want = vec![0f32; d];
+            for (p, v) in p.iter().zip(&v) {
+                for (x, y) in want.iter_mut().zip(v) {
+                    *x += p * y;
+                }
+            }
+            let mut got = vec![1f32; d];
+            weighted_sum(&mut got, &p, |n| &v[n]);
+            assert!(got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()), "head size {d}");
         }
         Ok(())
     }

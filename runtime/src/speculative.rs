@@ -3,8 +3,8 @@
 //! 1. the [`Drafter`] proposes k tokens and returns the input states of [last, drafts...];
 //! 2. the middle runs them from `pos` (rolling its cache back to `pos` first);
 //! 3. the output submodel runs on the k+1 returned states, and the verifier keeps the longest
-//!    acceptable prefix plus one token of the model's own, asking the LM head for one row's logits
-//!    at a time up to the first rejection.
+//!    acceptable prefix plus one token of the model's own; the LM head runs once, on all k+1 rows,
+//!    when the verdict first reads one (see `SplitPipeline::head_rows`).
 //!
 //! Drafting while verifying: after submitting a round, and until its reply is back, the feature
 //! head drafts the round after it on the assumption that every draft is accepted and the cloud's
@@ -17,7 +17,7 @@
 use std::time::Instant;
 
 use crate::draft::{Draft, Drafter, Verified};
-use crate::error::Result;
+use crate::error::{Result, RuntimeError};
 use crate::generate::{token_budget, DraftCounts, Emitter, GenerateOptions, Generation, RoundTime, SplitPipeline, TokenModel};
 use crate::middle::Middle;
 use crate::sampling::Sampler;
@@ -70,8 +70,16 @@ pub fn generate_speculative<M: Middle>(
         let middle_states = pipeline.middle().collect()?;
         let back = Instant::now();
         let top = pipeline.output_states(&middle_states, pos)?;
-        // The full LM head runs only on the rows the verdict reads: up to the first rejection.
-        let target = |j: usize| pipeline.head_row(&top, j);
+        // The full LM head runs once, on every row, when the verdict first reads one: reading the
+        // head's weights is what costs, so one call's cost hardly grows with its rows.
+        let mut logits: Vec<Vec<f32>> = Vec::new();
+        let target = |j: usize| -> Result<Vec<f32>> {
+            if logits.is_empty() {
+                logits = pipeline.head_rows(&top)?;
+            }
+            let rows = logits.len();
+            logits.get_mut(j).map(std::mem::take).ok_or_else(|| RuntimeError::BadInput(format!("row {j} of {rows} verified")))
+        };
         let verdict = if sampler.is_greedy() {
             verify_greedy(&draft.tokens, target)?
         } else {

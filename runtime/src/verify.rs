@@ -4,8 +4,9 @@
 //! token follows the model's own distribution.
 //!
 //! The logits come one row at a time, on demand, and both rules stop at the first rejected draft:
-//! the rows after it are never asked for, so the device runs the full LM head (49152 rows on the
-//! default model, 262144 on Gemma 3) only on the rows a verdict reads.
+//! the rows after it are never asked for. The caller decides how rows are made; HAT's decoding
+//! computes all of a round's rows in one LM head call, which on the CPU costs about what one row
+//! does (the head is bound by reading its weights).
 
 use crate::error::Result;
 use crate::sampling::{argmax, Sampler};
