@@ -143,13 +143,13 @@ impl<M: Middle> SplitPipeline<M> {
         Ok(self.output.forward_layers(middle_states, pos, &mut self.output_cache)?)
     }
 
-    /// The LM head's logits for every row of [`SplitPipeline::output_states`]' states, one vector per
-    /// row. One call reads the head's weights once for all rows: on the CPU a head is bound by
+    /// The LM head's logits for every row of [`SplitPipeline::output_states`]' states, one vector
+    /// per row. One call reads the head's weights once for all rows: on the CPU a head is bound by
     /// reading its weights, so four rows cost about 1.2x one row, while four one-row calls cost 4x
-    /// (the default model's q8_0 head in the `head_rows` bench: 1.76 ms against 5.89; inside a live
-    /// round, where the weights come from further away, the two measured the same). A row's logits are the same numbers
-    /// alone or among others (the head's compute is batch-invariant), so `local` and `ushape`, which
-    /// run one row, get the same bits.
+    /// (the default model's q8_0 head in the `head_rows` bench: 1.76 ms against 5.89; inside a
+    /// live round, where the weights come from further away, the two measured the same). A row's
+    /// logits are the same numbers alone or among others (the head's compute is batch-invariant),
+    /// so `local` and `ushape`, which run one row, get the same bits.
     ///
     /// # Shapes
     /// top: (1, seq, hidden) -> seq x (vocab,)

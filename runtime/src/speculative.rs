@@ -3,8 +3,8 @@
 //! 1. the [`Drafter`] proposes k tokens and returns the input states of [last, drafts...];
 //! 2. the middle runs them from `pos` (rolling its cache back to `pos` first);
 //! 3. the output submodel runs on the k+1 returned states, and the verifier keeps the longest
-//!    acceptable prefix plus one token of the model's own; the LM head runs once, on all k+1 rows,
-//!    when the verdict first reads one (see `SplitPipeline::head_rows`).
+//!    acceptable prefix plus one token of the model's own; the LM head runs once, on all k+1 rows
+//!    (see `SplitPipeline::head_rows`).
 //!
 //! Drafting while verifying: after submitting a round, and until its reply is back, the feature
 //! head drafts the round after it on the assumption that every draft is accepted and the cloud's
@@ -70,16 +70,12 @@ pub fn generate_speculative<M: Middle>(
         let middle_states = pipeline.middle().collect()?;
         let back = Instant::now();
         let top = pipeline.output_states(&middle_states, pos)?;
-        // The full LM head runs once, on every row, when the verdict first reads one: reading the
-        // head's weights is what costs, so one call's cost hardly grows with its rows.
-        let mut logits: Vec<Vec<f32>> = Vec::new();
-        let target = |j: usize| -> Result<Vec<f32>> {
-            if logits.is_empty() {
-                logits = pipeline.head_rows(&top)?;
-            }
-            let rows = logits.len();
-            logits.get_mut(j).map(std::mem::take).ok_or_else(|| RuntimeError::BadInput(format!("row {j} of {rows} verified")))
-        };
+        // The full LM head runs once, on every row (every verdict reads row 0): reading the head's
+        // weights is what costs, so one call's cost hardly grows with its rows.
+        let mut logits = pipeline.head_rows(&top)?;
+        let rows = logits.len();
+        let target =
+            |j: usize| logits.get_mut(j).map(std::mem::take).ok_or_else(|| RuntimeError::BadInput(format!("row {j} of {rows} verified")));
         let verdict = if sampler.is_greedy() {
             verify_greedy(&draft.tokens, target)?
         } else {

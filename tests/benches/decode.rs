@@ -9,15 +9,10 @@ use std::time::Instant;
 use candle_core::Device;
 use hat_runtime::{generate, CloudPackage, DevicePackage, GenerateOptions, LocalPipeline, SamplingOptions};
 use hat_splitter::{load_model, split_model, ModelSource, SplitOptions};
-use hat_tests::{default_model_gguf, CandleLlama};
+use hat_tests::{default_model_gguf, median, CandleLlama};
 
 fn env_usize(key: &str, default: usize) -> usize {
     std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 fn main() {

@@ -9,11 +9,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use hat_runtime::DevicePackage;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
+use hat_tests::median;
 
 fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3

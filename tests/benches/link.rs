@@ -12,15 +12,10 @@ use std::time::Duration;
 use candle_core::Device;
 use hat_runtime::link::LinkEmulation;
 use hat_runtime::{CloudOptions, CloudPackage, CloudServer, DeviceRuntime, GenerateOptions, Mode, ServerConfig, WireDType, WireFormat};
-use hat_tests::{default_artifacts, PROMPTS};
+use hat_tests::{default_artifacts, median, PROMPTS};
 
 fn env<T: std::str::FromStr>(key: &str, default: T) -> T {
     std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 struct Config {

@@ -9,11 +9,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use hat_model::attention::{attend_rows, Span};
 use hat_runtime::CloudPackage;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
+use hat_tests::median;
 
 fn main() {
     let rounds: usize = std::env::var("HAT_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(15);

@@ -213,6 +213,12 @@ impl TinyLlama {
     }
 }
 
+/// The median of a bench's samples (the upper one of an even count).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
 /// Max |a - b| over all elements.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     let d = (a.to_dtype(DType::F32).expect("a") - b.to_dtype(DType::F32).expect("b")).expect("sub");
