@@ -24,7 +24,7 @@ set -euo pipefail
 
 # runtime/src/protocol.rs: PROTOCOL_VERSION, MAGIC and the message kinds. The test
 # tests/tests/failover.rs checks these bytes against the Rust encoder.
-PROTOCOL_VERSION=2
+PROTOCOL_VERSION=3
 MAGIC_HEX=48415400
 K_HELLO=01
 K_WELCOME=81
@@ -78,8 +78,9 @@ send="tcp-check send-binary $(u32be $((${#body} / 2)))$body"
 if [[ $expect_unauthorized == 1 ]]; then
     expect="tcp-check expect binary $K_ERROR$UNAUTHORIZED"
 else
-    # Welcome: a 7-byte body of kind, version and the model's hidden size.
-    expect="tcp-check expect binary $(u32be 7)$K_WELCOME$(u16le $PROTOCOL_VERSION)$(u32le "$hidden")"
+    # Welcome: an 8-byte body of kind, version, the model's hidden size and whether the cloud verifies
+    # draft trees. The check matches the first 7 bytes only, so CPU and GPU replicas both pass.
+    expect="tcp-check expect binary $(u32be 8)$K_WELCOME$(u16le $PROTOCOL_VERSION)$(u32le "$hidden")"
 fi
 
 if [[ -z $cfg ]]; then

@@ -169,7 +169,14 @@ fn head_eval(
     let (t, prompt_lens, prompts) = heldout;
     let teacher_forced_top1 = teacher_forced_top1(head, t, prompt_lens, opts.head_loss.unroll.max(3))?;
     let runtime = head.to_runtime(device, meta.clone(), device.dir.join(DRAFT_HEAD_FILE))?;
-    let fixed = evaluate_drafter(device, cloud, Drafter::feature(runtime, Some(0.0)), prompts, opts.eval_tokens, opts.eval_draft_len)?;
+    let fixed = evaluate_drafter(
+        device,
+        cloud,
+        Drafter::feature(runtime, Some(0.0)).with_leaves(0, 0.0),
+        prompts,
+        opts.eval_tokens,
+        opts.eval_draft_len,
+    )?;
     Ok(HeadEval { teacher_forced_top1, fixed })
 }
 
@@ -315,8 +322,14 @@ pub fn run_feature(opts: &TrainAdapterOptions) -> Result<HeadReport> {
     let mut adaptive = Vec::new();
     for &threshold in &opts.thresholds {
         let runtime = head.to_runtime(&device, meta_for(threshold), device_dir.join(DRAFT_HEAD_FILE))?;
-        let result =
-            evaluate_drafter(&device, &cloud, Drafter::feature(runtime, None), &held_prompts, opts.eval_tokens, opts.eval_draft_len)?;
+        let result = evaluate_drafter(
+            &device,
+            &cloud,
+            Drafter::feature(runtime, None).with_leaves(0, 0.0),
+            &held_prompts,
+            opts.eval_tokens,
+            opts.eval_draft_len,
+        )?;
         adaptive.push(ThresholdEval { threshold, drafts_per_round: result.drafted as f64 / result.rounds.max(1) as f64, result });
     }
 

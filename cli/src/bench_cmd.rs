@@ -28,9 +28,11 @@ use crate::placement::spawn_cloud_process;
 ///   hat@N        HAT with a fixed chunk size of N positions (for sweeping)
 ///   hat-adapter  HAT drafting with the paper's adapter instead of the feature draft head (chunks as
 ///                `hat`, or one piece without a profile)
+///   hat-chain    `hat-nochunk` with a plain chain of drafts, no leaves (--draft-leaves 0)
 ///
 /// `hat`, `hat-nochunk` and `hat@N` draft with the package's feature draft head when it has one made
-/// for it (else the adapter); --draft-threshold overrides the head's confidence threshold.
+/// for it (else the adapter); --draft-threshold overrides the head's confidence threshold, and
+/// --draft-leaves and --leaf-threshold set its leaves.
 ///
 /// For every link, every prompt runs in every mode before the next prompt starts, and the mode order
 /// rotates from prompt to prompt, so machine noise hits all modes alike. Greedy decoding; every mode's
@@ -71,6 +73,12 @@ pub struct BenchArgs {
     /// Confidence threshold of the feature draft head (default: the head's own).
     #[arg(long)]
     draft_threshold: Option<f32>,
+    /// Leaves per round at most in the feature head's modes (see `hat generate --help`).
+    #[arg(long, default_value_t = hat_runtime::draft_head::DEFAULT_LEAVES)]
+    draft_leaves: usize,
+    /// The estimate a leaf must reach to be verified.
+    #[arg(long, default_value_t = hat_runtime::draft_head::DEFAULT_LEAF_THRESHOLD)]
+    leaf_threshold: f32,
     /// Runs of every prompt per mode and link.
     #[arg(long, default_value_t = 1)]
     repeat: usize,
@@ -103,6 +111,8 @@ pub enum BenchMode {
     HatNoLookup,
     /// `hat` drafting while verifying (`--overlap`).
     HatOverlap,
+    /// `hat-nochunk` with a plain chain of drafts: no leaves (`--draft-leaves 0`).
+    HatChain,
 }
 
 impl FromStr for BenchMode {
@@ -118,11 +128,12 @@ impl FromStr for BenchMode {
             "hat-adapter" => BenchMode::HatAdapter,
             "hat-nolookup" => BenchMode::HatNoLookup,
             "hat-overlap" => BenchMode::HatOverlap,
+            "hat-chain" => BenchMode::HatChain,
             other => match other.strip_prefix("hat@").map(str::parse::<usize>) {
                 Some(Ok(n)) if n > 0 => BenchMode::HatFixed(n),
                 _ => {
                     return Err(format!(
-                        "unknown mode `{other}`: use cloud, ushape, sd, hat-nochunk, hat, hat@N, hat-adapter, hat-nolookup or hat-overlap"
+                        "unknown mode `{other}`: use cloud, ushape, sd, hat-nochunk, hat, hat@N, hat-adapter, hat-nolookup, hat-overlap or hat-chain"
                     ))
                 }
             },
@@ -142,6 +153,7 @@ impl BenchMode {
             BenchMode::HatAdapter => "hat-adapter".into(),
             BenchMode::HatNoLookup => "hat-nolookup".into(),
             BenchMode::HatOverlap => "hat-overlap".into(),
+            BenchMode::HatChain => "hat-chain".into(),
         }
     }
 
@@ -202,11 +214,17 @@ impl Runner {
         let adapter = mode == BenchMode::HatAdapter;
         let mode_lookup = mode != BenchMode::HatNoLookup;
         let overlap = if mode == BenchMode::HatOverlap { Overlap::WhileWaiting } else { Overlap::Off };
+        let chain = mode == BenchMode::HatChain;
         let split = |chunking: Chunking, mode| -> Result<Runner> {
             let drafter = if matches!(mode, hat_runtime::Mode::Hat { .. }) && adapter {
                 Drafter::new(device.adapter().clone())
             } else {
-                device.new_drafter().with_lookup(mode_lookup).with_overlap(overlap)
+                let drafter = device.new_drafter().with_lookup(mode_lookup).with_overlap(overlap);
+                if chain {
+                    drafter.with_leaves(0, 0.0)
+                } else {
+                    drafter
+                }
             };
             let mut s = device.connect_with(opts.clone(), drafter)?;
             s.set_chunking(chunking);
@@ -220,7 +238,7 @@ impl Runner {
                 Runner::Sd(TokenCloud::connect(&opts, fp, ctx)?, Box::new(SmallModel::new(&device.package, device.adapter().clone())))
             }
             BenchMode::Ushape => split(Chunking::Whole, hat_runtime::Mode::UShape)?,
-            BenchMode::HatNoChunk => split(Chunking::Whole, hat_runtime::Mode::Hat { draft_len: k })?,
+            BenchMode::HatNoChunk | BenchMode::HatChain => split(Chunking::Whole, hat_runtime::Mode::Hat { draft_len: k })?,
             BenchMode::HatFixed(n) => split(Chunking::Fixed(n), hat_runtime::Mode::Hat { draft_len: k })?,
             BenchMode::Hat => {
                 let table = table.clone().context("mode hat needs DIR/device/profile.json: run `hat profile --artifacts DIR` first")?;
@@ -269,7 +287,9 @@ pub fn run(args: BenchArgs, quiet: bool) -> Result<()> {
     if !quiet {
         eprintln!("placement: {placement}");
     }
-    let device = DeviceRuntime::open(&args.artifacts.join(DEVICE_DIR))?.with_draft_choice(DraftChoice::Auto, args.draft_threshold);
+    let device = DeviceRuntime::open(&args.artifacts.join(DEVICE_DIR))?
+        .with_draft_choice(DraftChoice::Auto, args.draft_threshold)
+        .with_leaves(args.draft_leaves, args.leaf_threshold);
     if !quiet {
         if let Some(note) = device.draft_note() {
             eprintln!("note: {note}");

@@ -27,6 +27,9 @@ pub struct Run {
     /// Drafting while verifying: rounds drafted during the round before, and those kept.
     pub speculated: usize,
     pub prepared: usize,
+    /// Leaves verified and kept (see `Draft::leaves`).
+    pub leaves: usize,
+    pub leaves_kept: usize,
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub prefill_bytes_up: u64,
@@ -93,6 +96,8 @@ impl Run {
             accept_len: g.accept_len(),
             speculated: g.speculated,
             prepared: g.prepared,
+            leaves: g.leaves,
+            leaves_kept: g.leaves_accepted,
             bytes_up: g.traffic.bytes_up,
             bytes_down: g.traffic.bytes_down,
             prefill_bytes_up: g.prefill_traffic.bytes_up,
@@ -145,6 +150,9 @@ pub struct Summary {
     pub accept_len: f64,
     /// Of the rounds, those whose drafts were made while the round before was verified.
     pub prepared_rounds: f64,
+    /// Leaves verified per round, and the share of rounds a kept leaf lengthened.
+    pub leaves_per_round: f64,
+    pub leaf_kept_rounds: f64,
     pub decode_tok_s: f64,
     /// Decode traffic per decoded token (the prompt's round excluded), and the prompt's round.
     pub bytes_up_per_token: f64,
@@ -179,6 +187,8 @@ fn summarise(runs: &[&Run]) -> Option<Summary> {
         tbt_ms: tbt,
         accept_len: decoded as f64 / rounds.max(1) as f64,
         prepared_rounds: runs.iter().map(|r| r.prepared).sum::<usize>() as f64 / rounds.max(1) as f64,
+        leaves_per_round: runs.iter().map(|r| r.leaves).sum::<usize>() as f64 / rounds.max(1) as f64,
+        leaf_kept_rounds: runs.iter().map(|r| r.leaves_kept).sum::<usize>() as f64 / rounds.max(1) as f64,
         decode_tok_s: if tbt_mean > 0.0 { 1e3 / tbt_mean } else { 0.0 },
         bytes_up_per_token: per_tok(&|r| (r.bytes_up - r.prefill_bytes_up) as f64),
         bytes_down_per_token: per_tok(&|r| (r.bytes_down - r.prefill_bytes_down) as f64),
@@ -352,6 +362,8 @@ mod tests {
             accept_len: 1.0,
             speculated: 0,
             prepared: 0,
+            leaves: 0,
+            leaves_kept: 0,
             bytes_up: 0,
             bytes_down: 0,
             prefill_bytes_up: 0,

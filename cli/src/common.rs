@@ -165,6 +165,17 @@ pub struct DraftArgs {
     /// (README, "The draft head").
     #[arg(long)]
     pub overlap: bool,
+    /// Leaves per round at most (0: a plain chain of drafts). A leaf is the draft head's
+    /// second choice beside one of its drafts (or its choice where it stopped drafting), verified
+    /// in the same round as an extra row that sees only the drafts before it: where the model
+    /// rejects a draft but picks the leaf, the round still gains the token. Greedy decoding only,
+    /// and not with --overlap; the output is the same with or without.
+    #[arg(long, default_value_t = hat_runtime::draft_head::DEFAULT_LEAVES)]
+    pub draft_leaves: usize,
+    /// A leaf is verified when the head's probability of it, times its probabilities of the
+    /// drafts before it, reaches this.
+    #[arg(long, default_value_t = hat_runtime::draft_head::DEFAULT_LEAF_THRESHOLD)]
+    pub leaf_threshold: f32,
 }
 
 impl DraftArgs {
@@ -174,6 +185,7 @@ impl DraftArgs {
             .with_draft_choice(self.draft_head.into(), self.draft_threshold)
             .with_lookup(!self.no_prompt_lookup)
             .with_overlap(if self.overlap { Overlap::WhileWaiting } else { Overlap::Off })
+            .with_leaves(self.draft_leaves, self.leaf_threshold)
     }
 }
 

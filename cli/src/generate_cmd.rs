@@ -160,6 +160,8 @@ fn report(
             out["accepted"] = gen.accepted.into();
             out["speculated"] = gen.speculated.into();
             out["prepared"] = gen.prepared.into();
+            out["leaves"] = gen.leaves.into();
+            out["leaves_accepted"] = gen.leaves_accepted.into();
             out["adapter"] = device.adapter().origin.to_string().into();
             out["draft_head"] = draft_head.into();
             out["prefill_chunk"] = chunk.into();

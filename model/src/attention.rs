@@ -156,6 +156,30 @@ impl Span {
 /// # Shapes
 /// q: (batch, heads, seq, head_dim), k and v: (batch, kv_heads, pos + seq - key_start, head_dim) -> (batch, heads, seq, head_dim)
 pub fn attend_rows(q: &Tensor, k: &Tensor, v: &Tensor, pos: usize, span: Span) -> Result<Tensor> {
+    attend_tree(q, k, v, pos, span, None)
+}
+
+/// Checks a round's row depths (see [`attend_tree`]): row i sits at depth `depths[i] <= i` and sees
+/// rows `0..depths[i]`, which must be the chain (each at its own depth).
+pub fn check_depths(depths: &[usize]) -> Result<()> {
+    for (i, &d) in depths.iter().enumerate() {
+        if d > i || depths[..d].iter().enumerate().any(|(j, &e)| e != j) {
+            return Err(ModelError::InvalidConfig(format!("row {i} at depth {d} does not extend the chain of rows before it")));
+        }
+    }
+    Ok(())
+}
+
+/// [`attend_rows`] for a round shaped as a chain with leaves: with `depths`, new row i sits at
+/// position `pos + depths[i]` and sees the cached keys, the new rows `0..depths[i]` (a prefix of the
+/// chain, see [`check_depths`]) and its own key, which the cache holds at slot `pos + i`. A chain
+/// row (`depths[i] == i`) sees exactly what `attend_rows` shows it, and a leaf sees the keys a
+/// chain row at its position would see, in the same order: either way a row's result has the bits
+/// it would have in a plain chain. `None` is the plain chain.
+///
+/// # Shapes
+/// as [`attend_rows`]
+pub fn attend_tree(q: &Tensor, k: &Tensor, v: &Tensor, pos: usize, span: Span, depths: Option<&[usize]>) -> Result<Tensor> {
     if q.dtype() != DType::F32 || !q.device().is_cpu() {
         return Err(ModelError::InvalidConfig("row attention needs f32 on the CPU".into()));
     }
@@ -164,7 +188,14 @@ pub fn attend_rows(q: &Tensor, k: &Tensor, v: &Tensor, pos: usize, span: Span) -
     if span.key_start + total != pos + seq || heads % kv_heads != 0 {
         return Err(ModelError::InvalidConfig(format!("attention over {total} keys from {} for {seq} rows at {pos}", span.key_start)));
     }
-    if let Some(first) = (0..seq).map(|i| span.keys(pos + i).start).find(|&f| f < span.key_start) {
+    if let Some(t) = depths {
+        if t.len() != seq {
+            return Err(ModelError::InvalidConfig(format!("{} row depths for {seq} rows", t.len())));
+        }
+        check_depths(t)?;
+    }
+    let depth = |i: usize| depths.map_or(i, |t| t[i]);
+    if let Some(first) = (0..seq).map(|i| span.keys(pos + depth(i)).start).find(|&f| f < span.key_start) {
         return Err(ModelError::InvalidConfig(format!("a row needs key {first}, but the cache starts at {}", span.key_start)));
     }
     let rep = heads / kv_heads;
@@ -193,15 +224,18 @@ pub fn attend_rows(q: &Tensor, k: &Tensor, v: &Tensor, pos: usize, span: Span) -
         let mut scores = Vec::with_capacity(total);
         for i in 0..seq {
             let row = &qd[(bh * seq + i) * d..][..d];
-            let seen = span.keys(pos + i);
+            // The row's own position sees the keys before it, then its own key at slot pos + i.
+            let seen = span.keys(pos + depth(i));
+            let (before, own) = (seen.start..seen.end - 1, pos + i);
             scores.clear();
-            let mut j = seen.start;
-            while j + 4 <= seen.end {
+            let mut j = before.start;
+            while j + 4 <= before.end {
                 let s = dot4(row, [key(j - ks0), key(j + 1 - ks0), key(j + 2 - ks0), key(j + 3 - ks0)]);
                 scores.extend(s.map(|s| s * scale));
                 j += 4;
             }
-            scores.extend((j..seen.end).map(|j| dot(row, key(j - ks0)) * scale));
+            scores.extend((j..before.end).map(|j| dot(row, key(j - ks0)) * scale));
+            scores.push(dot(row, key(own - ks0)) * scale);
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
             for s in scores.iter_mut() {
@@ -209,7 +243,8 @@ pub fn attend_rows(q: &Tensor, k: &Tensor, v: &Tensor, pos: usize, span: Span) -
                 sum += *s;
             }
             let o = &mut dst[i * d..(i + 1) * d];
-            weighted_sum(o, &scores, |n| value(seen.start + n - ks0));
+            let slot = |n: usize| if n < before.len() { before.start + n } else { own };
+            weighted_sum(o, &scores, |n| value(slot(n) - ks0));
             let inv = 1.0 / sum;
             o.iter_mut().for_each(|x| *x *= inv);
         }
@@ -254,6 +289,38 @@ mod tests {
             let diff = (want - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
             assert!(diff < 1e-5, "head {h}: {diff}");
         }
+        Ok(())
+    }
+
+    /// In a round shaped as a chain with leaves, every row gets the bits it gets in a plain chain
+    /// that ends at it: a leaf sees the chain before its position and itself, nothing else.
+    #[test]
+    fn a_leaf_gets_the_bits_of_a_chain_ending_at_it() -> Result<()> {
+        let dev = Device::Cpu;
+        let (heads, kv, d, pos) = (6, 2, 64, 13);
+        // Rows 0..3 are the chain, row 3 is a leaf at depth 1, row 4 a leaf at depth 2.
+        let depths = [0, 1, 2, 1, 2];
+        let seq = depths.len();
+        let q = Tensor::randn(0f32, 1.0, (1, heads, seq, d), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (1, kv, pos + seq, d), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (1, kv, pos + seq, d), &dev)?;
+        let span = Span { key_start: 0, window: None, scale: 0.125 };
+        let tree = attend_tree(&q, &k, &v, pos, span, Some(&depths))?;
+        for (i, &depth) in depths.iter().enumerate() {
+            // The chain that ends at row i: rows 0..depth, then row i.
+            let rows: Vec<usize> = (0..depth).chain([i]).collect();
+            let pick = |t: &Tensor, n: usize| -> Result<Tensor> {
+                let idx = Tensor::new(rows.iter().map(|&r| (n + r) as u32).collect::<Vec<_>>().as_slice(), &dev)?;
+                let new = t.index_select(&idx, 2)?;
+                Ok(if n == 0 { new } else { Tensor::cat(&[&t.narrow(2, 0, n)?, &new], 2)? })
+            };
+            let chain = attend_rows(&pick(&q, 0)?, &pick(&k, pos)?, &pick(&v, pos)?, pos, span)?;
+            let diff = (chain.narrow(2, depth, 1)? - tree.narrow(2, i, 1)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0, "row {i}");
+        }
+        // A row that does not extend the chain is refused.
+        assert!(attend_tree(&q, &k, &v, pos, span, Some(&[0, 1, 2, 3, 4][..4])).is_err());
+        assert!(attend_tree(&q, &k, &v, pos, span, Some(&[0, 1, 1, 3, 2])).is_err());
         Ok(())
     }
 

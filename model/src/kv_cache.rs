@@ -65,6 +65,26 @@ impl LayerCache {
         }
     }
 
+    /// Keeps the keys and values at slot `from` as position `to` and drops everything after it: a
+    /// round with leaves left an accepted leaf at slot `from`, after the chain rows it replaced.
+    /// Needs `start <= to <= from < len` (a leaf right after the chain is already in place).
+    pub fn promote(&mut self, from: usize, to: usize) -> Result<()> {
+        if !(self.start <= to && to <= from && from < self.len) {
+            return Err(crate::error::ModelError::InvalidConfig(format!(
+                "cannot keep slot {from} as position {to}: the cache holds {}..{}",
+                self.start, self.len
+            )));
+        }
+        if let (Some(k), Some(v), true) = (&self.k, &self.v, from != to) {
+            let (f, t) = (from - self.start, to - self.start);
+            // A copy: the source must not share the buffer it is written into.
+            k.slice_set(&k.narrow(2, f, 1)?.copy()?.contiguous()?, 2, t)?;
+            v.slice_set(&v.narrow(2, f, 1)?.copy()?.contiguous()?, 2, t)?;
+        }
+        self.len = to + 1;
+        Ok(())
+    }
+
     /// Appends new keys and values and returns the cached sequence from [`LayerCache::start`].
     ///
     /// # Shapes
@@ -157,6 +177,17 @@ impl KvCache {
         self.layers.iter().map(LayerCache::start).max().unwrap_or(0)
     }
 
+    /// [`LayerCache::promote`] on every layer; on a refusal no layer has changed.
+    pub fn promote(&mut self, from: usize, to: usize) -> Result<()> {
+        if let Some(l) = self.layers.iter().find(|l| !(l.start <= to && to <= from && from < l.len)) {
+            return Err(crate::error::ModelError::InvalidConfig(format!(
+                "cannot keep slot {from} as position {to}: the cache holds {}..{}",
+                l.start, l.len
+            )));
+        }
+        self.layers.iter_mut().try_for_each(|l| l.promote(from, to))
+    }
+
     pub fn layer_mut(&mut self, i: usize) -> &mut LayerCache {
         &mut self.layers[i]
     }
@@ -186,6 +217,29 @@ mod tests {
         assert_eq!(k[19], 19.0);
         assert_eq!(k[20], -1.0);
         assert_eq!(k[619], -1.0);
+        Ok(())
+    }
+
+    /// An accepted leaf's keys and values move to its position and everything after goes; a
+    /// refused move changes no layer.
+    #[test]
+    fn promote_keeps_a_leaf_at_its_position() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut c = KvCache::new(2);
+        let a = Tensor::arange(0f32, 24.0, &dev)?.reshape((1, 2, 6, 2))?;
+        for i in 0..2 {
+            c.layer_mut(i).append(&a, &(&a + 100.0)?)?;
+        }
+        assert!(c.promote(6, 3).is_err() && c.promote(2, 3).is_err());
+        assert_eq!(c.len(), 6);
+        c.promote(5, 3)?;
+        assert_eq!(c.len(), 4);
+        let (k, v) = c.layer_mut(1).append(&a.narrow(2, 0, 1)?, &a.narrow(2, 0, 1)?)?;
+        // Head 1's slot 3 now holds what slot 5 held; slots 0..3 are unchanged.
+        let k = k.squeeze(0)?.to_vec3::<f32>()?;
+        assert_eq!(k[1][3], vec![22.0, 23.0]);
+        assert_eq!(k[1][2], vec![16.0, 17.0]);
+        assert_eq!(v.dims(), &[1, 2, 5, 2]);
         Ok(())
     }
 

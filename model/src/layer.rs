@@ -14,6 +14,15 @@ use crate::kv_cache::LayerCache;
 use crate::rope::{Rope, Ropes};
 use crate::weights::{Proj, Weights};
 
+/// One session's rows in a ragged batch (see `DecoderLayer::forward_ragged`): `seq` rows from
+/// position `pos`, shaped by `depths` as in `attention::attend_tree` (`None`: a chain).
+#[derive(Debug, Clone, Copy)]
+pub struct Segment<'a> {
+    pub pos: usize,
+    pub seq: usize,
+    pub depths: Option<&'a [usize]>,
+}
+
 #[derive(Debug, Clone)]
 struct Attention {
     q_proj: Proj,
@@ -74,20 +83,24 @@ impl Attention {
 
     /// # Shapes
     /// x: (batch, seq, hidden) -> (batch, seq, hidden)
-    fn forward(&self, x: &Tensor, rope: &Rope, pos: usize, cache: &mut LayerCache) -> Result<Tensor> {
+    /// `depths`: the round's shape (see `attention::attend_tree`); `None` for a chain.
+    ///
+    /// # Shapes
+    /// x: (batch, seq, hidden) -> (batch, seq, hidden)
+    fn forward(&self, x: &Tensor, rope: &Rope, pos: usize, depths: Option<&[usize]>, cache: &mut LayerCache) -> Result<Tensor> {
         let (q, k, v) = self.project(x, false)?;
-        let q = rope.apply(&q, pos)?;
-        let k = rope.apply(&k, pos)?;
+        let q = rope.apply_rows(&q, pos, depths)?;
+        let k = rope.apply_rows(&k, pos, depths)?;
         let (k, v) = cache.append(&k, &v)?;
         let span = self.span(cache.start());
         if q.device().is_cpu() && q.dtype() == DType::F32 {
             // Batch-invariant: see `crate::attention`.
             let (b, _, seq, _) = q.dims4()?;
-            let out = crate::attention::attend_rows(&q, &k, &v, pos, span)?;
+            let out = crate::attention::attend_tree(&q, &k, &v, pos, span, depths)?;
             let out = out.transpose(1, 2)?.reshape((b, seq, self.num_heads * self.head_dim))?;
             return self.o_proj.forward(&out);
         }
-        self.attend(&q, &k, &v, pos, span, false)
+        self.attend(&q, &k, &v, pos, span, depths, false)
     }
 
     /// Several sessions' new rows in one pass: `x` holds their rows back to back, `segments[i]` is
@@ -98,15 +111,15 @@ impl Attention {
     ///
     /// # Shapes
     /// x: (1, rows, hidden) -> (1, rows, hidden)
-    fn forward_ragged(&self, x: &Tensor, rope: &Rope, segments: &[(usize, usize)], caches: &mut [&mut LayerCache]) -> Result<Tensor> {
+    fn forward_ragged(&self, x: &Tensor, rope: &Rope, segments: &[Segment], caches: &mut [&mut LayerCache]) -> Result<Tensor> {
         let (q, k, v) = self.project(x, false)?;
         let mut outs = Vec::with_capacity(segments.len());
         let mut offset = 0;
-        for (&(pos, seq), cache) in segments.iter().zip(caches.iter_mut()) {
-            let q = rope.apply(&q.narrow(2, offset, seq)?.contiguous()?, pos)?;
-            let k = rope.apply(&k.narrow(2, offset, seq)?.contiguous()?, pos)?;
+        for (&Segment { pos, seq, depths }, cache) in segments.iter().zip(caches.iter_mut()) {
+            let q = rope.apply_rows(&q.narrow(2, offset, seq)?.contiguous()?, pos, depths)?;
+            let k = rope.apply_rows(&k.narrow(2, offset, seq)?.contiguous()?, pos, depths)?;
             let (k, v) = cache.append(&k, &v.narrow(2, offset, seq)?)?;
-            let out = crate::attention::attend_rows(&q, &k, &v, pos, self.span(cache.start()))?;
+            let out = crate::attention::attend_tree(&q, &k, &v, pos, self.span(cache.start()), depths)?;
             outs.push(out.transpose(1, 2)?.reshape((1, seq, self.num_heads * self.head_dim))?);
             offset += seq;
         }
@@ -121,7 +134,7 @@ impl Attention {
         let (q, k, v) = self.project(x, true)?;
         let q = rope.apply_differentiable(&q, 0)?;
         let k = rope.apply_differentiable(&k, 0)?;
-        self.attend(&q, &k, &v, 0, self.span(0), true)
+        self.attend(&q, &k, &v, 0, self.span(0), None, true)
     }
 
     /// One unrolled draft step in training (EAGLE-3's training-time test), differentiable. Step
@@ -158,7 +171,17 @@ impl Attention {
 
     /// # Shapes
     /// q: (batch, heads, seq, head_dim), k and v: (batch, kv_heads, pos + seq - span.key_start, head_dim) -> (batch, seq, hidden)
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, pos: usize, span: Span, differentiable: bool) -> Result<Tensor> {
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        pos: usize,
+        span: Span,
+        depths: Option<&[usize]>,
+        differentiable: bool,
+    ) -> Result<Tensor> {
         let (b, _, seq, _) = q.dims4()?;
         // Grouped-query attention without copying K/V per head: fold the query heads that share a KV
         // head into the sequence axis. (b, kv, rep*seq, d) x (b, kv, d, total)
@@ -167,7 +190,7 @@ impl Attention {
         let k_t = k.transpose(2, 3)?;
         let mut scores = (q.matmul(&k_t)? * span.scale as f64)?;
         if seq > 1 || span.window.is_some() {
-            let mask = causal_mask(seq, pos, rep, span, scores.dtype(), scores.device())?;
+            let mask = causal_mask(seq, pos, rep, span, depths, scores.dtype(), scores.device())?;
             scores = scores.broadcast_add(&mask)?;
         }
         // candle's fused softmax kernel has no backward pass.
@@ -184,17 +207,23 @@ impl Attention {
 }
 
 /// Additive mask for `seq` new positions starting at `pos` over the keys from `span.key_start`,
-/// repeated for `rep` query heads folded into the sequence axis.
+/// repeated for `rep` query heads folded into the sequence axis. With `depths`, row i sees the keys
+/// before its position `pos + depths[i]` and its own key at slot `pos + i` (as
+/// `attention::attend_tree`).
 ///
 /// # Shapes
 /// -> (rep * seq, pos + seq - span.key_start)
-fn causal_mask(seq: usize, pos: usize, rep: usize, span: Span, dtype: DType, device: &Device) -> Result<Tensor> {
+fn causal_mask(seq: usize, pos: usize, rep: usize, span: Span, depths: Option<&[usize]>, dtype: DType, device: &Device) -> Result<Tensor> {
+    if let Some(t) = depths {
+        crate::attention::check_depths(t)?;
+    }
     let total = pos + seq - span.key_start;
     let mut data = Vec::with_capacity(rep * seq * total);
     for _ in 0..rep {
         for i in 0..seq {
-            let seen = span.keys(pos + i);
-            data.extend((0..total).map(|j| if seen.contains(&(j + span.key_start)) { 0.0 } else { f32::NEG_INFINITY }));
+            let seen = span.keys(pos + depths.map_or(i, |t| t[i]));
+            let sees = |slot: usize| slot == pos + i || (seen.start <= slot && slot + 1 < seen.end);
+            data.extend((0..total).map(|j| if sees(j + span.key_start) { 0.0 } else { f32::NEG_INFINITY }));
         }
     }
     Ok(Tensor::from_vec(data, (rep * seq, total), device)?.to_dtype(dtype)?)
@@ -370,14 +399,23 @@ impl DecoderLayer {
     /// # Shapes
     /// x: (batch, seq, hidden) -> (batch, seq, hidden)
     pub fn forward(&self, x: &Tensor, ropes: &Ropes, pos: usize, cache: &mut LayerCache) -> Result<Tensor> {
-        self.block(x, false, |h| self.self_attn.forward(h, self.rope(ropes), pos, cache))
+        self.forward_tree(x, ropes, pos, None, cache)
+    }
+
+    /// [`DecoderLayer::forward`] for a round shaped as a chain with leaves (see
+    /// `attention::attend_tree`); `None` is a chain.
+    ///
+    /// # Shapes
+    /// x: (batch, seq, hidden) -> (batch, seq, hidden)
+    pub fn forward_tree(&self, x: &Tensor, ropes: &Ropes, pos: usize, depths: Option<&[usize]>, cache: &mut LayerCache) -> Result<Tensor> {
+        self.block(x, false, |h| self.self_attn.forward(h, self.rope(ropes), pos, depths, cache))
     }
 
     /// Several sessions' rows in one pass (see `Attention::forward_ragged`); CPU and f32 only.
     ///
     /// # Shapes
     /// x: (1, rows, hidden) -> (1, rows, hidden)
-    pub fn forward_ragged(&self, x: &Tensor, ropes: &Ropes, segments: &[(usize, usize)], caches: &mut [&mut LayerCache]) -> Result<Tensor> {
+    pub fn forward_ragged(&self, x: &Tensor, ropes: &Ropes, segments: &[Segment], caches: &mut [&mut LayerCache]) -> Result<Tensor> {
         self.block(x, false, |h| self.self_attn.forward_ragged(h, self.rope(ropes), segments, caches))
     }
 
@@ -414,7 +452,7 @@ mod tests {
         let seq = 5;
         let step0 = visible(&unrolled_mask(seq, 0, 1, None, DType::F32, &Device::Cpu)?);
         let span = Span { key_start: 0, window: None, scale: 1.0 };
-        let causal = visible(&causal_mask(seq, 0, 1, span, DType::F32, &Device::Cpu)?);
+        let causal = visible(&causal_mask(seq, 0, 1, span, None, DType::F32, &Device::Cpu)?);
         assert_eq!(step0, causal);
         let step2 = visible(&unrolled_mask(seq, 2, 2, None, DType::F32, &Device::Cpu)?);
         assert_eq!(step2.len(), 2 * seq, "one block per folded query head");
@@ -435,13 +473,13 @@ mod tests {
         let (seq, w) = (6, 3);
         let step0 = visible(&unrolled_mask(seq, 0, 1, Some(w), DType::F32, &Device::Cpu)?);
         let span = Span { key_start: 0, window: Some(w), scale: 1.0 };
-        assert_eq!(step0, visible(&causal_mask(seq, 0, 1, span, DType::F32, &Device::Cpu)?));
+        assert_eq!(step0, visible(&causal_mask(seq, 0, 1, span, None, DType::F32, &Device::Cpu)?));
         assert_eq!((0..seq).filter(|&j| step0[5][j]).collect::<Vec<_>>(), vec![3, 4, 5]);
         let step1 = visible(&unrolled_mask(seq, 1, 1, Some(w), DType::F32, &Device::Cpu)?);
         // Query 5 at step 1: true keys 3 and 4 (the window of position 5 minus its own), its draft at 5.
         assert_eq!((0..2 * seq).filter(|&j| step1[5][j]).collect::<Vec<_>>(), vec![3, 4, seq + 5]);
         // Keys from 4 on, rows at 7 and 8: each sees its last 3.
-        let cut = visible(&causal_mask(2, 7, 1, Span { key_start: 4, window: Some(w), scale: 1.0 }, DType::F32, &Device::Cpu)?);
+        let cut = visible(&causal_mask(2, 7, 1, Span { key_start: 4, window: Some(w), scale: 1.0 }, None, DType::F32, &Device::Cpu)?);
         assert_eq!(cut, vec![vec![false, true, true, true, false], vec![false, false, true, true, true]]);
         Ok(())
     }

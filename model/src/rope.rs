@@ -93,6 +93,20 @@ impl Rope {
         Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
     }
 
+    /// Rotates row i of `x` for position `pos + depths[i]` (a round with leaves, see
+    /// `attention::attend_tree`); `None`: positions `pos..pos + seq`, as [`Rope::apply`]. The angles
+    /// are the same table entries either way, so a row's bits do not depend on the round's shape.
+    ///
+    /// # Shapes
+    /// x: (batch, heads, seq, head_dim) -> same
+    pub fn apply_rows(&self, x: &Tensor, pos: usize, depths: Option<&[usize]>) -> Result<Tensor> {
+        let Some(depths) = depths else { return self.apply(x, pos) };
+        let at: Vec<u32> = depths.iter().map(|d| (pos + d) as u32).collect();
+        let at = Tensor::new(at.as_slice(), self.cos.device())?;
+        let (cos, sin) = (self.cos.index_select(&at, 0)?, self.sin.index_select(&at, 0)?);
+        Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
+    }
+
     /// [`Rope::apply`] through plain tensor ops, which have a backward pass (training).
     ///
     /// # Shapes

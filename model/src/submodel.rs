@@ -10,7 +10,7 @@ use candle_nn::{Embedding, VarBuilder};
 use crate::config::Config;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::{KvCache, LayerCache};
-use crate::layer::{DecoderLayer, Norm};
+use crate::layer::{DecoderLayer, Norm, Segment};
 use crate::names::LAYERS_PREFIX;
 use crate::rope::Ropes;
 use crate::weights::{Proj, Weights};
@@ -202,16 +202,44 @@ impl Submodel {
     /// # Shapes
     /// hidden: (batch, seq, hidden) -> (batch, seq, hidden)
     pub fn forward_layers(&self, hidden: &Tensor, pos: usize, cache: &mut KvCache) -> Result<Tensor> {
+        self.forward_layers_tree(hidden, pos, None, cache)
+    }
+
+    /// [`Submodel::forward_layers`] for a round shaped as a chain with leaves: row i at position
+    /// `pos + depths[i]`, seeing rows `0..depths[i]` and itself (see `attention::attend_tree`); the
+    /// cache then holds row i at slot `pos + i`, and [`KvCache::promote`] moves an accepted leaf to
+    /// its position. `None` is a chain. Trees run on the CPU in f32 only (the row-by-row path
+    /// elsewhere cannot shape them); [`Submodel::runs_trees`] says whether this one does.
+    ///
+    /// # Shapes
+    /// hidden: (batch, seq, hidden) -> (batch, seq, hidden)
+    pub fn forward_layers_tree(&self, hidden: &Tensor, pos: usize, depths: Option<&[usize]>, cache: &mut KvCache) -> Result<Tensor> {
         let seq = hidden.dim(1)?;
+        if let Some(t) = depths.filter(|t| t.len() != seq) {
+            return Err(ModelError::InvalidConfig(format!("{} row depths for {seq} rows", t.len())));
+        }
+        // A chain given as depths runs as a chain (and so anywhere).
+        let depths = depths.filter(|t| t.iter().enumerate().any(|(i, &d)| d != i));
+        if let Some(t) = depths {
+            crate::attention::check_depths(t)?;
+            if !self.runs_trees() {
+                return Err(ModelError::InvalidConfig("draft trees run on the CPU in f32 only".into()));
+            }
+        }
         self.check_positions(pos, seq, cache)?;
         let h = hidden.to_device(&self.device)?.to_dtype(self.dtype)?;
         let out = if self.row_by_row(seq) {
-            let rows = (0..seq).map(|i| self.run_layers(h.narrow(1, i, 1)?, pos + i, cache)).collect::<Result<Vec<_>>>()?;
+            let rows = (0..seq).map(|i| self.run_layers(h.narrow(1, i, 1)?, pos + i, None, cache)).collect::<Result<Vec<_>>>()?;
             Tensor::cat(&rows, 1)?
         } else {
-            self.run_layers(h, pos, cache)?
+            self.run_layers(h, pos, depths, cache)?
         };
         Ok(out.to_device(hidden.device())?.to_dtype(hidden.dtype())?)
+    }
+
+    /// Whether [`Submodel::forward_layers_tree`] takes rounds with leaves here.
+    pub fn runs_trees(&self) -> bool {
+        self.device.is_cpu() && self.dtype == DType::F32
     }
 
     /// Whether a forward of `rows` rows runs them one at a time (see [`Submodel::forward_layers`]).
@@ -219,9 +247,9 @@ impl Submodel {
         (2..=ROW_BY_ROW_MAX).contains(&rows) && !(self.device.is_cpu() && self.dtype == DType::F32)
     }
 
-    fn run_layers(&self, mut h: Tensor, pos: usize, cache: &mut KvCache) -> Result<Tensor> {
+    fn run_layers(&self, mut h: Tensor, pos: usize, depths: Option<&[usize]>, cache: &mut KvCache) -> Result<Tensor> {
         for (i, layer) in self.layers.iter().enumerate() {
-            h = layer.forward(&h, &self.rope, pos, cache.layer_mut(i))?;
+            h = layer.forward_tree(&h, &self.rope, pos, depths, cache.layer_mut(i))?;
         }
         Ok(h)
     }
@@ -233,23 +261,40 @@ impl Submodel {
     /// are not row by row, so stacking sessions there would change their bits).
     ///
     /// # Shapes
-    /// inputs: (1, seq_i, hidden) each -> (1, seq_i, hidden) each
-    pub fn forward_layers_batch(&self, inputs: &[(Tensor, usize)], caches: &mut [&mut KvCache]) -> Result<Vec<Tensor>> {
-        if inputs.len() != caches.len() {
-            return Err(ModelError::InvalidConfig(format!("{} inputs for {} caches", inputs.len(), caches.len())));
+    /// inputs: (1, seq_i, hidden) each -> (1, seq_i, hidden) each. `depths[i]` shapes session i's
+    /// rows as in [`Submodel::forward_layers_tree`] (`None`: a chain).
+    pub fn forward_layers_batch(
+        &self,
+        inputs: &[(Tensor, usize)],
+        depths: &[Option<&[usize]>],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Vec<Tensor>> {
+        if inputs.len() != caches.len() || inputs.len() != depths.len() {
+            return Err(ModelError::InvalidConfig(format!("{} inputs, {} shapes and {} caches", inputs.len(), depths.len(), caches.len())));
         }
         let home = inputs.iter().all(|(h, _)| h.device().same_device(&self.device) && h.dtype() == self.dtype);
         if !(self.device.is_cpu() && self.dtype == DType::F32 && home) || inputs.len() == 1 {
-            return inputs.iter().zip(caches.iter_mut()).map(|((h, pos), c)| self.forward_layers(h, *pos, c)).collect();
+            return inputs
+                .iter()
+                .zip(depths)
+                .zip(caches.iter_mut())
+                .map(|(((h, pos), t), c)| self.forward_layers_tree(h, *pos, *t, c))
+                .collect();
         }
         let mut segments = Vec::with_capacity(inputs.len());
-        for ((h, pos), cache) in inputs.iter().zip(caches.iter_mut()) {
+        for (((h, pos), t), cache) in inputs.iter().zip(depths).zip(caches.iter_mut()) {
             let (b, seq, _) = h.dims3()?;
             if b != 1 {
                 return Err(ModelError::InvalidConfig(format!("a batched session sends one sequence, not {b}")));
             }
+            if let Some(t) = t {
+                if t.len() != seq {
+                    return Err(ModelError::InvalidConfig(format!("{} row depths for {seq} rows", t.len())));
+                }
+                crate::attention::check_depths(t)?;
+            }
             self.check_positions(*pos, seq, cache)?;
-            segments.push((*pos, seq));
+            segments.push(Segment { pos: *pos, seq, depths: *t });
         }
         let rows: Vec<&Tensor> = inputs.iter().map(|(h, _)| h).collect();
         let mut x = Tensor::cat(&rows, 1)?;
@@ -259,7 +304,7 @@ impl Submodel {
         }
         let mut out = Vec::with_capacity(segments.len());
         let mut offset = 0;
-        for (_, seq) in segments {
+        for Segment { seq, .. } in segments {
             out.push(x.narrow(1, offset, seq)?);
             offset += seq;
         }

@@ -90,6 +90,8 @@ pub struct DeviceRuntime {
     threshold: Option<f32>,
     lookup: bool,
     overlap: Overlap,
+    /// Leaves per round at most, and the estimate a leaf must reach.
+    leaves: (usize, f32),
     device: Device,
 }
 
@@ -113,8 +115,16 @@ impl DeviceRuntime {
             threshold: None,
             lookup: true,
             overlap: Overlap::default(),
+            leaves: (crate::draft_head::DEFAULT_LEAVES, crate::draft_head::DEFAULT_LEAF_THRESHOLD),
             device,
         })
+    }
+
+    /// Up to `max` leaves per round (0: a plain chain), each verified when the head's estimate
+    /// reaches `threshold` (see `Draft::leaves`).
+    pub fn with_leaves(mut self, max: usize, threshold: f32) -> Self {
+        self.leaves = (max, threshold);
+        self
     }
 
     /// Chooses the draft model, and overrides the head's confidence threshold (0 drafts every time).
@@ -151,7 +161,10 @@ impl DeviceRuntime {
     pub fn new_drafter(&self) -> Drafter {
         match (self.choice, &self.head) {
             (DraftChoice::Hat, _) => Drafter::new(self.adapter.clone()),
-            (_, Some(h)) => Drafter::feature(h.clone(), self.threshold).with_lookup(self.lookup).with_overlap(self.overlap),
+            (_, Some(h)) => Drafter::feature(h.clone(), self.threshold)
+                .with_lookup(self.lookup)
+                .with_overlap(self.overlap)
+                .with_leaves(self.leaves.0, self.leaves.1),
             (DraftChoice::Auto, None) if self.head_problem.is_none() => Drafter::new(self.adapter.clone()),
             _ => Drafter::Off,
         }

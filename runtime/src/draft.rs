@@ -144,43 +144,72 @@ fn load_layers(path: &Path, cfg: &Config, device: &Device, dtype: candle_core::D
 /// The tokens a draft proposes and what verification needs from it.
 #[derive(Debug)]
 pub struct Draft {
+    /// The chain: each draft follows the ones before it.
     pub tokens: Vec<u32>,
     /// The draft distribution of each token (sampling only; empty when greedy).
     pub q: Vec<Vec<f32>>,
-    /// Input-submodel states of [last accepted token, draft tokens...], what the cloud verifies.
+    /// Leaves, as (depth, token): an alternative to draft `depth` (counted from 1), after drafts
+    /// `..depth - 1`, verified in the same round but never drafted from. The cloud runs them as
+    /// extra rows that see only the chain before them (`hat_model::attention::attend_tree`), so a
+    /// leaf the model agrees with gains a token where the chain's draft was rejected. Greedy only.
+    pub leaves: Vec<(usize, u32)>,
+    /// Input-submodel states of [last accepted token, draft tokens..., leaf tokens...], what the
+    /// cloud verifies.
     ///
     /// # Shapes
-    /// (1, tokens.len() + 1, hidden)
+    /// (1, tokens.len() + 1 + leaves.len(), hidden)
     pub states: Tensor,
 }
 
 impl Draft {
-    /// The first `k` drafts (a draft made for a longer budget than is left).
+    /// A chain of drafts without leaves.
+    pub fn chain(tokens: Vec<u32>, q: Vec<Vec<f32>>, states: Tensor) -> Self {
+        Self { tokens, q, leaves: Vec::new(), states }
+    }
+
+    /// The depth of each row (see [`Draft::leaves`]): the chain's rows at their own, then the
+    /// leaves'; `None` without leaves.
+    pub fn depths(&self) -> Option<Vec<usize>> {
+        depths(self.tokens.len(), &self.leaves)
+    }
+
+    /// The first `k` drafts and their leaves (a draft made for a longer budget than is left).
     pub fn truncated(mut self, k: usize) -> Result<Self> {
         if self.tokens.len() > k {
+            let n = self.tokens.len();
+            let rows: Vec<u32> =
+                (0..=k).chain(self.leaves.iter().enumerate().filter(|(_, l)| l.0 <= k).map(|(i, _)| n + 1 + i)).map(|r| r as u32).collect();
+            self.leaves.retain(|l| l.0 <= k);
             self.tokens.truncate(k);
             self.q.truncate(k);
-            self.states = self.states.narrow(1, 0, k + 1)?;
+            let rows = Tensor::new(rows.as_slice(), self.states.device())?;
+            self.states = self.states.index_select(&rows, 1)?;
         }
         Ok(self)
     }
 }
 
+/// The row depths of a round of `chain` drafts and `leaves` (see [`Draft::leaves`]); `None` without
+/// leaves.
+pub fn depths(chain: usize, leaves: &[(usize, u32)]) -> Option<Vec<usize>> {
+    (!leaves.is_empty()).then(|| (0..=chain).chain(leaves.iter().map(|l| l.0)).collect())
+}
+
 /// What a verification round established, for the drafter to catch up on.
 #[derive(Debug)]
 pub struct Verified<'a> {
-    pub draft: &'a Draft,
     /// Position of the draft's first state (the last accepted token before the round).
     pub pos: usize,
-    /// Drafts the verifier kept.
-    pub accepted: usize,
-    /// The middle's output (high) and the output submodel's final states (top) of the draft's
-    /// positions, as verification computed them.
+    /// The tokens the verifier kept: a prefix of the drafts, then the accepted leaf if any.
+    pub accepted: &'a [u32],
+    /// The input states (low), the middle's output (high) and the output submodel's final states
+    /// (top) of the kept path's rows, [last, accepted...], as verification computed them.
     ///
     /// # Shapes
-    /// (1, draft.tokens.len() + 1, hidden) each
-    pub high: &'a Tensor,
-    pub top: &'a Tensor,
+    /// (1, accepted.len() + 1, hidden) each
+    pub low: Tensor,
+    pub high: Tensor,
+    pub top: Tensor,
 }
 
 /// The proposer HAT mode drafts with.
@@ -208,10 +237,14 @@ impl Drafter {
         match self {
             Drafter::Adapter(d) => format!("hat adapter, {}", d.adapter.origin),
             Drafter::Feature(d) => format!(
-                "feature head ({}), threshold {}{}{}",
+                "feature head ({}), threshold {}{}{}{}",
                 d.head().path.display(),
                 d.threshold(),
                 if d.lookup() { ", prompt lookup" } else { "" },
+                match d.leaves() {
+                    (0, _) => String::new(),
+                    (n, t) => format!(", up to {n} leaves at {t}"),
+                },
                 if d.overlap() == Overlap::Off { "" } else { ", drafting while verifying" }
             ),
             Drafter::Off => "none (U-shaped steps)".into(),
@@ -224,6 +257,23 @@ impl Drafter {
             d.set_lookup(on);
         }
         self
+    }
+
+    /// Up to `max` leaves per round, each kept when the head's estimate that it is the model's
+    /// token (its probability times the chain's before it) reaches `threshold` (see
+    /// [`Draft::leaves`]; only the feature head drafts leaves).
+    pub fn with_leaves(mut self, max: usize, threshold: f32) -> Self {
+        if let Drafter::Feature(d) = &mut self {
+            d.set_leaves(max, threshold);
+        }
+        self
+    }
+
+    /// Whether this generation may verify leaves (the pipeline runs them and decoding is greedy).
+    pub fn allow_leaves(&mut self, on: bool) {
+        if let Drafter::Feature(d) = self {
+            d.allow_leaves(on);
+        }
     }
 
     /// Sets when the feature head drafts the next round while the cloud verifies this one (the
@@ -279,7 +329,7 @@ impl Drafter {
         match self {
             Drafter::Adapter(d) => d.propose(pipeline, last, pos, k, sampler),
             Drafter::Feature(d) => d.propose(pipeline, last, pos, k, sampler),
-            Drafter::Off => Ok(Draft { tokens: Vec::new(), q: Vec::new(), states: pipeline.input_states(&[last], pos)? }),
+            Drafter::Off => Ok(Draft::chain(Vec::new(), Vec::new(), pipeline.input_states(&[last], pos)?)),
         }
     }
 
@@ -310,7 +360,7 @@ impl Drafter {
     /// After verification: positions up to `pos + accepted` are final.
     pub fn commit(&mut self, round: &Verified) -> Result<()> {
         match self {
-            Drafter::Adapter(d) => d.commit(&round.draft.states, round.pos, round.pos + round.accepted + 1),
+            Drafter::Adapter(d) => d.commit(&round.low, round.pos, round.pos + round.accepted.len() + 1),
             Drafter::Feature(d) => d.commit(round),
             Drafter::Off => Ok(()),
         }
@@ -381,7 +431,7 @@ impl AdapterDrafter {
             };
             tokens.push(token);
         }
-        Ok(Draft { tokens, q, states: Tensor::cat(&states, 1)? })
+        Ok(Draft::chain(tokens, q, Tensor::cat(&states, 1)?))
     }
 
     /// After verification: positions `..committed` are final. `states` are the draft's input states,

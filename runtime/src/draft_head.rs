@@ -334,6 +334,20 @@ pub fn top1(logits: &[f32]) -> (usize, f32) {
     (best, 1.0 / z)
 }
 
+/// The second-best index and its softmax probability (`None` for fewer than two logits).
+pub fn second(logits: &[f32]) -> Option<(usize, f32)> {
+    let best = crate::sampling::argmax(logits) as usize;
+    let (i, &l) = logits.iter().enumerate().filter(|&(i, _)| i != best).max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))?;
+    let m = logits[best];
+    let z: f32 = logits.iter().map(|x| (x - m).exp()).sum();
+    Some((i, (l - m).exp() / z))
+}
+
+/// Leaves a round drafts at most unless told otherwise (`--draft-leaves`).
+pub const DEFAULT_LEAVES: usize = 1;
+/// The estimate a leaf must reach to be verified (`--leaf-threshold`).
+pub const DEFAULT_LEAF_THRESHOLD: f32 = 0.15;
+
 /// Confidence threshold used when neither the head file nor the caller sets one.
 pub const FALLBACK_THRESHOLD: f32 = 0.0;
 
@@ -368,6 +382,12 @@ pub struct FeatureDrafter {
     /// positions enter the head. RoPE sees only position differences, so the shift changes nothing
     /// else.
     offset: usize,
+    /// Leaves per round at most, and the estimate one must reach (see `Draft::leaves`).
+    max_leaves: usize,
+    leaf_threshold: f32,
+    /// This generation verifies leaves: greedy, a pipeline that runs them, no drafting while
+    /// verifying (a speculated round reuses the input cache's slots the leaves sit in).
+    leaves_allowed: bool,
 }
 
 /// Prompt positions the head takes in (the last ones). The head was trained on 128-position
@@ -391,7 +411,24 @@ impl FeatureDrafter {
             tip: None,
             overlap: Overlap::default(),
             offset: 0,
+            max_leaves: DEFAULT_LEAVES,
+            leaf_threshold: DEFAULT_LEAF_THRESHOLD,
+            leaves_allowed: false,
         }
+    }
+
+    /// Up to `max` leaves per round, kept when their estimate reaches `threshold`.
+    pub fn set_leaves(&mut self, max: usize, threshold: f32) {
+        (self.max_leaves, self.leaf_threshold) = (max, threshold);
+    }
+
+    pub fn leaves(&self) -> (usize, f32) {
+        (self.max_leaves, self.leaf_threshold)
+    }
+
+    /// Whether this generation may verify leaves (set per generation by the decoder).
+    pub fn allow_leaves(&mut self, on: bool) {
+        self.leaves_allowed = on;
     }
 
     /// Turns prompt lookup on or off (on by default).
@@ -458,8 +495,8 @@ impl FeatureDrafter {
         let history = std::mem::take(&mut self.history);
         let drafted = self.draft(&history, pos, k, sampler, &mut || false);
         self.history = history;
-        let (tokens, q) = drafted?.expect("drafting without a stop never stops");
-        with_states(pipeline, last, tokens, q, pos)
+        let (tokens, q, leaves) = drafted?.expect("drafting without a stop never stops");
+        with_states(pipeline, last, tokens, q, leaves, pos)
     }
 
     /// The head's newest output, which predicts the next token.
@@ -500,6 +537,11 @@ impl FeatureDrafter {
         let mut h = self.tip()?;
         let copied = if self.lookup && k > 0 { lookup(history, k) } else { Vec::new() };
         let (mut tokens, mut q) = (Vec::with_capacity(k), Vec::new());
+        // Leaf candidates (estimate, depth, token): the estimate is the head's probability of the
+        // token times its probabilities of the chain before it.
+        let leafy = self.leaves_allowed && self.max_leaves > 0 && sampler.is_greedy() && self.overlap == Overlap::Off;
+        let mut candidates: Vec<(f32, usize, u32)> = Vec::new();
+        let mut path = 1f32;
         for j in 0..k {
             let logits = self.head.logits(&h)?;
             let (token, confidence) = if sampler.is_greedy() {
@@ -512,6 +554,7 @@ impl FeatureDrafter {
                 q.push(dist);
                 (t, p)
             };
+            let runner_up = || second(&logits).map(|(i, p)| (self.head.vocab[i], p));
             // Prompt lookup takes over where the head has nothing to say, or agrees with the
             // copied text's first token: the rest of the copy follows. Lookup tokens are
             // deterministic given the prefix, so their q is one-hot; when the head is unsure the
@@ -526,14 +569,27 @@ impl FeatureDrafter {
                         q.push(one_hot(self.head.full_vocab, t));
                     }
                 }
+                // The head's best token other than the copy's is the leaf beside it.
+                let alt = if token != copied[0] { Some((token, confidence)) } else { runner_up() };
+                if let (true, Some((t, p))) = (leafy, alt) {
+                    candidates.push((p, 1, t));
+                }
                 tokens = copied;
                 break;
             }
-            if confidence < self.threshold {
+            if leafy {
+                // Where the chain goes on, its runner-up; where it stops, the token it stops at.
+                let alt = if sure { runner_up() } else { Some((token, confidence)) };
+                if let Some((t, p)) = alt {
+                    candidates.push((path * p, j + 1, t));
+                }
+            }
+            if !sure {
                 q.truncate(tokens.len());
                 break;
             }
             tokens.push(token);
+            path *= confidence;
             if j + 1 < k {
                 if stop() {
                     return Ok(None);
@@ -542,7 +598,12 @@ impl FeatureDrafter {
                 self.tip = Some(h.clone());
             }
         }
-        Ok(Some((tokens, q)))
+        // A leaf sits on the chain: beside one of its drafts, or one past its end.
+        candidates.retain(|c| c.0 >= self.leaf_threshold && c.1 <= tokens.len() + 1);
+        candidates.sort_by(|a, b| b.0.total_cmp(&a.0));
+        candidates.truncate(self.max_leaves);
+        let leaves = candidates.into_iter().map(|(_, depth, t)| (depth, t)).collect();
+        Ok(Some((tokens, q, leaves)))
     }
 
     /// Drafting while verifying: while `draft` (proposed at `pos`) is with the cloud, drafts the
@@ -597,13 +658,13 @@ impl FeatureDrafter {
         let next_pos = pos + n + 1;
         self.tip = Some(self.head.step(&h, &[guess], next_pos - 1 - self.offset, &mut self.cache)?);
         history.push(guess);
-        let Some((tokens, q)) = self.draft(&history, next_pos, k, sampler, &mut || stop(pipeline))? else {
+        let Some((tokens, q, leaves)) = self.draft(&history, next_pos, k, sampler, &mut || stop(pipeline))? else {
             return Ok(None);
         };
         if stop(pipeline) {
             return Ok(None);
         }
-        Ok(Some(Speculation { expects: n, guess, draft: with_states(pipeline, guess, tokens, q, next_pos)? }))
+        Ok(Some(Speculation { expects: n, guess, draft: with_states(pipeline, guess, tokens, q, leaves, next_pos)? }))
     }
 
     /// A speculation's assumption held (the round accepted all its drafts and the cloud's next
@@ -620,10 +681,8 @@ impl FeatureDrafter {
     pub fn commit(&mut self, round: &crate::draft::Verified) -> Result<()> {
         self.cache.truncate(round.pos - self.offset);
         self.tip = None;
-        let rows = round.accepted + 1;
-        let low = round.draft.states.narrow(1, 0, rows)?;
-        let fused = self.head.fuse(&low, &round.high.narrow(1, 0, rows)?, &round.top.narrow(1, 0, rows)?)?;
-        let accepted = &round.draft.tokens[..round.accepted];
+        let fused = self.head.fuse(&round.low, &round.high, &round.top)?;
+        let accepted = round.accepted;
         match self.pending.take() {
             Some(earlier) => {
                 self.pending = Some(Tensor::cat(&[&earlier, &fused], 1)?);
@@ -639,8 +698,9 @@ impl FeatureDrafter {
     }
 }
 
-/// Draft tokens and, when sampling, the distribution each was drawn from.
-type Drafted = (Vec<u32>, Vec<Vec<f32>>);
+/// Draft tokens, when sampling the distribution each was drawn from, and the leaves (see
+/// `Draft::leaves`).
+type Drafted = (Vec<u32>, Vec<Vec<f32>>, Vec<(usize, u32)>);
 
 /// A round drafted while the one before it was being verified ([`FeatureDrafter::speculate`]).
 #[derive(Debug)]
@@ -672,18 +732,19 @@ pub enum Overlap {
     Always,
 }
 
-/// A draft of `tokens` after `last` (at `pos`), with the input submodel's states of [last, tokens...]
-/// that the cloud verifies.
+/// A draft of `tokens` and `leaves` after `last` (at `pos`), with the input submodel's states of
+/// [last, tokens..., leaves...] that the cloud verifies.
 fn with_states<M: crate::middle::Middle>(
     pipeline: &mut crate::generate::SplitPipeline<M>,
     last: u32,
     tokens: Vec<u32>,
     q: Vec<Vec<f32>>,
+    leaves: Vec<(usize, u32)>,
     pos: usize,
 ) -> Result<crate::draft::Draft> {
-    let ids: Vec<u32> = std::iter::once(last).chain(tokens.iter().copied()).collect();
-    let states = pipeline.input_states(&ids, pos)?;
-    Ok(crate::draft::Draft { tokens, q, states })
+    let ids: Vec<u32> = std::iter::once(last).chain(tokens.iter().copied()).chain(leaves.iter().map(|l| l.1)).collect();
+    let states = pipeline.input_states_tree(&ids, pos, crate::draft::depths(tokens.len(), &leaves).as_deref())?;
+    Ok(crate::draft::Draft { tokens, q, leaves, states })
 }
 
 fn one_hot(n: usize, t: u32) -> Vec<f32> {

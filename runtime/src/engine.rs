@@ -45,6 +45,8 @@ impl Default for BatchConfig {
 struct Job {
     states: Tensor,
     start: usize,
+    /// The round's row depths when it has leaves (see `Submodel::forward_layers_tree`).
+    depths: Option<Vec<usize>>,
     cache: KvCache,
     reply: oneshot::Sender<Done>,
 }
@@ -74,9 +76,9 @@ impl Engine {
 
     /// Runs one session's forward in the next batch. `None` when the engine is gone (it panicked);
     /// the cache is then lost with it.
-    pub async fn forward(&self, states: Tensor, start: usize, cache: KvCache) -> Option<Done> {
+    pub async fn forward(&self, states: Tensor, start: usize, depths: Option<Vec<usize>>, cache: KvCache) -> Option<Done> {
         let (reply, done) = oneshot::channel();
-        self.jobs.send(Job { states, start, cache, reply }).ok()?;
+        self.jobs.send(Job { states, start, depths, cache, reply }).ok()?;
         done.await.ok()
     }
 }
@@ -129,22 +131,26 @@ async fn run(
 fn forward_batch(middle: &Submodel, batch: Vec<Job>) {
     let t0 = Instant::now();
     let mut inputs = Vec::with_capacity(batch.len());
+    let mut shapes = Vec::with_capacity(batch.len());
     let mut caches = Vec::with_capacity(batch.len());
     let mut replies = Vec::with_capacity(batch.len());
     for j in batch {
         inputs.push((j.states, j.start));
+        shapes.push(j.depths);
         caches.push(j.cache);
         replies.push(j.reply);
     }
+    let depths: Vec<Option<&[usize]>> = shapes.iter().map(Option::as_deref).collect();
     let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
-    let results: Vec<std::result::Result<Tensor, String>> = match middle.forward_layers_batch(&inputs, &mut refs) {
+    let results: Vec<std::result::Result<Tensor, String>> = match middle.forward_layers_batch(&inputs, &depths, &mut refs) {
         Ok(outs) => outs.into_iter().map(Ok).collect(),
         // A failure of the batch as a whole: each session alone, so one bad request cannot fail the others.
         Err(_) => inputs
             .iter()
+            .zip(&depths)
             .zip(caches.iter_mut())
-            .map(|((h, start), c)| {
-                let out = middle.forward_layers(h, *start, c).map_err(|e| e.to_string());
+            .map(|(((h, start), t), c)| {
+                let out = middle.forward_layers_tree(h, *start, *t, c).map_err(|e| e.to_string());
                 if out.is_err() {
                     // A half-applied forward leaves layers at different lengths: start the cache over.
                     c.truncate(0);

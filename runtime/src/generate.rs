@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use hat_model::{KvCache, Submodel};
 
 use crate::error::{Result, RuntimeError};
-use crate::middle::{LocalMiddle, Middle, Traffic};
+use crate::middle::{LocalMiddle, Middle, Shape, Traffic};
 use crate::package::{CloudPackage, DevicePackage};
 use crate::sampling::{Sampler, SamplingOptions};
 
@@ -79,6 +79,9 @@ pub struct SplitPipeline<M> {
     input_cache: KvCache,
     output_cache: KvCache,
     middle: M,
+    /// The cache slot of the last round's accepted leaf, which the middle moves to its position
+    /// with the next round ([`SplitPipeline::keep_leaf`]).
+    keep: Option<usize>,
 }
 
 /// What the prompt's round gives: the last position's logits, and the middle's output (high) and the
@@ -114,7 +117,7 @@ impl LocalPipeline {
 
 impl<M: Middle> SplitPipeline<M> {
     pub fn with_middle(input: Submodel, output: Submodel, middle: M) -> Self {
-        Self { input_cache: input.new_cache(), output_cache: output.new_cache(), input, output, middle }
+        Self { input_cache: input.new_cache(), output_cache: output.new_cache(), input, output, middle, keep: None }
     }
 
     /// Runs the input submodel on `ids` at positions `pos..`.
@@ -124,6 +127,48 @@ impl<M: Middle> SplitPipeline<M> {
     pub fn input_states(&mut self, ids: &[u32], pos: usize) -> Result<Tensor> {
         let x = self.input.embed(&ids_tensor(ids, self.input.device())?)?;
         Ok(self.input.forward_layers(&x, pos, &mut self.input_cache)?)
+    }
+
+    /// [`SplitPipeline::input_states`] for a round with leaves: row i at position `pos + depths[i]`
+    /// (see `hat_model::attention::attend_tree`; `None`: a chain).
+    ///
+    /// # Shapes
+    /// -> (1, ids.len(), hidden)
+    pub fn input_states_tree(&mut self, ids: &[u32], pos: usize, depths: Option<&[usize]>) -> Result<Tensor> {
+        let x = self.input.embed(&ids_tensor(ids, self.input.device())?)?;
+        Ok(self.input.forward_layers_tree(&x, pos, depths, &mut self.input_cache)?)
+    }
+
+    /// [`SplitPipeline::output_states`] for a round with leaves.
+    ///
+    /// # Shapes
+    /// middle_states: (1, seq, hidden) -> (1, seq, hidden)
+    pub fn output_states_tree(&mut self, middle_states: &Tensor, pos: usize, depths: Option<&[usize]>) -> Result<Tensor> {
+        Ok(self.output.forward_layers_tree(middle_states, pos, depths, &mut self.output_cache)?)
+    }
+
+    /// Sends a round's input states to the middle, shaped by `depths`, with the last round's
+    /// accepted leaf (if any) to keep.
+    ///
+    /// # Shapes
+    /// states: (1, rows, hidden)
+    pub fn submit_round(&mut self, pos: usize, states: &Tensor, depths: Option<Vec<usize>>) -> Result<()> {
+        let shape = Shape { depths, keep: self.keep.take() };
+        self.middle.submit_tree(pos, states, &shape)
+    }
+
+    /// A round's leaf at cache slot `slot` was accepted as the token at position `at`: the device's
+    /// caches keep it there now, and the middle's with the next round.
+    pub fn keep_leaf(&mut self, slot: usize, at: usize) -> Result<()> {
+        self.input_cache.promote(slot, at)?;
+        self.output_cache.promote(slot, at)?;
+        self.keep = Some(slot);
+        Ok(())
+    }
+
+    /// Whether every part of the pipeline verifies rounds with leaves.
+    pub fn runs_trees(&self) -> bool {
+        self.input.runs_trees() && self.output.runs_trees() && self.middle.runs_trees()
     }
 
     /// Runs the output submodel and the LM head on middle states at positions `pos..`.
@@ -182,6 +227,7 @@ impl<M: Middle> SplitPipeline<M> {
             return Err(RuntimeError::BadInput("the prompt is empty".into()));
         }
         let chunks = prefill_chunks(n, chunk);
+        self.keep = None;
         let mut states = Vec::with_capacity(chunks.len());
         for &(s, len) in &chunks {
             let h = self.input_states(&prompt[s..s + len], s)?;
@@ -313,6 +359,10 @@ pub struct Generation {
     /// and how many of those the verdict let stand (their drafting cost no time after the reply).
     pub speculated: usize,
     pub prepared: usize,
+    /// Leaves verified (alternatives to a draft, never drafted from; see `Draft::leaves`), and
+    /// how many of them were accepted. Accepted leaves count in `accepted` too.
+    pub leaves: usize,
+    pub leaves_accepted: usize,
     /// Network bytes of this generation.
     pub traffic: Traffic,
     /// The part of `traffic` spent before the first token (the prompt's round).
@@ -380,6 +430,8 @@ pub(crate) struct DraftCounts {
     pub first_accepted: usize,
     pub speculated: usize,
     pub prepared: usize,
+    pub leaves: usize,
+    pub leaves_accepted: usize,
 }
 
 /// Hands tokens to the caller as they are chosen, times them, and says when to stop (end of
@@ -476,6 +528,8 @@ impl<'a, F: FnMut(u32)> Emitter<'a, F> {
             first_accepted: drafts.first_accepted,
             speculated: drafts.speculated,
             prepared: drafts.prepared,
+            leaves: drafts.leaves,
+            leaves_accepted: drafts.leaves_accepted,
             traffic,
             prefill_traffic: prefill.unwrap_or_default(),
             gaps: self.gaps,

@@ -28,6 +28,22 @@ impl Traffic {
     }
 }
 
+/// A round's shape beyond a plain chain (see `hat_model::attention::attend_tree`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Shape {
+    /// Row i sits at depth `depths[i]` and sees rows `0..depths[i]` and itself; `None`: a chain.
+    pub depths: Option<Vec<usize>>,
+    /// The round before left an accepted leaf at this cache slot: it takes position `start - 1`
+    /// before this round runs.
+    pub keep: Option<usize>,
+}
+
+impl Shape {
+    pub fn is_chain(&self) -> bool {
+        self.keep.is_none() && self.depths.as_ref().is_none_or(|d| d.iter().enumerate().all(|(i, &x)| x == i))
+    }
+}
+
 pub trait Middle {
     /// Queues hidden states for positions `start..start + rows`. The middle first drops any cached
     /// state at or after `start`, which is how rejected drafts are rolled back.
@@ -53,6 +69,22 @@ pub trait Middle {
 
     fn traffic(&self) -> Traffic {
         Traffic::default()
+    }
+
+    /// [`Middle::submit`] for a round shaped by `shape`. Only where [`Middle::runs_trees`] says so.
+    ///
+    /// # Shapes
+    /// states: (1, rows, hidden)
+    fn submit_tree(&mut self, start: usize, states: &Tensor, shape: &Shape) -> Result<()> {
+        if shape.is_chain() {
+            return self.submit(start, states);
+        }
+        Err(RuntimeError::BadInput("this middle does not verify rounds with leaves".into()))
+    }
+
+    /// Whether [`Middle::submit_tree`] takes rounds with leaves.
+    fn runs_trees(&self) -> bool {
+        false
     }
 
     /// One round trip.
@@ -89,5 +121,18 @@ impl Middle for LocalMiddle {
 
     fn max_context(&self) -> usize {
         self.middle.config().max_position_embeddings
+    }
+
+    fn submit_tree(&mut self, start: usize, states: &Tensor, shape: &Shape) -> Result<()> {
+        if let Some(slot) = shape.keep {
+            self.cache.promote(slot, start.checked_sub(1).ok_or_else(|| RuntimeError::BadInput("a kept leaf at position 0".into()))?)?;
+        }
+        let out = self.middle.forward_layers_tree(states, start, shape.depths.as_deref(), &mut self.cache)?;
+        self.done.push_back(out);
+        Ok(())
+    }
+
+    fn runs_trees(&self) -> bool {
+        self.middle.runs_trees()
     }
 }

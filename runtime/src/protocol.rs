@@ -11,7 +11,7 @@
 use candle_core::{Device, Tensor};
 
 /// Bumped on any incompatible change; the handshake refuses a mismatch.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// First bytes of a hello, so a stray client (or garbage) is told apart from an old hat.
 pub const MAGIC: [u8; 4] = *b"HAT\x00";
 /// Default cap on one frame's body, checked before any buffer is allocated for it.
@@ -143,6 +143,15 @@ pub enum ClientMsg {
         max_context: u32,
     },
     Forward(HiddenFrame),
+    /// A round shaped as a chain with leaves (see `hat_model::attention::attend_tree`): row i sits
+    /// at depth `depths[i]`. With `keep`, the leaf the round before left at that slot was accepted:
+    /// it takes position `start - 1` before this round runs. Only to a cloud whose welcome says
+    /// `trees`.
+    ForwardTree {
+        keep: Option<u32>,
+        depths: Vec<u16>,
+        frame: HiddenFrame,
+    },
     Close,
     /// Link probe: the cloud answers at once with a [`ServerMsg::Pong`] of `reply_bytes` padding.
     Ping {
@@ -170,6 +179,8 @@ pub enum ServerMsg {
     Welcome {
         version: u16,
         hidden: u32,
+        /// Whether this cloud verifies rounds with leaves ([`ClientMsg::ForwardTree`]).
+        trees: bool,
     },
     /// The session is open with at most `max_context` positions.
     Opened {
@@ -204,6 +215,7 @@ const K_CLOSE: u8 = 4;
 const K_PING: u8 = 5;
 const K_TOKENS: u8 = 6;
 const K_GENERATE: u8 = 7;
+const K_FORWARD_TREE: u8 = 8;
 const K_WELCOME: u8 = 0x81;
 const K_OPENED: u8 = 0x82;
 const K_HIDDEN: u8 = 0x83;
@@ -394,6 +406,13 @@ impl ClientMsg {
                 out.push(K_FORWARD);
                 h.put(&mut out);
             }
+            ClientMsg::ForwardTree { keep, depths, frame } => {
+                out.push(K_FORWARD_TREE);
+                out.extend_from_slice(&keep.unwrap_or(u32::MAX).to_le_bytes());
+                out.extend_from_slice(&(depths.len() as u32).to_le_bytes());
+                depths.iter().for_each(|d| out.extend_from_slice(&d.to_le_bytes()));
+                frame.put(&mut out);
+            }
             ClientMsg::Close => out.push(K_CLOSE),
             ClientMsg::Ping { reply_bytes, pad } => {
                 out.push(K_PING);
@@ -431,6 +450,18 @@ impl ClientMsg {
             }
             K_OPEN => ClientMsg::Open { max_context: r.u32("max_context")? },
             K_FORWARD => return Ok(ClientMsg::Forward(HiddenFrame::read(&mut r)?)),
+            K_FORWARD_TREE => {
+                let keep = Some(r.u32("keep")?).filter(|&k| k != u32::MAX);
+                let n = r.u32("depth count")? as usize;
+                // Checked against the bytes left before anything is allocated for them.
+                let raw = r.take(n.checked_mul(2).ok_or(ProtocolError::Truncated("depths"))?, "depths")?;
+                let depths: Vec<u16> = raw.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
+                let frame = HiddenFrame::read(&mut r)?;
+                if depths.len() != frame.rows as usize {
+                    return Err(ProtocolError::Invalid(format!("{} row depths for {} rows", depths.len(), frame.rows)));
+                }
+                return Ok(ClientMsg::ForwardTree { keep, depths, frame });
+            }
             K_CLOSE => ClientMsg::Close,
             K_PING => return Ok(ClientMsg::Ping { reply_bytes: r.u32("reply_bytes")?, pad: r.rest().to_vec() }),
             K_TOKENS => ClientMsg::Tokens { start: r.u32("start")?, last_only: r.u8("last_only")? != 0, ids: read_ids(&mut r, "ids")? },
@@ -448,10 +479,11 @@ impl ServerMsg {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         match self {
-            ServerMsg::Welcome { version, hidden } => {
+            ServerMsg::Welcome { version, hidden, trees } => {
                 out.push(K_WELCOME);
                 out.extend_from_slice(&version.to_le_bytes());
                 out.extend_from_slice(&hidden.to_le_bytes());
+                out.push(*trees as u8);
             }
             ServerMsg::Opened { session, max_context } => {
                 out.push(K_OPENED);
@@ -486,7 +518,7 @@ impl ServerMsg {
     pub fn decode(body: &[u8]) -> PResult<Self> {
         let mut r = Reader { buf: body };
         let msg = match r.u8("kind")? {
-            K_WELCOME => ServerMsg::Welcome { version: r.u16("version")?, hidden: r.u32("hidden")? },
+            K_WELCOME => ServerMsg::Welcome { version: r.u16("version")?, hidden: r.u32("hidden")?, trees: r.u8("trees")? != 0 },
             K_OPENED => ServerMsg::Opened { session: r.u64("session")?, max_context: r.u32("max_context")? },
             K_HIDDEN => {
                 let compute_us = r.u32("compute time")?;
@@ -529,6 +561,8 @@ mod tests {
             ClientMsg::Hello { version: 1, fingerprint: "ab".into(), auth_token: None },
             ClientMsg::Open { max_context: 2048 },
             ClientMsg::Forward(h.clone()),
+            ClientMsg::ForwardTree { keep: Some(9), depths: (0..h.rows as u16).collect(), frame: h.clone() },
+            ClientMsg::ForwardTree { keep: None, depths: (0..h.rows as u16).collect(), frame: h.clone() },
             ClientMsg::Close,
             ClientMsg::Ping { reply_bytes: 9, pad: vec![0; 5] },
             ClientMsg::Tokens { start: 4, last_only: true, ids: vec![1, 70000, 3] },
@@ -538,7 +572,7 @@ mod tests {
             assert_eq!(ClientMsg::decode(&m.encode()), Ok(m));
         }
         let msgs = [
-            ServerMsg::Welcome { version: 1, hidden: 576 },
+            ServerMsg::Welcome { version: 1, hidden: 576, trees: true },
             ServerMsg::Opened { session: (7 << 32) + 3, max_context: 99 },
             ServerMsg::Hidden { frame: h, compute_us: 1234 },
             ServerMsg::Pong { pad: vec![0; 3] },

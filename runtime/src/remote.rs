@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 
 use crate::error::{Result, RuntimeError};
 use crate::link::{Counters, FramedConn, LinkEmulation, LinkEstimate};
-use crate::middle::{Middle, Traffic};
+use crate::middle::{Middle, Shape, Traffic};
 use crate::protocol::{ClientMsg, ErrorCode, HiddenFrame, ServerMsg, WireFormat, DEFAULT_MAX_FRAME, PROTOCOL_VERSION};
 use crate::tls::{is_loopback, tls_failure, ClientTls};
 
@@ -85,6 +85,8 @@ struct Sent {
     sent_at: Instant,
     /// Nothing else was in flight when it left, so its round trip measures the link.
     alone: bool,
+    /// A round with leaves ([`ClientMsg::ForwardTree`]).
+    tree: bool,
 }
 
 /// Bytes of each link probe, each way.
@@ -123,6 +125,8 @@ pub struct RemoteMiddle {
     reconnects: u32,
     estimate: Option<LinkEstimate>,
     last_compute: Duration,
+    /// Whether the cloud's welcome said it verifies rounds with leaves.
+    trees: bool,
 }
 
 impl RemoteMiddle {
@@ -143,6 +147,7 @@ impl RemoteMiddle {
             reconnects: 0,
             estimate: None,
             last_compute: Duration::ZERO,
+            trees: false,
         };
         me.reconnect(None)?;
         me.reconnects = 0;
@@ -180,13 +185,13 @@ impl RemoteMiddle {
 
     /// Opens a connection and a session, then replays the log: collected messages have their
     /// replies read and dropped, uncollected ones are left for [`Middle::collect`].
-    fn attempt(&self) -> std::result::Result<(FramedConn, usize), Failure> {
+    fn attempt(&self) -> std::result::Result<(FramedConn, usize, bool), Failure> {
         let mut conn = self.opts.open(self.opts.link, self.counters.clone())?;
         let hello =
             ClientMsg::Hello { version: PROTOCOL_VERSION, fingerprint: self.fingerprint.clone(), auth_token: self.opts.auth_token.clone() };
         conn.send(&hello.encode())?;
-        match self.recv_msg(&mut conn)? {
-            ServerMsg::Welcome { hidden, .. } if hidden as usize == self.hidden => {}
+        let trees = match self.recv_msg(&mut conn)? {
+            ServerMsg::Welcome { hidden, trees, .. } if hidden as usize == self.hidden => trees,
             ServerMsg::Welcome { hidden, .. } => {
                 return Err(Failure::Fatal(self.refused(
                     ErrorCode::BadHidden,
@@ -195,6 +200,12 @@ impl RemoteMiddle {
             }
             ServerMsg::Error { code, message } => return Err(Failure::Fatal(self.refused(code, message))),
             other => return Err(Failure::Transient(format!("unexpected reply to hello: {other:?}"))),
+        };
+        if !trees && self.log.iter().any(|s| s.tree) {
+            return Err(Failure::Fatal(self.refused(
+                ErrorCode::BadFrame,
+                "this session sent rounds with leaves, and the cloud it reconnected to does not verify them".into(),
+            )));
         }
         conn.send(&ClientMsg::Open { max_context: self.want_context as u32 }.encode())?;
         let granted = match self.recv_msg(&mut conn)? {
@@ -213,7 +224,7 @@ impl RemoteMiddle {
                 other => return Err(Failure::Transient(format!("unexpected reply during replay: {other:?}"))),
             }
         }
-        Ok((conn, granted))
+        Ok((conn, granted, trees))
     }
 
     /// (Re)connects with bounded retries and exponential backoff.
@@ -227,11 +238,12 @@ impl RemoteMiddle {
                 std::thread::sleep(wait);
             }
             match self.attempt() {
-                Ok((conn, granted)) => {
+                Ok((conn, granted, trees)) => {
                     if self.granted_context != 0 {
                         self.reconnects += 1;
                     }
                     self.granted_context = granted;
+                    self.trees = trees;
                     self.conn = Some(conn);
                     return Ok(());
                 }
@@ -322,15 +334,41 @@ impl RemoteMiddle {
 
 impl Middle for RemoteMiddle {
     fn submit(&mut self, start: usize, states: &Tensor) -> Result<()> {
+        self.submit_tree(start, states, &Shape::default())
+    }
+
+    fn submit_tree(&mut self, start: usize, states: &Tensor, shape: &Shape) -> Result<()> {
         // Messages at or after `start` no longer shape the cloud's cache once this one truncates it.
         if self.log.iter().any(|s| s.start >= start && !s.collected) {
             return Err(RuntimeError::BadInput(format!("submit at {start} would discard an uncollected message")));
         }
+        let tree = !shape.is_chain();
+        if tree && !self.trees {
+            return Err(RuntimeError::BadInput("this cloud does not verify rounds with leaves".into()));
+        }
         self.log.retain(|s| s.start < start);
         let frame = HiddenFrame::encode(states, start, self.opts.wire)?;
         let alone = self.log.iter().all(|s| s.collected);
-        self.log.push(Sent { start, body: ClientMsg::Forward(frame).encode(), collected: false, sent_at: Instant::now(), alone });
+        let msg = match shape {
+            _ if !tree => ClientMsg::Forward(frame),
+            Shape { depths, keep } => {
+                let depths = match depths {
+                    Some(d) => d
+                        .iter()
+                        .map(|&d| u16::try_from(d).map_err(|_| RuntimeError::BadInput(format!("row depth {d}"))))
+                        .collect::<Result<_>>()?,
+                    None => (0..frame.rows).map(|i| i as u16).collect(),
+                };
+                let keep = keep.map(|k| u32::try_from(k).map_err(|_| RuntimeError::BadInput(format!("slot {k}")))).transpose()?;
+                ClientMsg::ForwardTree { keep, depths, frame }
+            }
+        };
+        self.log.push(Sent { start, body: msg.encode(), collected: false, sent_at: Instant::now(), alone, tree });
         self.send_logged(self.log.len() - 1)
+    }
+
+    fn runs_trees(&self) -> bool {
+        self.trees
     }
 
     fn collect(&mut self) -> Result<Tensor> {

@@ -443,7 +443,11 @@ impl Connection {
             ClientMsg::Hello { version, fingerprint, auth_token } => self.hello(version, &fingerprint, auth_token.as_deref()),
             _ if !self.greeted => Step::ReplyAndClose(error(ErrorCode::BadFrame, "the first message must be a hello")),
             ClientMsg::Open { max_context } => self.open(max_context as usize),
-            ClientMsg::Forward(h) => self.forward(h).await,
+            ClientMsg::Forward(h) => self.forward(h, None, None).await,
+            ClientMsg::ForwardTree { keep, depths, frame } => {
+                let depths = depths.into_iter().map(usize::from).collect::<Vec<_>>();
+                self.forward(frame, Some(depths), keep.map(|k| k as usize)).await
+            }
             ClientMsg::Ping { reply_bytes, .. } => {
                 // Capped well below the frame limit: a 9-byte ping must not make the cloud send 64 MiB.
                 let n = (reply_bytes as usize).min(MAX_PONG).min(self.shared.cfg.max_frame.saturating_sub(16));
@@ -490,7 +494,11 @@ impl Connection {
             }
         }
         self.greeted = true;
-        Step::Reply(ServerMsg::Welcome { version: PROTOCOL_VERSION, hidden: self.shared.hidden as u32 })
+        Step::Reply(ServerMsg::Welcome {
+            version: PROTOCOL_VERSION,
+            hidden: self.shared.hidden as u32,
+            trees: self.shared.middle.runs_trees(),
+        })
     }
 
     fn open(&mut self, requested: usize) -> Step {
@@ -533,8 +541,11 @@ impl Connection {
         Step::Reply(ServerMsg::Opened { session: id, max_context: max_context as u32 })
     }
 
-    async fn forward(&mut self, frame: HiddenFrame) -> Step {
+    /// A round's rows at `frame.start`; with `depths`, a round with leaves, and with `keep`, the
+    /// round before's accepted leaf at that slot first takes position `start - 1`.
+    async fn forward(&mut self, frame: HiddenFrame, depths: Option<Vec<usize>>, keep: Option<usize>) -> Step {
         let hidden = self.shared.hidden;
+        let trees = self.shared.middle.runs_trees();
         let Some(session) = self.session.as_mut() else {
             return Step::Reply(error(ErrorCode::NoSession, "forward before open"));
         };
@@ -542,6 +553,25 @@ impl Connection {
             return Step::Reply(error(ErrorCode::Internal, "session cache lost"));
         };
         let (start, rows) = (frame.start as usize, frame.rows as usize);
+        // The round's shape is checked, and the kept leaf moved, before anything else touches the
+        // cache: a refused round leaves it as it was.
+        let shaped = match &depths {
+            Some(_) if !trees => Err(error(ErrorCode::BadFrame, "this cloud does not verify rounds with leaves")),
+            Some(d) if d.len() != rows => Err(error(ErrorCode::BadFrame, format!("{} row depths for {rows} rows", d.len()))),
+            Some(d) => hat_model::attention::check_depths(d).map_err(|e| error(ErrorCode::BadFrame, e.to_string())),
+            None => Ok(()),
+        }
+        .and_then(|()| match keep {
+            Some(slot) => start
+                .checked_sub(1)
+                .ok_or_else(|| error(ErrorCode::BadFrame, "a kept leaf at position 0"))
+                .and_then(|to| cache.promote(slot, to).map_err(|e| error(ErrorCode::BadFrame, e.to_string()))),
+            None => Ok(()),
+        });
+        if let Err(e) = shaped {
+            session.cache = Some(cache);
+            return Step::Reply(e);
+        }
         let check = check_positions(start, rows, cache.len(), session.max_context)
             .and_then(|()| frame.decode(hidden, &candle_core::Device::Cpu).map_err(|e| error(ErrorCode::BadHidden, e.to_string())));
         let states = match check {
@@ -553,7 +583,7 @@ impl Connection {
         };
         let format = frame.format;
         if let Some(engine) = self.shared.engine.clone() {
-            let Some(done) = engine.forward(states, start, cache).await else {
+            let Some(done) = engine.forward(states, start, depths, cache).await else {
                 session.cache = Some(self.shared.middle.new_cache_limited(session.max_context));
                 return Step::Reply(error(ErrorCode::Internal, "the batch engine failed"));
             };
@@ -568,7 +598,7 @@ impl Connection {
         let middle = self.shared.middle.clone();
         let joined = tokio::task::spawn_blocking(move || {
             let t0 = Instant::now();
-            let out = middle.forward_layers(&states, start, &mut cache).map_err(|e| e.to_string());
+            let out = middle.forward_layers_tree(&states, start, depths.as_deref(), &mut cache).map_err(|e| e.to_string());
             let compute_us = micros(t0);
             let out = out.and_then(|h| HiddenFrame::encode(&h, start, format).map_err(|e| e.to_string()));
             (out.map(|frame| (frame, compute_us)), cache)

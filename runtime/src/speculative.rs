@@ -6,6 +6,10 @@
 //!    acceptable prefix plus one token of the model's own; the LM head runs once, on all k+1 rows
 //!    (see `SplitPipeline::head_rows`).
 //!
+//! With leaves (`Draft::leaves`, greedy), the round's rows are [last, drafts..., leaves...], each
+//! leaf seeing only the drafts before it; where the model rejects a draft but picks the leaf beside
+//! it, the leaf is kept, and its keys and values move to its position in every cache.
+//!
 //! Drafting while verifying: after submitting a round, and until its reply is back, the feature
 //! head drafts the round after it on the assumption that every draft is accepted and the cloud's
 //! own next token is the head's guess ([`Drafter::speculate`]). When the verdict bears that out,
@@ -21,7 +25,7 @@ use crate::error::{Result, RuntimeError};
 use crate::generate::{token_budget, DraftCounts, Emitter, GenerateOptions, Generation, RoundTime, SplitPipeline, TokenModel};
 use crate::middle::Middle;
 use crate::sampling::Sampler;
-use crate::verify::{verify_greedy, verify_sampled};
+use crate::verify::{verify_greedy_leaves, verify_sampled};
 
 /// Generates after `prompt` with drafts of up to `draft_len` tokens per round (the feature head stops
 /// a draft early when its confidence drops; zero drafts is a U-shaped step).
@@ -43,6 +47,8 @@ pub fn generate_speculative<M: Middle>(
         return Ok(out.finish(prompt.len(), 0, counts, pipeline.traffic().since(&traffic_before), None));
     }
 
+    // Leaves need every part of the pipeline to run them, and greedy decoding.
+    drafter.allow_leaves(pipeline.runs_trees() && sampler.is_greedy());
     let pre = pipeline.prefill(prompt, opts.prefill_chunk, |states| drafter.prefill(states))?;
     let prefill_traffic = pipeline.traffic().since(&traffic_before);
     let mut last = sampler.sample(&pre.logits)?;
@@ -63,13 +69,14 @@ pub fn generate_speculative<M: Middle>(
             None => drafter.propose(pipeline, last, pos, k, &mut sampler)?,
         };
         let sent = Instant::now();
-        pipeline.middle().submit(pos, &draft.states)?;
+        let depths = draft.depths();
+        pipeline.submit_round(pos, &draft.states, depths.clone())?;
         // If every draft is accepted this round yields n + 1 tokens; the next one drafts after that.
         let after = out.remaining().saturating_sub(draft.tokens.len() + 1);
         let spec = if after > 0 { drafter.speculate(pipeline, &draft, pos, draft_len.min(after - 1), &mut sampler)? } else { None };
         let middle_states = pipeline.middle().collect()?;
         let back = Instant::now();
-        let top = pipeline.output_states(&middle_states, pos)?;
+        let top = pipeline.output_states_tree(&middle_states, pos, depths.as_deref())?;
         // The full LM head runs once, on every row (every verdict reads row 0): reading the head's
         // weights is what costs, so one call's cost hardly grows with its rows.
         let mut logits = pipeline.head_rows(&top)?;
@@ -77,25 +84,43 @@ pub fn generate_speculative<M: Middle>(
         let target =
             |j: usize| logits.get_mut(j).map(std::mem::take).ok_or_else(|| RuntimeError::BadInput(format!("row {j} of {rows} verified")));
         let verdict = if sampler.is_greedy() {
-            verify_greedy(&draft.tokens, target)?
+            verify_greedy_leaves(&draft.tokens, &draft.leaves, target)?
         } else {
             verify_sampled(&draft.tokens, &draft.q, target, &mut sampler)?
         };
         let verified = Instant::now();
         rounds += 1;
-        counts.drafted += draft.tokens.len();
+        let n = draft.tokens.len();
+        // The kept path: the chain's rows up to the kept drafts, then the accepted leaf's row.
+        let chain = verdict.accepted - usize::from(verdict.leaf.is_some());
+        let mut accepted = draft.tokens[..chain].to_vec();
+        let mut path: Vec<u32> = (0..=chain as u32).collect();
+        if let Some(i) = verdict.leaf {
+            accepted.push(draft.leaves[i].1);
+            path.push((n + 1 + i) as u32);
+            pipeline.keep_leaf(pos + n + 1 + i, pos + verdict.accepted)?;
+            counts.leaves_accepted += 1;
+        }
+        counts.drafted += n;
+        counts.leaves += draft.leaves.len();
         counts.accepted += verdict.accepted;
-        counts.first_accepted += usize::from(verdict.accepted > 0);
-        for t in draft.tokens[..verdict.accepted].iter().chain([&verdict.next]) {
+        counts.first_accepted += usize::from(chain > 0);
+        for t in accepted.iter().chain([&verdict.next]) {
             going = out.push(*t);
             if !going {
                 break;
             }
         }
-        drafter.commit(&Verified { draft: &draft, pos, accepted: verdict.accepted, high: &middle_states, top: &top })?;
+        let rows = |t: &candle_core::Tensor| -> Result<candle_core::Tensor> {
+            Ok(match verdict.leaf {
+                None => t.narrow(1, 0, chain + 1)?,
+                Some(_) => t.index_select(&candle_core::Tensor::new(path.as_slice(), t.device())?, 1)?,
+            })
+        };
+        drafter.commit(&Verified { pos, accepted: &accepted, low: rows(&draft.states)?, high: rows(&middle_states)?, top: rows(&top)? })?;
         if let Some(spec) = spec {
             counts.speculated += 1;
-            if going && verdict.accepted == spec.expects && verdict.next == spec.guess {
+            if going && verdict.leaf.is_none() && verdict.accepted == spec.expects && verdict.next == spec.guess {
                 counts.prepared += 1;
                 drafter.adopt(&spec);
                 prepared = Some(spec.draft);

@@ -14,23 +14,39 @@ use crate::sampling::{argmax, Sampler};
 /// The outcome of one verification round.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
-    /// Drafts kept, a prefix of the draft.
+    /// Tokens kept: a prefix of the drafts, plus the accepted leaf when there is one.
     pub accepted: usize,
     /// The model's token after the kept drafts (the correction, or the bonus when all were kept).
     pub next: u32,
+    /// The accepted leaf (an index into the draft's leaves), the last of the kept tokens.
+    pub leaf: Option<usize>,
 }
 
 /// Greedy verification. `target(j)` gives the full model's logits after the last accepted token and
 /// drafts `..j`, for j in `0..=drafts.len()`; it is called in order and only up to the first
 /// rejection.
-pub fn verify_greedy(drafts: &[u32], mut target: impl FnMut(usize) -> Result<Vec<f32>>) -> Result<Verdict> {
-    for (j, d) in drafts.iter().enumerate() {
+pub fn verify_greedy(drafts: &[u32], target: impl FnMut(usize) -> Result<Vec<f32>>) -> Result<Verdict> {
+    verify_greedy_leaves(drafts, &[], target)
+}
+
+/// Greedy verification of a chain with leaves (see `Draft::leaves`): row j < drafts.len() + 1 is
+/// the chain's as in [`verify_greedy`], row drafts.len() + 1 + i leaf i's. Where the model's token
+/// after the kept drafts is not the chain's next draft but a leaf's at that depth, the leaf is kept
+/// and the token after it comes from the leaf's row. Every kept token is the model's own greedy
+/// choice, so the output is the same with or without leaves.
+pub fn verify_greedy_leaves(drafts: &[u32], leaves: &[(usize, u32)], mut target: impl FnMut(usize) -> Result<Vec<f32>>) -> Result<Verdict> {
+    let n = drafts.len();
+    for j in 0..=n {
         let t = argmax(&target(j)?);
-        if t != *d {
-            return Ok(Verdict { accepted: j, next: t });
+        if drafts.get(j) == Some(&t) {
+            continue;
         }
+        if let Some(i) = leaves.iter().position(|&(depth, token)| depth == j + 1 && token == t) {
+            return Ok(Verdict { accepted: j + 1, next: argmax(&target(n + 1 + i)?), leaf: Some(i) });
+        }
+        return Ok(Verdict { accepted: j, next: t, leaf: None });
     }
-    Ok(Verdict { accepted: drafts.len(), next: argmax(&target(drafts.len())?) })
+    unreachable!("the loop returns at row {n} at the latest")
 }
 
 /// Speculative sampling. `q[j]` is the distribution draft `j` was drawn from; the target rows (as in
@@ -52,10 +68,10 @@ pub fn verify_sampled(
         }
         let residual: Vec<f32> = p.iter().zip(&q[j]).map(|(a, b)| (a - b).max(0.0)).collect();
         let next = if residual.iter().sum::<f32>() > 0.0 { sampler.draw(&residual) } else { sampler.draw(&p) };
-        return Ok(Verdict { accepted: j, next });
+        return Ok(Verdict { accepted: j, next, leaf: None });
     }
     let p = sampler.distribution(&target(drafts.len())?);
-    Ok(Verdict { accepted: drafts.len(), next: sampler.draw(&p) })
+    Ok(Verdict { accepted: drafts.len(), next: sampler.draw(&p), leaf: None })
 }
 
 #[cfg(test)]
@@ -75,17 +91,41 @@ mod tests {
     #[test]
     fn greedy_keeps_the_matching_prefix_and_reads_no_row_after_a_rejection() {
         let mut asked = Vec::new();
-        assert_eq!(verify_greedy(&[1, 2, 3], rows(&[1, 2, 3, 4], &mut asked)).expect("verdict"), Verdict { accepted: 3, next: 4 });
+        assert_eq!(
+            verify_greedy(&[1, 2, 3], rows(&[1, 2, 3, 4], &mut asked)).expect("verdict"),
+            Verdict { accepted: 3, next: 4, leaf: None }
+        );
         assert_eq!(asked.len(), 4);
         let mut asked = Vec::new();
-        assert_eq!(verify_greedy(&[1, 2, 3], rows(&[1, 0, 3, 4], &mut asked)).expect("verdict"), Verdict { accepted: 1, next: 0 });
+        assert_eq!(
+            verify_greedy(&[1, 2, 3], rows(&[1, 0, 3, 4], &mut asked)).expect("verdict"),
+            Verdict { accepted: 1, next: 0, leaf: None }
+        );
         assert_eq!(asked.len(), 2, "rows 2 and 3 are never computed");
         let mut asked = Vec::new();
-        assert_eq!(verify_greedy(&[1], rows(&[2, 4], &mut asked)).expect("verdict"), Verdict { accepted: 0, next: 2 });
+        assert_eq!(verify_greedy(&[1], rows(&[2, 4], &mut asked)).expect("verdict"), Verdict { accepted: 0, next: 2, leaf: None });
         assert_eq!(asked.len(), 1);
         let mut asked = Vec::new();
-        assert_eq!(verify_greedy(&[], rows(&[3], &mut asked)).expect("verdict"), Verdict { accepted: 0, next: 3 });
+        assert_eq!(verify_greedy(&[], rows(&[3], &mut asked)).expect("verdict"), Verdict { accepted: 0, next: 3, leaf: None });
         assert_eq!(asked.len(), 1);
+    }
+
+    /// A leaf whose token the model chooses where the chain's draft is wrong is kept, and the token
+    /// after it comes from its own row; a leaf past the chain's end extends it.
+    #[test]
+    fn greedy_keeps_the_leaf_the_model_chooses() {
+        let one_hot =
+            |ids: Vec<usize>| move |j: usize| -> Result<Vec<f32>> { Ok((0..6).map(|v| if v == ids[j] { 1.0 } else { 0.0 }).collect()) };
+        // Chain [1, 2, 3]; rows 0..=3 are the chain's, rows 4 and 5 the leaves'.
+        let leaves = [(2, 4), (2, 5)];
+        let v = verify_greedy_leaves(&[1, 2, 3], &leaves, one_hot(vec![1, 5, 0, 0, 0, 3])).expect("verdict");
+        assert_eq!(v, Verdict { accepted: 2, next: 3, leaf: Some(1) }, "draft 2 is wrong, the second leaf beside it right");
+        let v = verify_greedy_leaves(&[1, 2, 3], &leaves, one_hot(vec![1, 0, 0, 0, 0, 3])).expect("verdict");
+        assert_eq!(v, Verdict { accepted: 1, next: 0, leaf: None }, "no leaf has the model's token");
+        let v = verify_greedy_leaves(&[1, 2], &[(3, 4)], one_hot(vec![1, 2, 4, 5])).expect("verdict");
+        assert_eq!(v, Verdict { accepted: 3, next: 5, leaf: Some(0) }, "a leaf one past the chain");
+        let v = verify_greedy_leaves(&[1, 2], &[(1, 2)], one_hot(vec![1, 2, 3, 0])).expect("verdict");
+        assert_eq!(v, Verdict { accepted: 2, next: 3, leaf: None }, "the chain right, its leaf unused");
     }
 
     /// The first emitted token must follow p whatever the draft distribution q is.

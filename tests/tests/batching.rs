@@ -42,7 +42,8 @@ fn states(rows: usize, hidden: usize, seed: f32) -> Tensor {
 }
 
 /// Three rounds over five sessions: prefill of different lengths, verification-sized steps, then
-/// rollbacks (a message that starts before the cached end) with one session idle. Returns the
+/// rollbacks (a message that starts before the cached end) with one session idle and one sending a
+/// round with leaves (rows that see only part of the round). Returns the
 /// largest difference between a batched row and the same row computed alone, and the largest
 /// magnitude in the solo rows.
 fn batched_minus_solo(middle: &Submodel) -> (f32, f32) {
@@ -60,10 +61,12 @@ fn batched_minus_solo(middle: &Submodel) -> (f32, f32) {
         let inputs: Vec<(Tensor, usize)> =
             round.iter().map(|&(s, start, rows)| (states(rows, hidden, (r * 5 + s) as f32), start)).collect();
         let sessions: Vec<usize> = round.iter().map(|&(s, _, _)| s).collect();
+        // Session 1's last round: a chain of 3 rows, a leaf beside its second draft, one past its end.
+        let depths: Vec<Option<&[usize]>> = sessions.iter().map(|&s| (r == 2 && s == 1).then_some(&[0usize, 1, 2, 1, 3][..])).collect();
         let mut refs: Vec<_> = batched.iter_mut().enumerate().filter(|(i, _)| sessions.contains(i)).map(|(_, c)| c).collect();
-        let outs = middle.forward_layers_batch(&inputs, &mut refs).expect("batched forward");
-        for ((out, (x, start)), &s) in outs.iter().zip(&inputs).zip(&sessions) {
-            let alone = middle.forward_layers(x, *start, &mut solo[s]).expect("solo forward");
+        let outs = middle.forward_layers_batch(&inputs, &depths, &mut refs).expect("batched forward");
+        for (((out, (x, start)), &s), t) in outs.iter().zip(&inputs).zip(&sessions).zip(&depths) {
+            let alone = middle.forward_layers_tree(x, *start, *t, &mut solo[s]).expect("solo forward");
             assert_eq!(out.dims(), alone.dims());
             worst = worst.max(max_abs_diff(out, &alone));
             scale = scale.max(alone.abs().and_then(|a| a.max_all()).and_then(|m| m.to_scalar::<f32>()).expect("max"));

@@ -126,7 +126,7 @@ fn bad_hidden_states_and_positions_are_refused_per_frame() {
     let hidden = t.device.config.hidden_size;
     let mut c = Raw::connect(&server);
     c.hello(&t.device.manifest.fingerprint, None);
-    assert!(matches!(c.recv(), ServerMsg::Welcome { .. }));
+    assert!(matches!(c.recv(), ServerMsg::Welcome { trees: true, .. }), "a CPU cloud verifies rounds with leaves");
     c.send(&forward(0, &states(2, hidden)));
     c.expect_error(ErrorCode::NoSession);
     c.send(&ClientMsg::Open { max_context: 1000 });
@@ -153,6 +153,27 @@ fn bad_hidden_states_and_positions_are_refused_per_frame() {
     // The same connection still works.
     c.send(&forward(0, &states(3, hidden)));
     assert!(matches!(c.recv(), ServerMsg::Hidden { frame: h, .. } if h.rows == 3));
+    // Rounds with leaves: a row that does not extend the chain, a kept slot the cache does not
+    // hold and a kept leaf at position 0 are refused, and leave the cache as it was.
+    let x = states(3, hidden);
+    let f32_wire = WireFormat { dtype: WireDType::F32, zstd: false };
+    let tree = |keep: Option<u32>, depths: Vec<u16>, start: usize, rows: usize| ClientMsg::ForwardTree {
+        keep,
+        depths,
+        frame: HiddenFrame::encode(&x.narrow(1, 0, rows).expect("rows"), start, f32_wire).expect("encode"),
+    };
+    c.send(&tree(None, vec![0, 2, 1], 3, 3));
+    assert!(c.expect_error(ErrorCode::BadFrame).contains("extend the chain"));
+    c.send(&tree(Some(9), vec![0, 1, 1], 3, 3));
+    assert!(c.expect_error(ErrorCode::BadFrame).contains("slot 9"));
+    c.send(&tree(Some(2), vec![0], 0, 1));
+    assert!(c.expect_error(ErrorCode::BadFrame).contains("position 0"));
+    // A chain of two rows and a leaf beside the second (slots 3, 4, 5), then the leaf kept at
+    // position 4 and the next round from position 5.
+    c.send(&tree(None, vec![0, 1, 1], 3, 3));
+    assert!(matches!(c.recv(), ServerMsg::Hidden { frame: h, .. } if h.rows == 3));
+    c.send(&tree(Some(5), vec![0], 5, 1));
+    assert!(matches!(c.recv(), ServerMsg::Hidden { frame: h, .. } if h.rows == 1 && h.start == 5));
     assert_still_serving(&t, &server, None);
 }
 

@@ -463,6 +463,18 @@ fn shipped_head_greedy_equals_local_at_fixed_and_adaptive_draft_lengths() {
     assert_equal_local("feature head, k=6, adaptive", &run_all(&adaptive, &server, 6));
     let strict = DeviceRuntime::open(&dir).expect("device").with_draft_choice(DraftChoice::Feature, Some(0.9));
     assert_equal_local("feature head, k=4, threshold 0.9", &run_first(&strict, &server, 4, 4));
+    // Leaves: none, the default, and four a round whatever the head's estimate. Every kept leaf
+    // moves its keys and values to its position in the device's caches and the cloud's.
+    let chain = DeviceRuntime::open(&dir).expect("device").with_draft_choice(DraftChoice::Feature, None).with_leaves(0, 0.0);
+    let plain = run_all(&chain, &server, 4);
+    assert_equal_local("feature head, k=4, adaptive, no leaves", &plain);
+    assert_eq!(plain.iter().map(|g| g.leaves).sum::<usize>(), 0);
+    let many = DeviceRuntime::open(&dir).expect("device").with_draft_choice(DraftChoice::Feature, None).with_leaves(4, 0.0);
+    let leafy = run_all(&many, &server, 4);
+    assert_equal_local("feature head, k=4, adaptive, 4 leaves", &leafy);
+    let (leaves, kept) = leafy.iter().fold((0, 0), |(l, k), g| (l + g.leaves, k + g.leaves_accepted));
+    eprintln!("4 leaves a round: {kept} of {leaves} leaves kept");
+    assert!(kept > 0, "no leaf was ever kept ({leaves} verified), so the path that keeps one went untested");
     // These prompts were not in the head's training prompts; the trained head must gain well over
     // the one token per round of U-shaped decoding.
     assert!(a4 > 1.2, "the shipped head gains only {a4:.3} tokens per round");

@@ -158,6 +158,8 @@ fn client_msg() -> impl Strategy<Value = ClientMsg> {
         any::<u32>().prop_map(|max_context| ClientMsg::Open { max_context }),
         hidden_frame().prop_map(ClientMsg::Forward),
         states_frame(any::<u32>(), 1usize..4).prop_map(ClientMsg::Forward),
+        (proptest::option::of(0u32..u32::MAX), vec(any::<u16>(), 4), states_frame(any::<u32>(), 1usize..4))
+            .prop_map(|(keep, d, frame)| ClientMsg::ForwardTree { keep, depths: d[..frame.rows as usize].to_vec(), frame }),
         Just(ClientMsg::Close),
         (any::<u32>(), vec(any::<u8>(), 0..64)).prop_map(|(reply_bytes, pad)| ClientMsg::Ping { reply_bytes, pad }),
         (any::<u32>(), any::<bool>(), vec(any::<u32>(), 0..32)).prop_map(|(start, last_only, ids)| ClientMsg::Tokens {
@@ -175,7 +177,7 @@ fn client_msg() -> impl Strategy<Value = ClientMsg> {
 
 fn server_msg() -> impl Strategy<Value = ServerMsg> {
     prop_oneof![
-        (any::<u16>(), any::<u32>()).prop_map(|(version, hidden)| ServerMsg::Welcome { version, hidden }),
+        (any::<u16>(), any::<u32>(), any::<bool>()).prop_map(|(version, hidden, trees)| ServerMsg::Welcome { version, hidden, trees }),
         (any::<u64>(), any::<u32>()).prop_map(|(session, max_context)| ServerMsg::Opened { session, max_context }),
         (hidden_frame(), any::<u32>()).prop_map(|(frame, compute_us)| ServerMsg::Hidden { frame, compute_us }),
         (states_frame(any::<u32>(), 1usize..4), any::<u32>()).prop_map(|(frame, compute_us)| ServerMsg::Hidden { frame, compute_us }),
@@ -258,7 +260,7 @@ fn decode_everything(body: &[u8]) -> Result<(), TestCaseError> {
 
 fn forward_frame(m: ClientMsg) -> Option<HiddenFrame> {
     match m {
-        ClientMsg::Forward(f) => Some(f),
+        ClientMsg::Forward(f) | ClientMsg::ForwardTree { frame: f, .. } => Some(f),
         _ => None,
     }
 }
@@ -413,6 +415,12 @@ fn plausible_msg() -> impl Strategy<Value = ClientMsg> {
         3 => prop_oneof![Just(0u32), 1u32..100, Just(u32::MAX)].prop_map(|max_context| ClientMsg::Open { max_context }),
         8 => states_frame(prop_oneof![3 => Just(0u32), 1 => 0u32..72], prop_oneof![6 => 1usize..8, 1 => 30usize..70]).prop_map(ClientMsg::Forward),
         1 => hidden_frame().prop_map(ClientMsg::Forward),
+        // Rounds with leaves: a chain, then rows at smaller depths (valid or not), and a kept slot.
+        3 => (proptest::option::of(0u32..80), vec(0u16..6, 8), states_frame(prop_oneof![3 => Just(0u32), 1 => 0u32..72], 1usize..8))
+            .prop_map(|(keep, d, frame)| {
+                let depths = (0..frame.rows as u16).map(|i| if i < 3 { i } else { d[i as usize].min(i) }).collect();
+                ClientMsg::ForwardTree { keep, depths, frame }
+            }),
         1 => Just(ClientMsg::Close),
         2 => (prop_oneof![30 => 0u32..4096, 1 => Just(u32::MAX)], vec(any::<u8>(), 0..64)).prop_map(|(reply_bytes, pad)| ClientMsg::Ping { reply_bytes, pad }),
         1 => (0u32..72, any::<bool>(), vec(id.clone(), 0..10)).prop_map(|(start, last_only, ids)| ClientMsg::Tokens { start, last_only, ids }),
@@ -634,7 +642,7 @@ proptest! {
     /// bounded by the frame cap.
     #[test]
     fn device_survives_any_cloud_reply(
-        welcome in cloud_reply(ServerMsg::Welcome { version: PROTOCOL_VERSION, hidden: HIDDEN as u32 }),
+        welcome in cloud_reply(ServerMsg::Welcome { version: PROTOCOL_VERSION, hidden: HIDDEN as u32, trees: true }),
         opened in cloud_reply(ServerMsg::Opened { session: 1, max_context: 64 }),
         hidden in hostile_forward_reply(),
     ) {
