@@ -269,6 +269,14 @@ impl Drafter {
         self
     }
 
+    /// Rows the next round may hold at most (the positions left in the budget): leaves give way
+    /// where the drafts fill it.
+    pub fn set_room(&mut self, rows: usize) {
+        if let Drafter::Feature(d) = self {
+            d.set_room(rows);
+        }
+    }
+
     /// Whether this generation may verify leaves (the pipeline runs them and decoding is greedy).
     pub fn allow_leaves(&mut self, on: bool) {
         if let Drafter::Feature(d) = self {

@@ -388,6 +388,9 @@ pub struct FeatureDrafter {
     /// This generation verifies leaves: greedy, a pipeline that runs them, no drafting while
     /// verifying (a speculated round reuses the input cache's slots the leaves sit in).
     leaves_allowed: bool,
+    /// Rows the next round may hold at most: the positions left in the generation's budget, which
+    /// never reaches past the context (every row takes a cache slot).
+    room: usize,
 }
 
 /// Prompt positions the head takes in (the last ones). The head was trained on 128-position
@@ -414,7 +417,13 @@ impl FeatureDrafter {
             max_leaves: DEFAULT_LEAVES,
             leaf_threshold: DEFAULT_LEAF_THRESHOLD,
             leaves_allowed: false,
+            room: usize::MAX,
         }
+    }
+
+    /// Rows the next round may hold at most (see [`FeatureDrafter::draft`]'s leaves).
+    pub fn set_room(&mut self, rows: usize) {
+        self.room = rows;
     }
 
     /// Up to `max` leaves per round, kept when their estimate reaches `threshold`.
@@ -601,7 +610,9 @@ impl FeatureDrafter {
         // A leaf sits on the chain: beside one of its drafts, or one past its end.
         candidates.retain(|c| c.0 >= self.leaf_threshold && c.1 <= tokens.len() + 1);
         candidates.sort_by(|a, b| b.0.total_cmp(&a.0));
-        candidates.truncate(self.max_leaves);
+        // The round's rows (last, drafts, leaves) each take a cache slot: near the end of the
+        // budget, and so of the context, leaves give way.
+        candidates.truncate(self.max_leaves.min(self.room.saturating_sub(1 + tokens.len())));
         let leaves = candidates.into_iter().map(|(_, depth, t)| (depth, t)).collect();
         Ok(Some((tokens, q, leaves)))
     }

@@ -64,6 +64,7 @@ pub fn generate_speculative<M: Middle>(
         let start = Instant::now();
         // Never draft past the budget: a round yields at most k + 1 tokens.
         let k = draft_len.min(out.remaining() - 1);
+        drafter.set_room(out.remaining());
         let draft = match prepared.take() {
             Some(d) => d.truncated(k)?,
             None => drafter.propose(pipeline, last, pos, k, &mut sampler)?,

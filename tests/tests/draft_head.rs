@@ -480,6 +480,28 @@ fn shipped_head_greedy_equals_local_at_fixed_and_adaptive_draft_lengths() {
     assert!(a4 > 1.2, "the shipped head gains only {a4:.3} tokens per round");
 }
 
+/// A cloud that grants only a few positions past the prompt: the budget ends at its context, and a
+/// round's leaves give way there instead of asking for slots past it. The reply is local's, cut
+/// at the context.
+#[test]
+fn leaves_give_way_at_the_end_of_the_context() {
+    let r = real();
+    let dir = default_artifacts().join("device");
+    let device = DeviceRuntime::open(&dir).expect("device").with_draft_choice(DraftChoice::Feature, Some(0.0)).with_leaves(4, 0.0);
+    for (i, p) in r.prompts.iter().take(4).enumerate() {
+        for extra in [3, 6] {
+            let cfg = ServerConfig { log: false, max_context: p.len() + extra, ..Default::default() };
+            let server = CloudServer::start(&r.cloud, cfg, "127.0.0.1:0").expect("cloud");
+            let mut o = CloudOptions::new(server.local_addr().to_string());
+            o.wire = WireFormat { dtype: WireDType::F32, zstd: false };
+            let mut session = device.connect(o).expect("connect");
+            let opts = GenerateOptions { max_tokens: NEW_TOKENS, ..Default::default() };
+            let g = session.generate(p, &opts, Mode::Hat { draft_len: 4 }, |_| {}).expect("generate up to the context");
+            assert_eq!(g.tokens, r.local[i][..extra], "prompt {i}, {extra} positions left");
+        }
+    }
+}
+
 /// The worst case: a head whose only draft token the model never produces here. Every draft is
 /// rejected and the output is still exact.
 #[test]
