@@ -159,15 +159,24 @@ pub fn attend_rows(q: &Tensor, k: &Tensor, v: &Tensor, pos: usize, span: Span) -
     attend_tree(q, k, v, pos, span, None)
 }
 
-/// Checks a round's row depths (see [`attend_tree`]): row i sits at depth `depths[i] <= i` and sees
-/// rows `0..depths[i]`, which must be the chain (each at its own depth).
-pub fn check_depths(depths: &[usize]) -> Result<()> {
+/// Checks a round's row depths for its `rows` rows (see [`attend_tree`]): one per row, and row i
+/// sits at depth `depths[i] <= i` and sees rows `0..depths[i]`, which must be the chain (each at
+/// its own depth).
+pub fn check_depths(depths: &[usize], rows: usize) -> Result<()> {
+    if depths.len() != rows {
+        return Err(ModelError::InvalidConfig(format!("{} row depths for {rows} rows", depths.len())));
+    }
     for (i, &d) in depths.iter().enumerate() {
         if d > i || depths[..d].iter().enumerate().any(|(j, &e)| e != j) {
             return Err(ModelError::InvalidConfig(format!("row {i} at depth {d} does not extend the chain of rows before it")));
         }
     }
     Ok(())
+}
+
+/// Whether row depths describe a plain chain (every row at its own depth).
+pub fn is_chain(depths: &[usize]) -> bool {
+    depths.iter().enumerate().all(|(i, &d)| d == i)
 }
 
 /// [`attend_rows`] for a round shaped as a chain with leaves: with `depths`, new row i sits at
@@ -189,10 +198,7 @@ pub fn attend_tree(q: &Tensor, k: &Tensor, v: &Tensor, pos: usize, span: Span, d
         return Err(ModelError::InvalidConfig(format!("attention over {total} keys from {} for {seq} rows at {pos}", span.key_start)));
     }
     if let Some(t) = depths {
-        if t.len() != seq {
-            return Err(ModelError::InvalidConfig(format!("{} row depths for {seq} rows", t.len())));
-        }
-        check_depths(t)?;
+        check_depths(t, seq)?;
     }
     let depth = |i: usize| depths.map_or(i, |t| t[i]);
     if let Some(first) = (0..seq).map(|i| span.keys(pos + depth(i)).start).find(|&f| f < span.key_start) {

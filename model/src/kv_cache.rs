@@ -69,12 +69,7 @@ impl LayerCache {
     /// round with leaves left an accepted leaf at slot `from`, after the chain rows it replaced.
     /// Needs `start <= to <= from < len` (a leaf right after the chain is already in place).
     pub fn promote(&mut self, from: usize, to: usize) -> Result<()> {
-        if !(self.start <= to && to <= from && from < self.len) {
-            return Err(crate::error::ModelError::InvalidConfig(format!(
-                "cannot keep slot {from} as position {to}: the cache holds {}..{}",
-                self.start, self.len
-            )));
-        }
+        self.check_promote(from, to)?;
         if let (Some(k), Some(v), true) = (&self.k, &self.v, from != to) {
             let (f, t) = (from - self.start, to - self.start);
             // A copy: the source must not share the buffer it is written into.
@@ -83,6 +78,16 @@ impl LayerCache {
         }
         self.len = to + 1;
         Ok(())
+    }
+
+    fn check_promote(&self, from: usize, to: usize) -> Result<()> {
+        if self.start <= to && to <= from && from < self.len {
+            return Ok(());
+        }
+        Err(crate::error::ModelError::InvalidConfig(format!(
+            "cannot keep slot {from} as position {to}: the cache holds {}..{}",
+            self.start, self.len
+        )))
     }
 
     /// Appends new keys and values and returns the cached sequence from [`LayerCache::start`].
@@ -179,12 +184,7 @@ impl KvCache {
 
     /// [`LayerCache::promote`] on every layer; on a refusal no layer has changed.
     pub fn promote(&mut self, from: usize, to: usize) -> Result<()> {
-        if let Some(l) = self.layers.iter().find(|l| !(l.start <= to && to <= from && from < l.len)) {
-            return Err(crate::error::ModelError::InvalidConfig(format!(
-                "cannot keep slot {from} as position {to}: the cache holds {}..{}",
-                l.start, l.len
-            )));
-        }
+        self.layers.iter().try_for_each(|l| l.check_promote(from, to))?;
         self.layers.iter_mut().try_for_each(|l| l.promote(from, to))
     }
 

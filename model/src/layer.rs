@@ -215,7 +215,7 @@ impl Attention {
 /// -> (rep * seq, pos + seq - span.key_start)
 fn causal_mask(seq: usize, pos: usize, rep: usize, span: Span, depths: Option<&[usize]>, dtype: DType, device: &Device) -> Result<Tensor> {
     if let Some(t) = depths {
-        crate::attention::check_depths(t)?;
+        crate::attention::check_depths(t, seq)?;
     }
     let total = pos + seq - span.key_start;
     let mut data = Vec::with_capacity(rep * seq * total);

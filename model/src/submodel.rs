@@ -215,16 +215,13 @@ impl Submodel {
     /// hidden: (batch, seq, hidden) -> (batch, seq, hidden)
     pub fn forward_layers_tree(&self, hidden: &Tensor, pos: usize, depths: Option<&[usize]>, cache: &mut KvCache) -> Result<Tensor> {
         let seq = hidden.dim(1)?;
-        if let Some(t) = depths.filter(|t| t.len() != seq) {
-            return Err(ModelError::InvalidConfig(format!("{} row depths for {seq} rows", t.len())));
+        if let Some(t) = depths {
+            crate::attention::check_depths(t, seq)?;
         }
         // A chain given as depths runs as a chain (and so anywhere).
-        let depths = depths.filter(|t| t.iter().enumerate().any(|(i, &d)| d != i));
-        if let Some(t) = depths {
-            crate::attention::check_depths(t)?;
-            if !self.runs_trees() {
-                return Err(ModelError::InvalidConfig("draft trees run on the CPU in f32 only".into()));
-            }
+        let depths = depths.filter(|t| !crate::attention::is_chain(t));
+        if depths.is_some() && !self.runs_trees() {
+            return Err(ModelError::InvalidConfig("draft trees run on the CPU in f32 only".into()));
         }
         self.check_positions(pos, seq, cache)?;
         let h = hidden.to_device(&self.device)?.to_dtype(self.dtype)?;
@@ -288,10 +285,7 @@ impl Submodel {
                 return Err(ModelError::InvalidConfig(format!("a batched session sends one sequence, not {b}")));
             }
             if let Some(t) = t {
-                if t.len() != seq {
-                    return Err(ModelError::InvalidConfig(format!("{} row depths for {seq} rows", t.len())));
-                }
-                crate::attention::check_depths(t)?;
+                crate::attention::check_depths(t, seq)?;
             }
             self.check_positions(*pos, seq, cache)?;
             segments.push(Segment { pos: *pos, seq, depths: *t });

@@ -40,7 +40,7 @@ pub struct Shape {
 
 impl Shape {
     pub fn is_chain(&self) -> bool {
-        self.keep.is_none() && self.depths.as_ref().is_none_or(|d| d.iter().enumerate().all(|(i, &x)| x == i))
+        self.keep.is_none() && self.depths.as_deref().is_none_or(hat_model::attention::is_chain)
     }
 }
 

@@ -557,8 +557,7 @@ impl Connection {
         // cache: a refused round leaves it as it was.
         let shaped = match &depths {
             Some(_) if !trees => Err(error(ErrorCode::BadFrame, "this cloud does not verify rounds with leaves")),
-            Some(d) if d.len() != rows => Err(error(ErrorCode::BadFrame, format!("{} row depths for {rows} rows", d.len()))),
-            Some(d) => hat_model::attention::check_depths(d).map_err(|e| error(ErrorCode::BadFrame, e.to_string())),
+            Some(d) => hat_model::attention::check_depths(d, rows).map_err(|e| error(ErrorCode::BadFrame, e.to_string())),
             None => Ok(()),
         }
         .and_then(|()| match keep {

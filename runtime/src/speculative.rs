@@ -25,7 +25,7 @@ use crate::error::{Result, RuntimeError};
 use crate::generate::{token_budget, DraftCounts, Emitter, GenerateOptions, Generation, RoundTime, SplitPipeline, TokenModel};
 use crate::middle::Middle;
 use crate::sampling::Sampler;
-use crate::verify::{verify_greedy_leaves, verify_sampled};
+use crate::verify::{verify_greedy, verify_sampled};
 
 /// Generates after `prompt` with drafts of up to `draft_len` tokens per round (the feature head stops
 /// a draft early when its confidence drops; zero drafts is a U-shaped step).
@@ -85,7 +85,7 @@ pub fn generate_speculative<M: Middle>(
         let target =
             |j: usize| logits.get_mut(j).map(std::mem::take).ok_or_else(|| RuntimeError::BadInput(format!("row {j} of {rows} verified")));
         let verdict = if sampler.is_greedy() {
-            verify_greedy_leaves(&draft.tokens, &draft.leaves, target)?
+            verify_greedy(&draft.tokens, &draft.leaves, target)?
         } else {
             verify_sampled(&draft.tokens, &draft.q, target, &mut sampler)?
         };
@@ -113,10 +113,7 @@ pub fn generate_speculative<M: Middle>(
             }
         }
         let rows = |t: &candle_core::Tensor| -> Result<candle_core::Tensor> {
-            Ok(match verdict.leaf {
-                None => t.narrow(1, 0, chain + 1)?,
-                Some(_) => t.index_select(&candle_core::Tensor::new(path.as_slice(), t.device())?, 1)?,
-            })
+            Ok(t.index_select(&candle_core::Tensor::new(path.as_slice(), t.device())?, 1)?)
         };
         drafter.commit(&Verified { pos, accepted: &accepted, low: rows(&draft.states)?, high: rows(&middle_states)?, top: rows(&top)? })?;
         if let Some(spec) = spec {

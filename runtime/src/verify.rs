@@ -24,17 +24,12 @@ pub struct Verdict {
 
 /// Greedy verification. `target(j)` gives the full model's logits after the last accepted token and
 /// drafts `..j`, for j in `0..=drafts.len()`; it is called in order and only up to the first
-/// rejection.
-pub fn verify_greedy(drafts: &[u32], target: impl FnMut(usize) -> Result<Vec<f32>>) -> Result<Verdict> {
-    verify_greedy_leaves(drafts, &[], target)
-}
-
-/// Greedy verification of a chain with leaves (see `Draft::leaves`): row j < drafts.len() + 1 is
-/// the chain's as in [`verify_greedy`], row drafts.len() + 1 + i leaf i's. Where the model's token
-/// after the kept drafts is not the chain's next draft but a leaf's at that depth, the leaf is kept
-/// and the token after it comes from the leaf's row. Every kept token is the model's own greedy
-/// choice, so the output is the same with or without leaves.
-pub fn verify_greedy_leaves(drafts: &[u32], leaves: &[(usize, u32)], mut target: impl FnMut(usize) -> Result<Vec<f32>>) -> Result<Verdict> {
+/// rejection, then once more for a kept leaf. With leaves (see `Draft::leaves`), row
+/// drafts.len() + 1 + i is leaf i's: where the model's token after the kept drafts is not the
+/// chain's next draft but a leaf's at that depth, the leaf is kept and the token after it comes from
+/// the leaf's row. Every kept token is the model's own greedy choice, so the output is the same
+/// with or without leaves.
+pub fn verify_greedy(drafts: &[u32], leaves: &[(usize, u32)], mut target: impl FnMut(usize) -> Result<Vec<f32>>) -> Result<Verdict> {
     let n = drafts.len();
     for j in 0..=n {
         let t = argmax(&target(j)?);
@@ -92,21 +87,21 @@ mod tests {
     fn greedy_keeps_the_matching_prefix_and_reads_no_row_after_a_rejection() {
         let mut asked = Vec::new();
         assert_eq!(
-            verify_greedy(&[1, 2, 3], rows(&[1, 2, 3, 4], &mut asked)).expect("verdict"),
+            verify_greedy(&[1, 2, 3], &[], rows(&[1, 2, 3, 4], &mut asked)).expect("verdict"),
             Verdict { accepted: 3, next: 4, leaf: None }
         );
         assert_eq!(asked.len(), 4);
         let mut asked = Vec::new();
         assert_eq!(
-            verify_greedy(&[1, 2, 3], rows(&[1, 0, 3, 4], &mut asked)).expect("verdict"),
+            verify_greedy(&[1, 2, 3], &[], rows(&[1, 0, 3, 4], &mut asked)).expect("verdict"),
             Verdict { accepted: 1, next: 0, leaf: None }
         );
         assert_eq!(asked.len(), 2, "rows 2 and 3 are never computed");
         let mut asked = Vec::new();
-        assert_eq!(verify_greedy(&[1], rows(&[2, 4], &mut asked)).expect("verdict"), Verdict { accepted: 0, next: 2, leaf: None });
+        assert_eq!(verify_greedy(&[1], &[], rows(&[2, 4], &mut asked)).expect("verdict"), Verdict { accepted: 0, next: 2, leaf: None });
         assert_eq!(asked.len(), 1);
         let mut asked = Vec::new();
-        assert_eq!(verify_greedy(&[], rows(&[3], &mut asked)).expect("verdict"), Verdict { accepted: 0, next: 3, leaf: None });
+        assert_eq!(verify_greedy(&[], &[], rows(&[3], &mut asked)).expect("verdict"), Verdict { accepted: 0, next: 3, leaf: None });
         assert_eq!(asked.len(), 1);
     }
 
@@ -118,13 +113,13 @@ mod tests {
             |ids: Vec<usize>| move |j: usize| -> Result<Vec<f32>> { Ok((0..6).map(|v| if v == ids[j] { 1.0 } else { 0.0 }).collect()) };
         // Chain [1, 2, 3]; rows 0..=3 are the chain's, rows 4 and 5 the leaves'.
         let leaves = [(2, 4), (2, 5)];
-        let v = verify_greedy_leaves(&[1, 2, 3], &leaves, one_hot(vec![1, 5, 0, 0, 0, 3])).expect("verdict");
+        let v = verify_greedy(&[1, 2, 3], &leaves, one_hot(vec![1, 5, 0, 0, 0, 3])).expect("verdict");
         assert_eq!(v, Verdict { accepted: 2, next: 3, leaf: Some(1) }, "draft 2 is wrong, the second leaf beside it right");
-        let v = verify_greedy_leaves(&[1, 2, 3], &leaves, one_hot(vec![1, 0, 0, 0, 0, 3])).expect("verdict");
+        let v = verify_greedy(&[1, 2, 3], &leaves, one_hot(vec![1, 0, 0, 0, 0, 3])).expect("verdict");
         assert_eq!(v, Verdict { accepted: 1, next: 0, leaf: None }, "no leaf has the model's token");
-        let v = verify_greedy_leaves(&[1, 2], &[(3, 4)], one_hot(vec![1, 2, 4, 5])).expect("verdict");
+        let v = verify_greedy(&[1, 2], &[(3, 4)], one_hot(vec![1, 2, 4, 5])).expect("verdict");
         assert_eq!(v, Verdict { accepted: 3, next: 5, leaf: Some(0) }, "a leaf one past the chain");
-        let v = verify_greedy_leaves(&[1, 2], &[(1, 2)], one_hot(vec![1, 2, 3, 0])).expect("verdict");
+        let v = verify_greedy(&[1, 2], &[(1, 2)], one_hot(vec![1, 2, 3, 0])).expect("verdict");
         assert_eq!(v, Verdict { accepted: 2, next: 3, leaf: None }, "the chain right, its leaf unused");
     }
 
