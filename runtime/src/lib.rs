@@ -8,6 +8,7 @@ pub mod draft;
 pub mod draft_head;
 pub mod engine;
 pub mod error;
+pub mod feature_drafter;
 pub mod generate;
 pub mod gpu;
 pub mod link;
