@@ -45,6 +45,46 @@ fn dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
     out
 }
 
+/// [`dot`] of one row with eight keys at once, in `dot`'s bits, where the build has AVX and the
+/// rows are whole chunks of 8 (`None` otherwise): eight sums in flight, and the final reduction of
+/// all eight keys' lanes done side by side in vector registers, each lane adding exactly the pairs
+/// `dot` adds, in its order.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
+#[allow(unsafe_code)]
+fn dot8(a: &[f32], b: [&[f32]; 8]) -> Option<[f32; 8]> {
+    use std::arch::x86_64::{
+        _mm256_add_ps, _mm256_hadd_ps, _mm256_loadu_ps, _mm256_mul_ps, _mm256_permute2f128_ps, _mm256_setzero_ps, _mm256_storeu_ps,
+    };
+    if !a.len().is_multiple_of(8) || b.iter().any(|b| b.len() != a.len()) {
+        return None;
+    }
+    let mut r = [0f32; 8];
+    // SAFETY: AVX is enabled at compile time (the cfg above); every load reads 8 floats at c with
+    // c + 8 <= len of the slice it reads (checked above); the store writes 8 floats into r.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for c in (0..a.len()).step_by(8) {
+            let x = _mm256_loadu_ps(a.as_ptr().add(c));
+            for (acc, b) in acc.iter_mut().zip(&b) {
+                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(x, _mm256_loadu_ps(b.as_ptr().add(c))));
+            }
+        }
+        // Keys k and k + 1 side by side: lanes (l0 + l4, l1 + l5, l2 + l6, l3 + l7) of each.
+        let pair =
+            |k: usize| _mm256_add_ps(_mm256_permute2f128_ps(acc[k], acc[k + 1], 0x20), _mm256_permute2f128_ps(acc[k], acc[k + 1], 0x31));
+        // hadd twice: ((l0 + l4) + (l1 + l5)) + ((l2 + l6) + (l3 + l7)) per key, in the order
+        // 0, 2, 4, 6 | 1, 3, 5, 7.
+        let (h0, h1) = (_mm256_hadd_ps(pair(0), pair(2)), _mm256_hadd_ps(pair(4), pair(6)));
+        _mm256_storeu_ps(r.as_mut_ptr(), _mm256_hadd_ps(h0, h1));
+    }
+    Some([r[0], r[4], r[1], r[5], r[2], r[6], r[3], r[7]])
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_feature = "avx")))]
+fn dot8(_: &[f32], _: [&[f32]; 8]) -> Option<[f32; 8]> {
+    None
+}
+
 /// `acc[k][l] = sum over chunks c of a[8c + l] * b[k][8c + l]`, summed in chunk order. Every
 /// slice has the same length, a multiple of 8.
 #[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
@@ -83,35 +123,22 @@ fn lanes4(a: &[f32], b: [&[f32]; 4]) -> [[f32; 8]; 4] {
     out
 }
 
-/// `o[x] = sum over n of p[n] * value(n)[x]`, summed in order of n from zero, as the plain loop
-/// below does. The AVX form keeps a block of 64 outputs in registers across all values instead of
-/// storing and reloading them per value; the order of every sum is the same, so are the bits.
-fn weighted_sum<'a>(o: &mut [f32], p: &[f32], value: impl Fn(usize) -> &'a [f32]) {
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
-    if o.len().is_multiple_of(64) {
-        for block in (0..o.len()).step_by(64) {
-            o[block..block + 64].copy_from_slice(&sum64(p, |n| &value(n)[block..block + 64]));
-        }
-        return;
-    }
-    o.fill(0.0);
-    for (n, p) in p.iter().enumerate() {
-        for (x, y) in o.iter_mut().zip(value(n)) {
-            *x += p * y;
-        }
-    }
-}
-
-/// `sum over n of p[n] * v(n)` over 64 lanes, in order of n from zero; every `v(n)` has 64 values.
+/// `init + sum over n of p[n] * v(n)` over 64 lanes, added in order of n from zero; every `v(n)`
+/// has 64 values. The lanes stay in registers across all values instead of being stored and
+/// reloaded per value; the order of every sum is the plain loop's, so are the bits.
 #[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
 #[allow(unsafe_code)]
-fn sum64<'a>(p: &[f32], v: impl Fn(usize) -> &'a [f32]) -> [f32; 64] {
+fn sum64<'a>(init: &[f32], p: &[f32], v: impl Fn(usize) -> &'a [f32]) -> [f32; 64] {
     use std::arch::x86_64::{_mm256_add_ps, _mm256_loadu_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_setzero_ps, _mm256_storeu_ps};
     let mut out = [0f32; 64];
+    assert_eq!(init.len(), 64);
     // SAFETY: AVX is enabled at compile time (the cfg above); every load reads 8 floats at 8r < 64
     // from a slice of 64 (asserted before its loads); every store writes 8 floats into a chunk of 8.
     unsafe {
         let mut acc = [_mm256_setzero_ps(); 8];
+        for (r, acc) in acc.iter_mut().enumerate() {
+            *acc = _mm256_loadu_ps(init.as_ptr().add(8 * r));
+        }
         for (n, &p) in p.iter().enumerate() {
             let v = v(n);
             assert_eq!(v.len(), 64);
@@ -125,6 +152,59 @@ fn sum64<'a>(p: &[f32], v: impl Fn(usize) -> &'a [f32]) -> [f32; 64] {
         }
     }
     out
+}
+
+/// Rows that go over the cache together (a verification round fits in one block; a prefill chunk
+/// is split so that its blocks still spread over threads).
+const ROW_BLOCK: usize = 8;
+/// Scores (rows x heads x keys) below which a call runs on the calling thread.
+const PARALLEL_WORK: usize = 1 << 16;
+/// Keys (and values) read per pass over a block's queries: 64 keys of 64 floats stay in L1.
+const KEY_BLOCK: usize = 64;
+
+/// One query row of one head, and the keys it sees.
+struct Query<'a> {
+    row: &'a [f32],
+    /// The keys before its own.
+    before: std::ops::Range<usize>,
+    /// Its own key's slot.
+    own: usize,
+}
+
+/// Appends `dot(row, key(j)) * scale` for every j in `keys`, in order, eight or four keys at a time
+/// ([`dot8`] and [`dot4`] have [`dot`]'s bits, so a score does not depend on where its block starts).
+fn score_block<'a>(scores: &mut Vec<f32>, row: &[f32], keys: std::ops::Range<usize>, key: &impl Fn(usize) -> &'a [f32], scale: f32) {
+    let mut j = keys.start;
+    while j + 8 <= keys.end {
+        let Some(s) = dot8(row, std::array::from_fn(|n| key(j + n))) else { break };
+        scores.extend(s.map(|s| s * scale));
+        j += 8;
+    }
+    while j + 4 <= keys.end {
+        let s = dot4(row, [key(j), key(j + 1), key(j + 2), key(j + 3)]);
+        scores.extend(s.map(|s| s * scale));
+        j += 4;
+    }
+    scores.extend((j..keys.end).map(|j| dot(row, key(j)) * scale));
+}
+
+/// `o[x] += p[n] * value(n)[x]` for n in order from zero: the plain loop, continued from `o`, so
+/// summing a row's values block by block gives the bits of one pass over them all (the AVX form
+/// keeps a block of 64 lanes in registers, see [`sum64`]).
+fn weigh_block<'a>(o: &mut [f32], p: &[f32], value: impl Fn(usize) -> &'a [f32]) {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
+    if o.len().is_multiple_of(64) {
+        for block in (0..o.len()).step_by(64) {
+            let acc = sum64(&o[block..block + 64], p, |n| &value(n)[block..block + 64]);
+            o[block..block + 64].copy_from_slice(&acc);
+        }
+        return;
+    }
+    for (n, p) in p.iter().enumerate() {
+        for (x, y) in o.iter_mut().zip(value(n)) {
+            *x += p * y;
+        }
+    }
 }
 
 /// Which keys a query row sees, and how its scores are scaled.
@@ -221,40 +301,80 @@ pub fn attend_tree(q: &Tensor, k: &Tensor, v: &Tensor, pos: usize, span: Span, d
         return Err(ModelError::InvalidConfig("keys and values must be contiguous along head_dim".into()));
     }
     let (scale, ks0) = (span.scale, span.key_start);
-    let mut out = vec![0f32; b * heads * seq * d];
-    out.par_chunks_mut(seq * d).enumerate().for_each(|(bh, dst)| {
-        let (bi, h) = (bh / heads, bh % heads);
-        let kv = h / rep;
-        let key = |j: usize| &kd[bi * ks[0] + kv * ks[1] + j * ks[2]..][..d];
-        let value = |j: usize| &vd[bi * vs[0] + kv * vs[1] + j * vs[2]..][..d];
-        let mut scores = Vec::with_capacity(total);
-        for i in 0..seq {
-            let row = &qd[(bh * seq + i) * d..][..d];
-            // The row's own position sees the keys before it, then its own key at slot pos + i.
-            let seen = span.keys(pos + depth(i));
-            let (before, own) = (seen.start..seen.end - 1, pos + i);
-            scores.clear();
-            let mut j = before.start;
-            while j + 4 <= before.end {
-                let s = dot4(row, [key(j - ks0), key(j + 1 - ks0), key(j + 2 - ks0), key(j + 3 - ks0)]);
-                scores.extend(s.map(|s| s * scale));
-                j += 4;
+    // One task per batch entry, key/value head and block of rows: every query head that reads the
+    // same keys, for every row of the block, goes over them together, a block of keys at a time
+    // while it sits in L1, instead of each (head, row) streaming the whole cache again. Each score
+    // and each output lane is still summed in its own fixed order (see `score_block` and
+    // `weigh_block`), so a row's bits do not depend on its company.
+    let blocks = seq.div_ceil(ROW_BLOCK);
+    let tasks: Vec<(usize, usize, usize)> =
+        (0..b).flat_map(|bi| (0..kv_heads).flat_map(move |kv| (0..blocks).map(move |r| (bi, kv, r)))).collect();
+    let task = |&(bi, kv, r): &(usize, usize, usize)| {
+        let key = |j: usize| &kd[bi * ks[0] + kv * ks[1] + (j - ks0) * ks[2]..][..d];
+        let value = |j: usize| &vd[bi * vs[0] + kv * vs[1] + (j - ks0) * vs[2]..][..d];
+        let rows = r * ROW_BLOCK..((r + 1) * ROW_BLOCK).min(seq);
+        // Query (head h, row i): the keys before it and its own key at slot pos + i.
+        let queries: Vec<Query> = (kv * rep..(kv + 1) * rep)
+            .flat_map(|h| rows.clone().map(move |i| (h, i)))
+            .map(|(h, i)| {
+                let seen = span.keys(pos + depth(i));
+                Query { row: &qd[((bi * heads + h) * seq + i) * d..][..d], before: seen.start..seen.end - 1, own: pos + i }
+            })
+            .collect();
+        let first = queries.iter().map(|q| q.before.start).min().unwrap_or(0);
+        let last = queries.iter().map(|q| q.before.end).max().unwrap_or(0);
+        let mut scores: Vec<Vec<f32>> = queries.iter().map(|q| Vec::with_capacity(q.before.len() + 1)).collect();
+        for block in (first..last).step_by(KEY_BLOCK) {
+            let keys = block..(block + KEY_BLOCK).min(last);
+            for (q, s) in queries.iter().zip(&mut scores) {
+                score_block(s, q.row, q.before.start.max(keys.start)..q.before.end.min(keys.end), &key, scale);
             }
-            scores.extend((j..before.end).map(|j| dot(row, key(j - ks0)) * scale));
-            scores.push(dot(row, key(own - ks0)) * scale);
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        }
+        let mut sums = Vec::with_capacity(queries.len());
+        for (q, s) in queries.iter().zip(&mut scores) {
+            s.push(dot(q.row, key(q.own)) * scale);
+            let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
-            for s in scores.iter_mut() {
+            for s in s.iter_mut() {
                 *s = (*s - max).exp();
                 sum += *s;
             }
-            let o = &mut dst[i * d..(i + 1) * d];
-            let slot = |n: usize| if n < before.len() { before.start + n } else { own };
-            weighted_sum(o, &scores, |n| value(slot(n) - ks0));
+            sums.push(sum);
+        }
+        let mut out = vec![0f32; queries.len() * d];
+        for block in (first..last).step_by(KEY_BLOCK) {
+            let keys = block..(block + KEY_BLOCK).min(last);
+            for ((q, s), o) in queries.iter().zip(&scores).zip(out.chunks_exact_mut(d)) {
+                let seen = q.before.start.max(keys.start)..q.before.end.min(keys.end);
+                if !seen.is_empty() {
+                    let p = &s[seen.start - q.before.start..seen.end - q.before.start];
+                    weigh_block(o, p, |n| value(seen.start + n));
+                }
+            }
+        }
+        for (((q, s), o), sum) in queries.iter().zip(&scores).zip(out.chunks_exact_mut(d)).zip(sums) {
+            weigh_block(o, &s[s.len() - 1..], |_| value(q.own));
             let inv = 1.0 / sum;
             o.iter_mut().for_each(|x| *x *= inv);
         }
-    });
+        out
+    };
+    // Handing a few small tasks to rayon's pool costs a thread wake-up per call, tens of
+    // microseconds, more than a decode round's attention in a layer: small calls run here.
+    let work: usize = seq * heads * (pos + seq - ks0);
+    let done: Vec<Vec<f32>> = if rayon::current_num_threads() > 1 && work > PARALLEL_WORK {
+        tasks.par_iter().map(task).collect()
+    } else {
+        tasks.iter().map(task).collect()
+    };
+    let mut out = vec![0f32; b * heads * seq * d];
+    for (&(bi, kv, r), done) in tasks.iter().zip(&done) {
+        let rows = r * ROW_BLOCK..((r + 1) * ROW_BLOCK).min(seq);
+        for (n, h) in (kv * rep..(kv + 1) * rep).enumerate() {
+            let src = &done[n * rows.len() * d..(n + 1) * rows.len() * d];
+            out[((bi * heads + h) * seq + rows.start) * d..][..src.len()].copy_from_slice(src);
+        }
+    }
     Ok(Tensor::from_vec(out, (b, heads, seq, d), q.device())?)
 }
 
@@ -267,8 +387,16 @@ mod tests {
     /// attention to rounding.
     #[test]
     fn a_row_is_the_same_alone_and_in_a_batch() -> Result<()> {
+        // Small, and past a block of rows and a block of keys with AVX-sized heads.
+        for (d, pos, seq) in [(16, 11, 5), (64, 130, 19)] {
+            same_alone_and_in_a_batch(d, pos, seq)?;
+        }
+        Ok(())
+    }
+
+    fn same_alone_and_in_a_batch(d: usize, pos: usize, seq: usize) -> Result<()> {
         let dev = Device::Cpu;
-        let (heads, kv, d, pos, seq) = (6, 2, 16, 11, 5);
+        let (heads, kv) = (6, 2);
         let q = Tensor::randn(0f32, 1.0, (1, heads, seq, d), &dev)?;
         let k = Tensor::randn(0f32, 1.0, (1, kv, pos + seq, d), &dev)?;
         let v = Tensor::randn(0f32, 1.0, (1, kv, pos + seq, d), &dev)?;
@@ -333,7 +461,7 @@ mod tests {
     /// Four keys at once give each key's score in `dot`'s bits, whole chunks of 8 or not: a row's
     /// scores must not depend on where its keys fall in a block of four.
     #[test]
-    fn dot4_has_the_bits_of_dot() -> Result<()> {
+    fn dot4_and_dot8_have_the_bits_of_dot() -> Result<()> {
         for n in [64, 13, 5, 256] {
             let t = Tensor::randn(0f32, 3.0, (5, n), &Device::Cpu)?.to_vec2::<f32>()?;
             let got = dot4(&t[0], [&t[1], &t[2], &t[3], &t[4]]);
@@ -341,13 +469,24 @@ mod tests {
                 assert_eq!(g.to_bits(), dot(&t[0], &t[i + 1]).to_bits(), "length {n}, key {i}");
             }
         }
+        for n in [64, 128, 24, 13] {
+            let t = Tensor::randn(0f32, 3.0, (9, n), &Device::Cpu)?.to_vec2::<f32>()?;
+            let Some(got) = dot8(&t[0], std::array::from_fn(|k| t[k + 1].as_slice())) else {
+                // Only rows of whole chunks take the eight-key path, and only with AVX.
+                assert!(!n.is_multiple_of(8) || cfg!(not(all(target_arch = "x86_64", target_feature = "avx"))));
+                continue;
+            };
+            for (i, g) in got.iter().enumerate() {
+                assert_eq!(g.to_bits(), dot(&t[0], &t[i + 1]).to_bits(), "length {n}, key {i} of eight");
+            }
+        }
         Ok(())
     }
 
     /// The register-held weighted sum gives the plain loop's bits, for head sizes of 64, 128 and
-    /// one that is not a multiple of 64.
+    /// one that is not a multiple of 64, in one pass or continued block by block.
     #[test]
-    fn weighted_sum_has_the_bits_of_the_plain_loop() -> Result<()> {
+    fn weigh_block_has_the_bits_of_the_plain_loop() -> Result<()> {
         for d in [64, 128, 24] {
             let v = Tensor::randn(0f32, 2.0, (37, d), &Device::Cpu)?.to_vec2::<f32>()?;
             let p = Tensor::rand(0f32, 1.0, 37, &Device::Cpu)?.to_vec1::<f32>()?;
@@ -357,9 +496,14 @@ mod tests {
                     *x += p * y;
                 }
             }
-            let mut got = vec![1f32; d];
-            weighted_sum(&mut got, &p, |n| &v[n]);
-            assert!(got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()), "head size {d}");
+            let mut whole = vec![0f32; d];
+            weigh_block(&mut whole, &p, |n| &v[n]);
+            let mut split = vec![0f32; d];
+            weigh_block(&mut split, &p[..20], |n| &v[n]);
+            weigh_block(&mut split, &p[20..], |n| &v[20 + n]);
+            for got in [whole, split] {
+                assert!(got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()), "head size {d}");
+            }
         }
         Ok(())
     }
