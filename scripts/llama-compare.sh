@@ -4,8 +4,9 @@
 # Installs llama-cpp-python (built from source, a few minutes the first time) into a virtual
 # environment of its own.
 #   scripts/llama-compare.sh [--quant q8_0,q8_0:generic,keep] [--tokens 64] [--threads N] [--json FILE]
-# `TYPE:generic` runs the TYPE package with HAT_Q8_TILED=0, `TYPE:head` with HAT_Q8_TILED=head
-# (see model/src/weights.rs).
+# `TYPE:candle` runs the TYPE package on candle's kernels instead of hat's q8_0 kernel
+# (HAT_Q8_KERNEL=candle); `TYPE:generic` also leaves rows unpadded (HAT_Q8_TILED=0), `TYPE:head`
+# pads the LM head only (see model/src/weights.rs, model/src/q8.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 QUANTS=q8_0,q8_0:generic,keep TOKENS=64 THREADS=$(nproc) JSON_OUT=""
@@ -74,6 +75,8 @@ def llama_run(text):
 def hat_run(q, text):
     package, _, variant = q.partition(":")
     env = dict(os.environ, HAT_Q8_TILED={"tiled": "1", "generic": "0", "head": "head"}.get(variant, ""))
+    if variant in ("candle", "generic", "head", "tiled"):
+        env["HAT_Q8_KERNEL"] = "candle"
     out = subprocess.run(["target/release/hat", "--quiet", "generate", "--artifacts", f"{work}/{package}", "--mode", "local", "--chat",
                           "--prompt", text, "--max-tokens", str(tokens), "--json"], check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout)

@@ -4,16 +4,17 @@
 For each benchmark prompt, `hat generate --mode local` runs on every package; the report gives, per
 storage type, the mean number of leading tokens identical to f32's, how many replies are identical
 in full, and the decode speed. Usage:
-    scripts/quant-quality.py MODEL.gguf [--tokens 64] [--types f32,q8_0,q8_0:generic,q8_0:head,q4_0,keep]
-`TYPE:generic` runs the TYPE package with HAT_Q8_TILED=0, `TYPE:head` with HAT_Q8_TILED=head
-(see model/src/weights.rs).
+    scripts/quant-quality.py MODEL.gguf [--tokens 64] [--types f32,q8_0,q8_0:candle,q8_0:generic,q4_0,keep]
+`TYPE:candle` runs the TYPE package on candle's kernels instead of hat's own q8_0 kernel
+(HAT_Q8_KERNEL=candle, candle's tiled kernel on padded rows); `TYPE:generic` also leaves rows unpadded
+(HAT_Q8_TILED=0) and `TYPE:head` pads the LM head only (see model/src/weights.rs, model/src/q8.rs).
 """
 import argparse, json, os, statistics, subprocess, sys, tempfile
 
 ap = argparse.ArgumentParser()
 ap.add_argument("model")
 ap.add_argument("--tokens", type=int, default=64)
-ap.add_argument("--types", default="f32,q8_0,q8_0:generic,q8_0:head,q4_0,keep")
+ap.add_argument("--types", default="f32,q8_0,q8_0:candle,q8_0:generic,q4_0,keep")
 ap.add_argument("--prompts", default="profiles/bench-prompts.jsonl")
 ap.add_argument("--hat", default="target/release/hat")
 ap.add_argument("--json", action="store_true")
@@ -31,6 +32,8 @@ for i, p in enumerate(prompts):
     for t in types:
         package, _, variant = t.partition(":")
         env = dict(os.environ, HAT_Q8_TILED={"tiled": "1", "generic": "0", "head": "head"}.get(variant, ""))
+        if variant in ("candle", "generic", "head", "tiled"):
+            env["HAT_Q8_KERNEL"] = "candle"
         out = subprocess.run([args.hat, "--quiet", "generate", "--artifacts", f"{work}/{package}", "--mode", "local", "--chat",
                               "--prompt", p, "--max-tokens", str(args.tokens), "--json"], check=True, capture_output=True, text=True, env=env)
         runs[t].append(json.loads(out.stdout))

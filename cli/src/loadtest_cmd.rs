@@ -232,6 +232,14 @@ pub fn run(args: LoadtestArgs, quiet: bool) -> Result<()> {
     if args.max_tokens == 0 {
         bail!("--max-tokens must be at least 1");
     }
+    if args.spawn_cloud {
+        // Pinned before the device package opens: candle sizes its matmul pool once, at first use,
+        // and a pool sized for both CPUs spins a worker on the device's one (it cost the device
+        // sessions about half their throughput).
+        if let Some((device, _)) = crate::placement::split_cores(args.spawn.cloud_cores)? {
+            crate::placement::pin_self(&device)?;
+        }
+    }
     let device = DeviceRuntime::open(&args.artifacts.join(hat_runtime::package::DEVICE_DIR))?;
     let prompts = prompts(&device)?;
     let mode = match args.mode {

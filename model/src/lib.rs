@@ -9,6 +9,7 @@ pub mod kv_cache;
 pub mod layer;
 pub mod manifest;
 pub mod names;
+pub mod q8;
 pub mod rope;
 pub mod submodel;
 pub mod weights;

@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
 
 use crate::error::{ModelError, Result};
+use crate::q8::PackedQ8;
 
 /// Quantized matrices by full tensor name.
 pub type QuantMap = HashMap<String, Arc<QTensor>>;
@@ -78,8 +79,7 @@ impl<'a> Weights<'a> {
                         expected: vec![out_dim, in_dim],
                     });
                 }
-                let (q, pad) = if tiled_q8_0_wanted(name) { pad_for_tiles(q)? } else { (q, 0) };
-                Ok(Proj::Quant { w: QMatMul::from_arc(q)?, bias, pad })
+                Proj::quantized(q, bias, tiled_q8_0_wanted(name))
             }
             None => Ok(Proj::Dense(Linear::new(vb.get((out_dim, in_dim), "weight")?, bias))),
         }
@@ -112,6 +112,8 @@ pub enum Proj {
         w: QMatMul,
         bias: Option<Tensor>,
         pad: usize,
+        /// The matrix repacked for hat's own q8_0 kernel ([`crate::q8`]), which then runs it.
+        packed: Option<Arc<PackedQ8>>,
     },
 }
 
@@ -135,8 +137,10 @@ fn q8_0_tiles() -> bool {
     }
 }
 
-/// Whether [`pad_for_tiles`] applies to projection `name`: by default to every matrix
-/// (`HAT_Q8_TILED=head` pads the LM head only, `HAT_Q8_TILED=0` none). Padded, a batch of k + 1
+/// Where candle's kernels run a q8_0 matrix (hat's own kernel, [`crate::q8`], needs AVX512-VNNI;
+/// `HAT_Q8_KERNEL=candle` asks for candle's), whether [`pad_for_tiles`] applies to projection
+/// `name`: by default to every matrix (`HAT_Q8_TILED=head` pads the LM head only,
+/// `HAT_Q8_TILED=0` none). Padded, a batch of k + 1
 /// verification rows costs about 1.6x one row instead of 5x, on the device and in the cloud, and
 /// local decode runs at llama.cpp's speed. On the README's own prompt ("What is the capital of
 /// France?") the padded package answers "The capital of France is Paris." as f32 does, where the
@@ -179,6 +183,16 @@ pub fn pad_for_tiles(q: Arc<QTensor>) -> Result<(Arc<QTensor>, usize)> {
 }
 
 impl Proj {
+    /// A quantized `(out, in)` matrix: in hat's own q8_0 kernel where it runs (see [`crate::q8`]),
+    /// else in candle's, padded for its tiled kernel when `pad` (see [`pad_for_tiles`]).
+    pub fn quantized(q: Arc<QTensor>, bias: Option<Tensor>, pad: bool) -> Result<Proj> {
+        if let Some(packed) = PackedQ8::pack(&q)? {
+            return Ok(Proj::Quant { w: QMatMul::from_arc(q)?, bias, pad: 0, packed: Some(packed) });
+        }
+        let (q, pad) = if pad { pad_for_tiles(q)? } else { (q, 0) };
+        Ok(Proj::Quant { w: QMatMul::from_arc(q)?, bias, pad, packed: None })
+    }
+
     /// A quantized matrix runs in candle's quantized kernels at every batch size: they quantize each
     /// input row on its own and give a row the same result alone or in a batch, which keeps `hat`,
     /// chunked prefill and `--mode local` token for token equal. (Switching to an f32 matmul for large
@@ -189,7 +203,14 @@ impl Proj {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Proj::Dense(l) => Ok(l.forward(x)?),
-            Proj::Quant { w, bias, pad } => {
+            Proj::Quant { bias, packed: Some(p), .. } => {
+                let y = p.forward(x)?;
+                Ok(match bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                })
+            }
+            Proj::Quant { w, bias, pad, packed: None } => {
                 let x = if *pad > 0 { x.pad_with_zeros(candle_core::D::Minus1, 0, *pad)? } else { x.contiguous()? };
                 let y = if self.quant_type() == Some(GgmlDType::Q6K) && x.elem_count() == x.dim(candle_core::D::Minus1)? {
                     // candle runs q6_k in a tiled kernel for two rows or more and in another kernel
@@ -343,15 +364,19 @@ mod tests {
                     continue;
                 }
                 let w = Tensor::randn(0f32, 1.0, (64, k), &dev)?;
-                let proj = Proj::Quant { w: QMatMul::from_arc(Arc::new(QTensor::quantize(&w, ty)?))?, bias: None, pad: 0 };
-                let x = Tensor::randn(0f32, 1.0, (1, 5, k), &dev)?;
-                let all = proj.forward(&x)?;
-                for i in 0..5 {
-                    let one = proj.forward(&x.narrow(1, i, 1)?)?;
-                    let diff = (one - all.narrow(1, i, 1)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-                    assert_eq!(diff, 0.0, "{ty:?}, rows of {k}: row {i}");
+                let q = Arc::new(QTensor::quantize(&w, ty)?);
+                // candle's kernels, and whatever `quantized` picks (hat's q8_0 kernel where it runs).
+                let candle = Proj::Quant { w: QMatMul::from_arc(q.clone())?, bias: None, pad: 0, packed: None };
+                for proj in [candle, Proj::quantized(q, None, false)?] {
+                    let x = Tensor::randn(0f32, 1.0, (1, 5, k), &dev)?;
+                    let all = proj.forward(&x)?;
+                    for i in 0..5 {
+                        let one = proj.forward(&x.narrow(1, i, 1)?)?;
+                        let diff = (one - all.narrow(1, i, 1)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                        assert_eq!(diff, 0.0, "{ty:?}, rows of {k}: row {i}");
+                    }
+                    assert_eq!(proj.forward(&x.narrow(1, 0, 1)?.squeeze(0)?)?.dims(), &[1, 64], "a 2-d row keeps its shape");
                 }
-                assert_eq!(proj.forward(&x.narrow(1, 0, 1)?.squeeze(0)?)?.dims(), &[1, 64], "a 2-d row keeps its shape");
             }
         }
         Ok(())
@@ -364,9 +389,9 @@ mod tests {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 1.0, (64, 576), &dev)?;
         let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0)?);
-        let plain = Proj::Quant { w: QMatMul::from_arc(q.clone())?, bias: None, pad: 0 };
+        let plain = Proj::Quant { w: QMatMul::from_arc(q.clone())?, bias: None, pad: 0, packed: None };
         let (p, pad) = pad_for_tiles(q)?;
-        let padded = Proj::Quant { w: QMatMul::from_arc(p)?, bias: None, pad };
+        let padded = Proj::Quant { w: QMatMul::from_arc(p)?, bias: None, pad, packed: None };
         if pad == 0 {
             return Ok(()); // this CPU has no tiled kernel: nothing is padded
         }

@@ -10,11 +10,11 @@ use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{linear_no_bias, Linear, VarBuilder};
 use hat_model::layer::Norm;
-use hat_model::weights::{pad_for_tiles, QuantMap};
+use hat_model::weights::QuantMap;
 use hat_model::{Config, KvCache, Proj, Submodel, SubmodelKind, Weights};
 use serde::{Deserialize, Serialize};
 
@@ -107,8 +107,7 @@ impl HeadMeta {
 /// A dense (out, in) matrix as a q8_0 projection, its rows padded for candle's tiled kernel.
 fn q8_0(w: &Tensor) -> Result<Proj> {
     let q = Arc::new(QTensor::quantize(&w.to_dtype(DType::F32)?, GgmlDType::Q8_0)?);
-    let (q, pad) = pad_for_tiles(q)?;
-    Ok(Proj::Quant { w: QMatMul::from_arc(q)?, bias: None, pad })
+    Ok(Proj::quantized(q, None, true)?)
 }
 
 fn short(fp: &str) -> &str {
