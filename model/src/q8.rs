@@ -33,8 +33,6 @@ const TILE: usize = 16;
 const BLOCK: usize = 32;
 /// Input rows run together against a tile.
 const ROWS: usize = 8;
-/// Multiply-adds below which a product runs on the calling thread.
-const PARALLEL_WORK: usize = 1 << 22;
 
 /// 16 output rows by one block of 32 inputs: `qs[(g * 16 + r) * 4 + j]` is row r's value 4g + j plus
 /// 128, `d[r]` row r's scale.
@@ -144,11 +142,9 @@ impl PackedQ8 {
                 };
             }
         };
-        if m * self.n * self.k >= PARALLEL_WORK {
-            candle_core::utils::barrier_pool().execute_chunked(tiles, run);
-        } else {
-            run(0..tiles);
-        }
+        // candle's pool of spinning workers, as its own kernels use: a one-row product is bound
+        // by memory bandwidth, which a second core adds to. With one thread it runs here.
+        candle_core::utils::barrier_pool().execute_chunked(tiles, run);
     }
 }
 
