@@ -171,6 +171,23 @@ struct Query<'a> {
     own: usize,
 }
 
+impl Query<'_> {
+    /// The keys before its own that fall in `keys` (possibly none).
+    fn before_in(&self, keys: &std::ops::Range<usize>) -> std::ops::Range<usize> {
+        self.before.start.max(keys.start)..self.before.end.min(keys.end)
+    }
+}
+
+/// Rows of block `r` of a round of `seq` rows.
+fn row_block(r: usize, seq: usize) -> std::ops::Range<usize> {
+    r * ROW_BLOCK..((r + 1) * ROW_BLOCK).min(seq)
+}
+
+/// `keys` in blocks of [`KEY_BLOCK`], in order.
+fn key_blocks(keys: std::ops::Range<usize>) -> impl Iterator<Item = std::ops::Range<usize>> {
+    keys.clone().step_by(KEY_BLOCK).map(move |b| b..(b + KEY_BLOCK).min(keys.end))
+}
+
 /// Appends `dot(row, key(j)) * scale` for every j in `keys`, in order, eight or four keys at a time
 /// ([`dot8`] and [`dot4`] have [`dot`]'s bits, so a score does not depend on where its block starts).
 fn score_block<'a>(scores: &mut Vec<f32>, row: &[f32], keys: std::ops::Range<usize>, key: &impl Fn(usize) -> &'a [f32], scale: f32) {
@@ -312,7 +329,7 @@ pub fn attend_tree(q: &Tensor, k: &Tensor, v: &Tensor, pos: usize, span: Span, d
     let task = |&(bi, kv, r): &(usize, usize, usize)| {
         let key = |j: usize| &kd[bi * ks[0] + kv * ks[1] + (j - ks0) * ks[2]..][..d];
         let value = |j: usize| &vd[bi * vs[0] + kv * vs[1] + (j - ks0) * vs[2]..][..d];
-        let rows = r * ROW_BLOCK..((r + 1) * ROW_BLOCK).min(seq);
+        let rows = row_block(r, seq);
         // Query (head h, row i): the keys before it and its own key at slot pos + i.
         let queries: Vec<Query> = (kv * rep..(kv + 1) * rep)
             .flat_map(|h| rows.clone().map(move |i| (h, i)))
@@ -324,10 +341,9 @@ pub fn attend_tree(q: &Tensor, k: &Tensor, v: &Tensor, pos: usize, span: Span, d
         let first = queries.iter().map(|q| q.before.start).min().unwrap_or(0);
         let last = queries.iter().map(|q| q.before.end).max().unwrap_or(0);
         let mut scores: Vec<Vec<f32>> = queries.iter().map(|q| Vec::with_capacity(q.before.len() + 1)).collect();
-        for block in (first..last).step_by(KEY_BLOCK) {
-            let keys = block..(block + KEY_BLOCK).min(last);
+        for keys in key_blocks(first..last) {
             for (q, s) in queries.iter().zip(&mut scores) {
-                score_block(s, q.row, q.before.start.max(keys.start)..q.before.end.min(keys.end), &key, scale);
+                score_block(s, q.row, q.before_in(&keys), &key, scale);
             }
         }
         let mut sums = Vec::with_capacity(queries.len());
@@ -342,10 +358,9 @@ pub fn attend_tree(q: &Tensor, k: &Tensor, v: &Tensor, pos: usize, span: Span, d
             sums.push(sum);
         }
         let mut out = vec![0f32; queries.len() * d];
-        for block in (first..last).step_by(KEY_BLOCK) {
-            let keys = block..(block + KEY_BLOCK).min(last);
+        for keys in key_blocks(first..last) {
             for ((q, s), o) in queries.iter().zip(&scores).zip(out.chunks_exact_mut(d)) {
-                let seen = q.before.start.max(keys.start)..q.before.end.min(keys.end);
+                let seen = q.before_in(&keys);
                 if !seen.is_empty() {
                     let p = &s[seen.start - q.before.start..seen.end - q.before.start];
                     weigh_block(o, p, |n| value(seen.start + n));
@@ -369,7 +384,7 @@ pub fn attend_tree(q: &Tensor, k: &Tensor, v: &Tensor, pos: usize, span: Span, d
     };
     let mut out = vec![0f32; b * heads * seq * d];
     for (&(bi, kv, r), done) in tasks.iter().zip(&done) {
-        let rows = r * ROW_BLOCK..((r + 1) * ROW_BLOCK).min(seq);
+        let rows = row_block(r, seq);
         for (n, h) in (kv * rep..(kv + 1) * rep).enumerate() {
             let src = &done[n * rows.len() * d..(n + 1) * rows.len() * d];
             out[((bi * heads + h) * seq + rows.start) * d..][..src.len()].copy_from_slice(src);

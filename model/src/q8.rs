@@ -343,6 +343,14 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// Whether the kernel runs on this CPU; says so when a test is skipped.
+    fn runs_here() -> bool {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512-VNNI, candle's kernels run instead");
+        }
+        available()
+    }
+
     fn matrix(n: usize, k: usize) -> Result<QTensor> {
         let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
         Ok(QTensor::quantize(&w, GgmlDType::Q8_0)?)
@@ -352,8 +360,7 @@ mod tests {
     /// within the input's own 8-bit rounding.
     #[test]
     fn the_product_matches_the_dequantized_matrix() -> Result<()> {
-        if !available() {
-            eprintln!("skipped: this CPU has no AVX512-VNNI, candle's kernels run instead");
+        if !runs_here() {
             return Ok(());
         }
         let (n, k) = (48, 576);
@@ -374,8 +381,7 @@ mod tests {
     /// dimensions like SmolLM2's hidden states, and a row of zeros.
     #[test]
     fn the_product_has_the_bits_of_candles_tiled_kernel() -> Result<()> {
-        if !available() {
-            eprintln!("skipped: this CPU has no AVX512-VNNI, candle's kernels run instead");
+        if !runs_here() {
             return Ok(());
         }
         for (n, k) in [(64, 576), (32, 1536)] {
@@ -402,8 +408,7 @@ mod tests {
     /// ties for the largest magnitude of either sign, zeros and short superblocks.
     #[test]
     fn the_vector_rounding_is_the_plain_one() -> Result<()> {
-        if !available() {
-            eprintln!("skipped: this CPU has no AVX512-VNNI, candle's kernels run instead");
+        if !runs_here() {
             return Ok(());
         }
         let mut cases: Vec<Vec<f32>> = Vec::new();
@@ -439,8 +444,7 @@ mod tests {
     /// of 8) and with a parallel split of the tiles.
     #[test]
     fn a_row_is_the_same_alone_and_in_a_batch() -> Result<()> {
-        if !available() {
-            eprintln!("skipped: this CPU has no AVX512-VNNI, candle's kernels run instead");
+        if !runs_here() {
             return Ok(());
         }
         for (n, k, m) in [(32, 64, 3), (1536, 576, 19), (576, 1536, 9)] {

@@ -193,33 +193,33 @@ impl Proj {
         Ok(Proj::Quant { w: QMatMul::from_arc(q)?, bias, pad, packed: None })
     }
 
-    /// A quantized matrix runs in candle's quantized kernels at every batch size: they quantize each
-    /// input row on its own and give a row the same result alone or in a batch, which keeps `hat`,
-    /// chunked prefill and `--mode local` token for token equal. (Switching to an f32 matmul for large
-    /// batches would break that: rows would then differ by batch size.)
+    /// A quantized matrix runs in hat's q8_0 kernel ([`crate::q8`]) or candle's quantized kernels at
+    /// every batch size: both quantize each input row on its own and give a row the same result
+    /// alone or in a batch, which keeps `hat`, chunked prefill and `--mode local` token for token
+    /// equal. (Switching to an f32 matmul for large batches would break that: rows would then differ
+    /// by batch size.)
     ///
     /// # Shapes
     /// x: (..., in) -> (..., out)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Proj::Dense(l) => Ok(l.forward(x)?),
-            Proj::Quant { bias, packed: Some(p), .. } => {
-                let y = p.forward(x)?;
-                Ok(match bias {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                })
-            }
-            Proj::Quant { w, bias, pad, packed: None } => {
-                let x = if *pad > 0 { x.pad_with_zeros(candle_core::D::Minus1, 0, *pad)? } else { x.contiguous()? };
-                let y = if self.quant_type() == Some(GgmlDType::Q6K) && x.elem_count() == x.dim(candle_core::D::Minus1)? {
-                    // candle runs q6_k in a tiled kernel for two rows or more and in another kernel
-                    // for one, and the two round differently; one row goes in twice so that it
-                    // gets the bits it gets in a batch (a verification round or a prefill chunk).
-                    let rows = x.dims().len() - 1;
-                    w.forward(&Tensor::cat(&[&x, &x], rows.saturating_sub(1))?)?.narrow(rows.saturating_sub(1), 0, 1)?
-                } else {
-                    w.forward(&x)?
+            Proj::Quant { w, bias, pad, packed } => {
+                let y = match packed {
+                    Some(p) => p.forward(x)?,
+                    None => {
+                        let x = if *pad > 0 { x.pad_with_zeros(candle_core::D::Minus1, 0, *pad)? } else { x.contiguous()? };
+                        if self.quant_type() == Some(GgmlDType::Q6K) && x.elem_count() == x.dim(candle_core::D::Minus1)? {
+                            // candle runs q6_k in a tiled kernel for two rows or more and in another
+                            // kernel for one, and the two round differently; one row goes in twice so
+                            // that it gets the bits it gets in a batch (a verification round or a
+                            // prefill chunk).
+                            let rows = x.dims().len() - 1;
+                            w.forward(&Tensor::cat(&[&x, &x], rows.saturating_sub(1))?)?.narrow(rows.saturating_sub(1), 0, 1)?
+                        } else {
+                            w.forward(&x)?
+                        }
+                    }
                 };
                 Ok(match bias {
                     Some(b) => y.broadcast_add(b)?,

@@ -104,7 +104,8 @@ impl HeadMeta {
     }
 }
 
-/// A dense (out, in) matrix as a q8_0 projection, its rows padded for candle's tiled kernel.
+/// A dense (out, in) matrix as a q8_0 projection (in hat's q8_0 kernel where it runs, else with its
+/// rows padded for candle's tiled kernel, see `Proj::quantized`).
 fn q8_0(w: &Tensor) -> Result<Proj> {
     let q = Arc::new(QTensor::quantize(&w.to_dtype(DType::F32)?, GgmlDType::Q8_0)?);
     Ok(Proj::quantized(q, None, true)?)
