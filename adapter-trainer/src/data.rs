@@ -50,6 +50,22 @@ pub fn read_data(path: &Path) -> Result<Vec<Example>> {
     Ok(examples)
 }
 
+/// Prompts for self-distillation from a `--data` file: JSON lines give each example's first user
+/// turn (or its text's first line); plain text gives one prompt per non-empty line.
+pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| bad(path, format!("cannot read: {e}")))?;
+    let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or_default();
+    let prompts: Vec<String> = if first.trim_start().starts_with('{') {
+        read_jsonl(path, &text)?.iter().map(Example::prompt).filter(|p| !p.trim().is_empty()).collect()
+    } else {
+        prompt_lines(&text)
+    };
+    if prompts.is_empty() {
+        return Err(bad(path, "no prompts found"));
+    }
+    Ok(prompts)
+}
+
 fn read_plain(text: &str) -> Vec<Example> {
     text.split("\n\n").map(str::trim).filter(|d| !d.is_empty()).map(|d| Example::Text(d.to_string())).collect()
 }
@@ -137,6 +153,16 @@ mod tests {
         let ex = read_data(&p).expect("jsonl");
         assert_eq!(ex[0], Example::Text("hello".into()));
         assert_eq!(ex[1].prompt(), "hi");
+    }
+
+    #[test]
+    fn prompts_are_lines_of_plain_text_and_user_turns_of_jsonl() {
+        let (_d, p) = write("first prompt\n\n  second prompt  \nthird\n");
+        assert_eq!(read_prompts(&p).expect("plain"), vec!["first prompt", "second prompt", "third"]);
+        let (_d, p) = write("{\"messages\": [{\"role\": \"system\", \"content\": \"s\"}, {\"role\": \"user\", \"content\": \"hi\"}]}\n{\"text\": \"a\\nb\"}\n");
+        assert_eq!(read_prompts(&p).expect("jsonl"), vec!["hi", "a"]);
+        let (_d, p) = write("\n \n");
+        assert!(read_prompts(&p).expect_err("empty").to_string().contains("no prompts"));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use hat_runtime::{CloudPackage, DevicePackage, Drafter};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
-use crate::data::{chat_prompt, prompt_lines, read_data, Example, HELDOUT_PROMPTS};
+use crate::data::{chat_prompt, prompt_lines, read_prompts, HELDOUT_PROMPTS};
 use crate::distill::{distill, Distilled};
 use crate::error::{Result, TrainError};
 use crate::eval::{evaluate_drafter, EvalResult};
@@ -196,34 +196,45 @@ pub fn run_feature(opts: &TrainAdapterOptions) -> Result<HeadReport> {
     // Before any distilling: a bad --init-head fails at once.
     let Start { tensors: start, init } = start_tensors(opts, &device)?;
 
-    // Prompts: the data file's, or the shipped set; the held-out prompts are never among them.
+    // Prompts: each data file's, or the shipped set; the held-out prompts are never among them.
     let heldout_prompts: Vec<String> = prompt_lines(HELDOUT_PROMPTS).into_iter().take(opts.eval_prompts).collect();
-    let mut prompts: Vec<String> = match &opts.data {
-        Some(p) => read_data(p)?.iter().map(Example::prompt).filter(|p| !p.trim().is_empty()).collect(),
-        None => prompt_lines(HEAD_PROMPTS),
+    let mut files: Vec<Vec<String>> = if opts.data.is_empty() {
+        vec![prompt_lines(HEAD_PROMPTS)]
+    } else {
+        opts.data.iter().map(|p| read_prompts(p)).collect::<Result<Vec<_>>>()?
     };
-    prompts.retain(|p| !heldout_prompts.contains(p));
-    if let Some(n) = opts.self_distill {
-        prompts.truncate(n);
+    let mut left = opts.self_distill.unwrap_or(usize::MAX);
+    for prompts in &mut files {
+        prompts.retain(|p| !heldout_prompts.contains(p));
+        prompts.truncate(left);
+        left -= prompts.len();
     }
-    if prompts.is_empty() {
+    if files.iter().all(Vec::is_empty) {
         return Err(TrainError::BadInput("no prompts to self-distill from".into()));
     }
     let greedy = SamplingOptions::default();
-    // One part per answer set, each with its own teacher cache, so a later run with more samples
-    // computes only the new parts.
-    let (first, mut t1) = distilled(opts, &device, &cloud, &prompts, "train", greedy)?;
-    let greedy_lens: Vec<usize> = first.iter().map(|d| d.prompt_len).collect();
-    let mut parts = vec![first];
+    // One part per file and answer set, each with its own distillation and teacher cache, so a later
+    // run with another file or more samples computes only the new parts. The greedy parts come first:
+    // the alignment check reads them.
+    let name = |file: usize| if file == 0 { "train".to_string() } else { format!("train-data{}", file + 1) };
+    let (mut parts, mut greedy_lens, mut t1) = (Vec::new(), Vec::new(), 0.0);
+    for (file, prompts) in files.iter().enumerate().filter(|(_, p)| !p.is_empty()) {
+        let (first, t) = distilled(opts, &device, &cloud, prompts, &name(file), greedy)?;
+        greedy_lens.extend(first.iter().map(|d| d.prompt_len));
+        parts.push(first);
+        t1 += t;
+    }
     for sample in 1..opts.distill_samples {
         let sampling = SamplingOptions {
             temperature: opts.distill_temperature,
             top_p: None,
             seed: opts.seed.wrapping_mul(1_000_003).wrapping_add(sample as u64),
         };
-        let (more, t) = distilled(opts, &device, &cloud, &prompts, &format!("train-sample{sample}"), sampling)?;
-        parts.push(more);
-        t1 += t;
+        for (file, prompts) in files.iter().enumerate().filter(|(_, p)| !p.is_empty()) {
+            let (more, t) = distilled(opts, &device, &cloud, prompts, &format!("{}-sample{sample}", name(file)), sampling)?;
+            parts.push(more);
+            t1 += t;
+        }
     }
     let (held_seqs, t2) = distilled(opts, &device, &cloud, &heldout_prompts, "heldout", greedy)?;
     let part_seqs: Vec<Vec<Vec<u32>>> = parts.iter().map(|p| p.iter().map(|d| d.tokens.clone()).collect()).collect();

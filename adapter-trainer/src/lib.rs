@@ -70,7 +70,8 @@ pub fn select_device(choice: DeviceChoice) -> Result<Device> {
 #[derive(Debug, Clone)]
 pub struct TrainAdapterOptions {
     pub artifacts: PathBuf,
-    pub data: Option<PathBuf>,
+    /// Training data files (`--data`, repeatable), read in order.
+    pub data: Vec<PathBuf>,
     /// Responses the full split model generates for self-distillation.
     pub self_distill: Option<usize>,
     /// New tokens per self-distilled response.
@@ -117,7 +118,7 @@ impl TrainAdapterOptions {
     pub fn new(artifacts: impl Into<PathBuf>) -> Self {
         Self {
             artifacts: artifacts.into(),
-            data: None,
+            data: Vec::new(),
             self_distill: None,
             distill_tokens: 128,
             steps: None,
@@ -185,10 +186,10 @@ fn bar(enabled: bool, len: u64, what: &str) -> indicatif::ProgressBar {
 /// Training sequences: the data file's examples, then self-distilled prompt + response pairs.
 fn sequences(opts: &TrainAdapterOptions, device: &DevicePackage, cloud: &CloudPackage) -> Result<Vec<Vec<u32>>> {
     let context = device.config.max_position_embeddings;
-    let examples = match &opts.data {
-        Some(p) => read_data(p)?,
-        None => Vec::new(),
-    };
+    let mut examples = Vec::new();
+    for p in &opts.data {
+        examples.extend(read_data(p)?);
+    }
     let mut seqs = Vec::new();
     if opts.self_distill.is_none() {
         for ex in &examples {

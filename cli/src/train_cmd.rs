@@ -28,10 +28,13 @@ pub struct TrainArgs {
     /// middle submodel is the teacher).
     #[arg(long)]
     artifacts: PathBuf,
-    /// Training text: plain text (documents separated by blank lines), or JSON lines with `text` or
-    /// chat `messages`. With --self-distill, its prompts are used instead of the shipped ones.
+    /// Training data. For `--draft-head hat`: plain text (documents separated by blank lines), or
+    /// JSON lines with `text` or chat `messages`; with --self-distill, their prompts are used instead
+    /// of the shipped ones. For `--draft-head feature`: the prompts to self-distil from instead of the
+    /// shipped ones, one per line (or the first user turn of each JSON line). Repeatable: the feature
+    /// head distils and caches each file's answers on their own, so adding a file computes only its.
     #[arg(long)]
-    data: Option<PathBuf>,
+    data: Vec<PathBuf>,
     /// Generate N responses with the full split model and train on them (self-distillation).
     #[arg(long)]
     self_distill: Option<usize>,

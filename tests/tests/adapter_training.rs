@@ -31,7 +31,7 @@ fn data_file(dir: &Path, docs: usize) -> PathBuf {
 fn quick(art: &Path, data: &Path, steps: usize) -> TrainAdapterOptions {
     let mut o = TrainAdapterOptions::new(art.parent().expect("parent"));
     o.artifacts = art.to_path_buf();
-    o.data = Some(data.to_path_buf());
+    o.data = vec![data.to_path_buf()];
     o.steps = Some(steps);
     o.device = DeviceChoice::Cpu;
     o.batch = 2;

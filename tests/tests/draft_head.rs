@@ -248,7 +248,7 @@ fn round_time_holds_the_middles_time_in_the_wait() {
 
 fn head_options(art: &std::path::Path, data: &std::path::Path, steps: usize) -> TrainAdapterOptions {
     let mut o = TrainAdapterOptions::new(art);
-    o.data = Some(data.to_path_buf());
+    o.data = vec![data.to_path_buf()];
     o.steps = Some(steps);
     o.device = DeviceChoice::Cpu;
     o.batch = 2;

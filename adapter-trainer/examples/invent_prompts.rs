@@ -1,0 +1,74 @@
+//! Prompts the model invents itself, for more draft-head training data (after Magpie, Xu et al.
+//! 2024): the full split model is given its chat template up to where a user's turn begins and
+//! samples the user's message. Only complete, one-line messages of 3 to 80 words are kept, once
+//! each, and none that is a held-out prompt or one of the shipped training prompts.
+//!
+//! `cargo run --release -p hat-adapter-trainer --example invent_prompts -- ARTIFACTS_DIR N OUT [SEED]`
+//!
+//! The same package, N and seed give the same file.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use candle_core::Device;
+use hat_adapter_trainer::data::{prompt_lines, HELDOUT_PROMPTS};
+use hat_adapter_trainer::distill::distill;
+use hat_runtime::chat::render_user_prompt;
+use hat_runtime::package::{CloudPackage, DevicePackage};
+use hat_runtime::sampling::SamplingOptions;
+
+const SENTINEL: &str = "@@HAT-USER-TURN@@";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (Some(dir), Some(n), Some(out)) = (args.first(), args.get(1).and_then(|n| n.parse::<usize>().ok()), args.get(2)) else {
+        eprintln!("usage: invent_prompts ARTIFACTS_DIR N OUT [SEED]");
+        std::process::exit(2);
+    };
+    let seed: u64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1);
+    let dev = Device::Cpu;
+    let device = DevicePackage::open(&Path::new(dir).join("device"), &dev).expect("device package");
+    let cloud = CloudPackage::open(&Path::new(dir).join("cloud"), &dev).expect("cloud package");
+    let info = device.manifest.tokenizer.as_ref().expect("tokenizer");
+    let template = info.chat_template.as_deref().expect("inventing prompts needs a chat template");
+    let bos = info.bos_token.as_ref().map(|t| t.content.as_str());
+    let eos = info.eos_tokens.first().map(|t| t.content.as_str());
+    let rendered = render_user_prompt(template, SENTINEL, bos, eos).expect("chat template");
+    let prefix = &rendered[..rendered.find(SENTINEL).expect("the template keeps the user's text")];
+    let ids = device.tokenizer.encode(prefix, false).expect("tokenizer").get_ids().to_vec();
+    let eos_ids = device.eos_ids();
+
+    let mut known: HashSet<String> = prompt_lines(HELDOUT_PROMPTS).into_iter().collect();
+    known.extend(prompt_lines(hat_adapter_trainer::feature_run::HEAD_PROMPTS));
+    let sampling = SamplingOptions { temperature: 0.8, top_p: Some(0.95), seed };
+    let mut kept: Vec<String> = Vec::new();
+    let bar = indicatif::ProgressBar::new(n as u64);
+    let mut round = 0u64;
+    while kept.len() < n && round < 64 {
+        // Each call draws from its own seeded stream, so more rounds give new messages.
+        let want = (n - kept.len()) * 3 / 2 + 16;
+        let s = SamplingOptions { seed: sampling.seed.wrapping_add(round.wrapping_mul(7_919)), ..sampling };
+        let answers = distill(&device, &cloud, &vec![ids.clone(); want], 96, 32, s, &indicatif::ProgressBar::hidden()).expect("generation");
+        for a in answers {
+            let new = &a.tokens[a.prompt_len..];
+            let Some((last, body)) = new.split_last() else { continue };
+            if !eos_ids.contains(last) {
+                continue;
+            }
+            let text = device.tokenizer.decode(body, true).expect("decode");
+            let text = text.trim();
+            let words = text.split_whitespace().count();
+            if text.contains('\n') || !(3..=80).contains(&words) || text.contains(SENTINEL) {
+                continue;
+            }
+            if known.insert(text.to_string()) && kept.len() < n {
+                kept.push(text.to_string());
+                bar.inc(1);
+            }
+        }
+        round += 1;
+    }
+    bar.finish_and_clear();
+    std::fs::write(out, kept.join("\n") + "\n").expect("write the prompts");
+    eprintln!("{} prompts in {} rounds -> {out}", kept.len(), round);
+}
