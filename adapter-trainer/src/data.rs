@@ -36,14 +36,23 @@ fn bad(path: &Path, reason: impl Into<String>) -> TrainError {
     TrainError::BadData { path: path.to_path_buf(), reason: reason.into() }
 }
 
-/// Reads `--data`. JSON lines are recognised by a first non-empty line that starts with `{`.
+/// A `--data` file's text.
+fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| bad(path, format!("cannot read: {e}")))
+}
+
+/// JSON lines are recognised by a first non-empty line that starts with `{`.
+fn is_jsonl(text: &str) -> bool {
+    text.lines().find(|l| !l.trim().is_empty()).is_some_and(|l| l.trim_start().starts_with('{'))
+}
+
+/// Reads `--data`.
 pub fn read_data(path: &Path) -> Result<Vec<Example>> {
-    let text = std::fs::read_to_string(path).map_err(|e| bad(path, format!("cannot read: {e}")))?;
+    let text = read_text(path)?;
     if text.trim().is_empty() {
         return Err(bad(path, "the file is empty"));
     }
-    let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or_default();
-    let examples = if first.trim_start().starts_with('{') { read_jsonl(path, &text)? } else { read_plain(&text) };
+    let examples = if is_jsonl(&text) { read_jsonl(path, &text)? } else { read_plain(&text) };
     if examples.is_empty() {
         return Err(bad(path, "no examples found"));
     }
@@ -53,9 +62,8 @@ pub fn read_data(path: &Path) -> Result<Vec<Example>> {
 /// Prompts for self-distillation from a `--data` file: JSON lines give each example's first user
 /// turn (or its text's first line); plain text gives one prompt per non-empty line.
 pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| bad(path, format!("cannot read: {e}")))?;
-    let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or_default();
-    let prompts: Vec<String> = if first.trim_start().starts_with('{') {
+    let text = read_text(path)?;
+    let prompts: Vec<String> = if is_jsonl(&text) {
         read_jsonl(path, &text)?.iter().map(Example::prompt).filter(|p| !p.trim().is_empty()).collect()
     } else {
         prompt_lines(&text)

@@ -216,10 +216,15 @@ pub fn run_feature(opts: &TrainAdapterOptions) -> Result<HeadReport> {
     // One part per file and answer set, each with its own distillation and teacher cache, so a later
     // run with another file or more samples computes only the new parts. The greedy parts come first:
     // the alignment check reads them.
-    let name = |file: usize| if file == 0 { "train".to_string() } else { format!("train-data{}", file + 1) };
+    let named: Vec<(String, &[String])> = files
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| !p.is_empty())
+        .map(|(file, p)| (if file == 0 { "train".to_string() } else { format!("train-data{}", file + 1) }, p.as_slice()))
+        .collect();
     let (mut parts, mut greedy_lens, mut t1) = (Vec::new(), Vec::new(), 0.0);
-    for (file, prompts) in files.iter().enumerate().filter(|(_, p)| !p.is_empty()) {
-        let (first, t) = distilled(opts, &device, &cloud, prompts, &name(file), greedy)?;
+    for (name, prompts) in &named {
+        let (first, t) = distilled(opts, &device, &cloud, prompts, name, greedy)?;
         greedy_lens.extend(first.iter().map(|d| d.prompt_len));
         parts.push(first);
         t1 += t;
@@ -230,8 +235,8 @@ pub fn run_feature(opts: &TrainAdapterOptions) -> Result<HeadReport> {
             top_p: None,
             seed: opts.seed.wrapping_mul(1_000_003).wrapping_add(sample as u64),
         };
-        for (file, prompts) in files.iter().enumerate().filter(|(_, p)| !p.is_empty()) {
-            let (more, t) = distilled(opts, &device, &cloud, prompts, &format!("{}-sample{sample}", name(file)), sampling)?;
+        for (name, prompts) in &named {
+            let (more, t) = distilled(opts, &device, &cloud, prompts, &format!("{name}-sample{sample}"), sampling)?;
             parts.push(more);
             t1 += t;
         }

@@ -32,7 +32,7 @@ pub struct TrainArgs {
     /// JSON lines with `text` or chat `messages`; with --self-distill, their prompts are used instead
     /// of the shipped ones. For `--draft-head feature`: the prompts to self-distil from instead of the
     /// shipped ones, one per line (or the first user turn of each JSON line). Repeatable: the feature
-    /// head distils and caches each file's answers on their own, so adding a file computes only its.
+    /// head distils and caches each file's answers on their own, so adding a file computes only its own.
     #[arg(long)]
     data: Vec<PathBuf>,
     /// Generate N responses with the full split model and train on them (self-distillation).
