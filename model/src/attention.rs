@@ -4,154 +4,360 @@
 //! kernels sum a masked row of another length in another order, which differs in the last bits; on a
 //! quantized package those bits can flip the 8-bit rounding of an activation and change a token, so
 //! `hat` and chunked prefill would stop matching `--mode local`.
+//!
+//! The arithmetic is fixed and fused: a score is a dot product in 16 lanes of fused multiply-adds
+//! summed in a fixed tree, the softmax uses hat's own `exp` (Cephes' `expf` in fused multiply-adds)
+//! and sums in 16 lanes, and each output value is a chain of fused multiply-adds over the keys in
+//! order. On AVX-512 the same operations run in vector registers (eight keys' scores at once, up to
+//! four query heads over the same values at once); elsewhere in plain loops; the bits are the same
+//! either way. Against the separate multiplies and adds, libm's `expf` and sequential sums of
+//! earlier releases, a verification round of 5 rows over 1300 cached positions takes 24 ms of the
+//! middle's time instead of 33 (`cargo bench -p hat-tests --bench middle_batch`).
 
 use candle_core::{DType, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{ModelError, Result};
 
+/// Lanes of the fixed arithmetic below: a score's products are summed in 16 lanes, then the lanes
+/// in a fixed tree, and so are a row's exponentials; a weighted sum keeps one lane per output value.
+const LANES: usize = 16;
+
+/// Whether this CPU runs the AVX-512 forms (checked once). They compute exactly what the plain
+/// forms compute (the same fused multiply-adds in the same lanes, sums in the same order), so a
+/// row's bits are the same on every x86-64-v3 CPU, with AVX-512 or without.
+fn avx512() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx512f")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// Lanes `l + 8` onto `l`, then `l + 4`, `l + 2`, `l + 1`: the one order every sum of lanes takes.
+fn tree(mut acc: [f32; LANES]) -> f32 {
+    let mut width = LANES / 2;
+    while width > 0 {
+        for l in 0..width {
+            acc[l] += acc[l + width];
+        }
+        width /= 2;
+    }
+    acc[0]
+}
+
+/// `a . b`: lane l sums `a[16c + l] * b[16c + l]` over chunks c in order with fused multiply-adds
+/// (a short last chunk reads as zeros), then the lanes meet in [`tree`].
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ar, br) = (ac.remainder(), bc.remainder());
-    for (x, y) in ac.zip(bc) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
+    let mut acc = [0f32; LANES];
+    for c in (0..a.len()).step_by(LANES) {
+        for (l, acc) in acc.iter_mut().enumerate() {
+            let (x, y) = (a.get(c + l).copied().unwrap_or(0.0), b.get(c + l).copied().unwrap_or(0.0));
+            *acc = x.mul_add(y, *acc);
         }
     }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (x, y) in ar.iter().zip(br) {
-        s += x * y;
-    }
-    s
+    tree(acc)
 }
 
-/// [`dot`] of one row with four keys at once: four independent sums in flight instead of one
-/// chain of dependent additions, each summed in exactly `dot`'s order (lane-wise products and sums,
-/// then `dot`'s reduction), so every result has `dot`'s bits. A lone `dot` over 64 values is bound
-/// by that chain, not by arithmetic; LLVM does not interleave four of them well on its own (it
-/// shuffles lanes across the keys), hence the explicit AVX form where the build allows it.
-fn dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
-    let n = a.len() - a.len() % 8;
-    let acc = lanes4(&a[..n], [&b[0][..n], &b[1][..n], &b[2][..n], &b[3][..n]]);
-    let mut out = [0f32; 4];
-    for ((o, acc), b) in out.iter_mut().zip(acc).zip(b) {
-        let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-        for (x, y) in a[n..].iter().zip(&b[n..]) {
-            s += x * y;
+/// `sum(x)`: lane l adds `x[16c + l]` over chunks c in order, then the lanes meet in [`tree`].
+fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    for c in x.chunks(LANES) {
+        for (acc, v) in acc.iter_mut().zip(c) {
+            *acc += v;
         }
-        *o = s;
     }
-    out
+    tree(acc)
 }
 
-/// [`dot`] of one row with eight keys at once, in `dot`'s bits, where the build has AVX and the
-/// rows are whole chunks of 8 (`None` otherwise): eight sums in flight, and the final reduction of
-/// all eight keys' lanes done side by side in vector registers, each lane adding exactly the pairs
-/// `dot` adds, in its order.
-#[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
+/// `e^x` for the shifted scores of a softmax (x <= 0), to about one unit in the last place:
+/// Cephes' `expf` (x = n ln 2 + r, a degree-5 polynomial in r, times 2^n) in fused multiply-adds.
+/// Below -87 it gives e^-87, about 1.6e-38, against a largest term of 1. libm's `expf` differs
+/// between libraries and has no vector form; this one is the same function on every machine and in
+/// [`softmax_avx512`]'s lanes.
+fn exp(x: f32) -> f32 {
+    let x = x.max(EXP_MIN);
+    let n = (x * LOG2_E).round_ties_even();
+    let r = n.mul_add(-LN2_HI, x);
+    let r = n.mul_add(-LN2_LO, r);
+    let mut p = EXP_POLY[0];
+    for c in &EXP_POLY[1..] {
+        p = p.mul_add(r, *c);
+    }
+    let y = p.mul_add(r * r, r) + 1.0;
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+const EXP_MIN: f32 = -87.0;
+const LOG2_E: f32 = std::f32::consts::LOG2_E;
+/// ln 2 in two parts: the first exact in few bits, so `n * LN2_HI` is exact.
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+const EXP_POLY: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
+
+/// A row's scores become `e^(s - max)` in place; returns their [`sum`].
+fn softmax(s: &mut [f32]) -> f32 {
+    if avx512() {
+        // SAFETY: `avx512()` found AVX512F.
+        #[allow(unsafe_code)]
+        return unsafe { softmax_avx512(s) };
+    }
+    let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    s.iter_mut().for_each(|s| *s = exp(*s - max));
+    sum(s)
+}
+
+/// The cached keys or values of one batch entry and KV head: row j (an absolute position) starts at
+/// `(j - first) * stride`.
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    data: &'a [f32],
+    first: usize,
+    stride: usize,
+    d: usize,
+}
+
+impl<'a> Rows<'a> {
+    fn row(&self, j: usize) -> &'a [f32] {
+        &self.data[(j - self.first) * self.stride..][..self.d]
+    }
+}
+
+/// `dst[n] = dot(row, keys.row(range.start + n)) * scale`. On AVX-512, eight keys at a time, each
+/// in [`dot`]'s bits, so a score does not depend on where its block starts.
+fn score_block(dst: &mut [f32], row: &[f32], range: std::ops::Range<usize>, keys: &Rows, scale: f32) {
+    assert_eq!(dst.len(), range.len());
+    if !avx512() {
+        for (s, j) in dst.iter_mut().zip(range) {
+            *s = dot(row, keys.row(j)) * scale;
+        }
+        return;
+    }
+    if range.is_empty() {
+        return;
+    }
+    // Bounds: the last key is in the cache (rows are ordered), and the row is as long as a key.
+    let (_, _) = (keys.row(range.end - 1), &row[..keys.d]);
+    for (n, first) in range.clone().step_by(8).enumerate() {
+        let count = (range.end - first).min(8);
+        // SAFETY: `avx512()` found AVX512F; keys first..first + count are in `keys.data` (checked
+        // above), `row` holds `keys.d` values, and `dst` the `count` scores from 8n.
+        #[allow(unsafe_code)]
+        unsafe {
+            dot8_avx512(row.as_ptr(), keys, first, count, scale, dst.as_mut_ptr().add(8 * n))
+        };
+    }
+}
+
+/// `o[x] = fma(p[n], values.row(range.start + n)[x], o[x])` for n in order, for every query of
+/// `group` (its output at `out[g * d..]`, its weights `p[i]`): each query's plain loop, so summing a
+/// row's values block by block gives the bits of one pass over them all. On AVX-512 up to four
+/// queries that read the same values go over them together.
+fn weigh_group(out: &mut [f32], group: &[usize], p: &[&[f32]], values: &Rows, range: std::ops::Range<usize>) {
+    let d = values.d;
+    assert!(p.iter().all(|p| p.len() == range.len()) && group.iter().all(|&g| (g + 1) * d <= out.len()));
+    if range.is_empty() {
+        return;
+    }
+    if !avx512() {
+        for (&g, p) in group.iter().zip(p) {
+            for (j, p) in range.clone().zip(p.iter()) {
+                for (x, y) in out[g * d..(g + 1) * d].iter_mut().zip(values.row(j)) {
+                    *x = p.mul_add(*y, *x);
+                }
+            }
+        }
+        return;
+    }
+    let v = values.row(range.start).as_ptr();
+    let _ = values.row(range.end - 1);
+    for (group, p) in group.chunks(4).zip(p.chunks(4)) {
+        let at = |i: usize| group[i.min(group.len() - 1)] * d;
+        let pp = |i: usize| p[i.min(p.len() - 1)].as_ptr();
+        let o = out.as_mut_ptr();
+        // SAFETY: `avx512()` found AVX512F; every output is d values inside `out` and every weight
+        // list `range.len()` long (asserted above); values range.start..range.end are in the cache
+        // (their last row was checked just above), `values.stride` apart.
+        #[allow(unsafe_code)]
+        unsafe {
+            match group.len() {
+                1 => weigh_avx512::<1>(o, [at(0)], [pp(0)], range.len(), v, values.stride, d),
+                2 => weigh_avx512::<2>(o, [at(0), at(1)], [pp(0), pp(1)], range.len(), v, values.stride, d),
+                3 => weigh_avx512::<3>(o, [at(0), at(1), at(2)], [pp(0), pp(1), pp(2)], range.len(), v, values.stride, d),
+                _ => weigh_avx512::<4>(o, [at(0), at(1), at(2), at(3)], [pp(0), pp(1), pp(2), pp(3)], range.len(), v, values.stride, d),
+            }
+        }
+    }
+}
+
+/// [`dot`] of one row with keys `first..first + count` (up to eight; a short group repeats its last
+/// key), in `dot`'s bits, times `scale`, written to `dst[..count]`: the eight lane sums run side by
+/// side, and the tree of each key's lanes is done for all eight at once by shuffles that pair
+/// exactly the lanes [`tree`] pairs.
+///
+/// # Safety
+/// The CPU has AVX512F; `a` points to `keys.d` values, keys `first..first + count` are in
+/// `keys.data`, and `dst` has room for `count` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
 #[allow(unsafe_code)]
-fn dot8(a: &[f32], b: [&[f32]; 8]) -> Option<[f32; 8]> {
-    use std::arch::x86_64::{
-        _mm256_add_ps, _mm256_hadd_ps, _mm256_loadu_ps, _mm256_mul_ps, _mm256_permute2f128_ps, _mm256_setzero_ps, _mm256_storeu_ps,
+unsafe fn dot8_avx512(a: *const f32, keys: &Rows, first: usize, count: usize, scale: f32, dst: *mut f32) {
+    use std::arch::x86_64::*;
+    let n = keys.d;
+    let base = keys.data.as_ptr().add((first - keys.first) * keys.stride);
+    let key = |k: usize| base.add(k.min(count - 1) * keys.stride);
+    let mut acc = [_mm512_setzero_ps(); 8];
+    for c in (0..n).step_by(LANES) {
+        // A short last chunk reads zeros past the end, as `dot` does.
+        let mask: __mmask16 = if c + LANES <= n { 0xffff } else { (1u16 << (n - c)) - 1 };
+        let x = _mm512_maskz_loadu_ps(mask, a.add(c));
+        for (k, acc) in acc.iter_mut().enumerate() {
+            *acc = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(mask, key(k).add(c)), *acc);
+        }
+    }
+    // Lane l + 8 onto l, keys k and k + 1 in one register: [k's 8 | k + 1's 8].
+    let half = |k: usize| {
+        let lo = _mm512_shuffle_f32x4::<0b01_00_01_00>(acc[k], acc[k + 1]);
+        let hi = _mm512_shuffle_f32x4::<0b11_10_11_10>(acc[k], acc[k + 1]);
+        _mm512_add_ps(lo, hi)
     };
-    if !a.len().is_multiple_of(8) || b.iter().any(|b| b.len() != a.len()) {
-        return None;
-    }
-    let mut r = [0f32; 8];
-    // SAFETY: AVX is enabled at compile time (the cfg above); every load reads 8 floats at c with
-    // c + 8 <= len of the slice it reads (checked above); the store writes 8 floats into r.
-    unsafe {
-        let mut acc = [_mm256_setzero_ps(); 8];
-        for c in (0..a.len()).step_by(8) {
-            let x = _mm256_loadu_ps(a.as_ptr().add(c));
-            for (acc, b) in acc.iter_mut().zip(&b) {
-                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(x, _mm256_loadu_ps(b.as_ptr().add(c))));
-            }
-        }
-        // Keys k and k + 1 side by side: lanes (l0 + l4, l1 + l5, l2 + l6, l3 + l7) of each.
-        let pair =
-            |k: usize| _mm256_add_ps(_mm256_permute2f128_ps(acc[k], acc[k + 1], 0x20), _mm256_permute2f128_ps(acc[k], acc[k + 1], 0x31));
-        // hadd twice: ((l0 + l4) + (l1 + l5)) + ((l2 + l6) + (l3 + l7)) per key, in the order
-        // 0, 2, 4, 6 | 1, 3, 5, 7.
-        let (h0, h1) = (_mm256_hadd_ps(pair(0), pair(2)), _mm256_hadd_ps(pair(4), pair(6)));
-        _mm256_storeu_ps(r.as_mut_ptr(), _mm256_hadd_ps(h0, h1));
-    }
-    Some([r[0], r[4], r[1], r[5], r[2], r[6], r[3], r[7]])
+    let (h01, h23, h45, h67) = (half(0), half(2), half(4), half(6));
+    // Lane l + 4 onto l: [k | k + 1 | k + 2 | k + 3], four lanes each.
+    let quarter =
+        |x: __m512, y: __m512| _mm512_add_ps(_mm512_shuffle_f32x4::<0b10_00_10_00>(x, y), _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y));
+    let (q0, q4) = (quarter(h01, h23), quarter(h45, h67));
+    // Lane l + 2 onto l: block i holds [key i's 2 | key i + 4's 2].
+    let pairs = _mm512_add_ps(_mm512_shuffle_ps::<0b01_00_01_00>(q0, q4), _mm512_shuffle_ps::<0b11_10_11_10>(q0, q4));
+    // Lane l + 1 onto l: key i at lane 4i, key i + 4 at lane 4i + 2.
+    let sums = _mm512_add_ps(pairs, _mm512_permute_ps::<0b10_11_00_01>(pairs));
+    // Keys 0..8 to lanes 0..8, each times the scale as `score_block`'s plain loop does.
+    let order = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+    let scores = _mm512_mul_ps(_mm512_permutexvar_ps(order, sums), _mm512_set1_ps(scale));
+    _mm512_mask_storeu_ps(dst, ((1u32 << count) - 1) as __mmask16, scores);
 }
 
-#[cfg(not(all(target_arch = "x86_64", target_feature = "avx")))]
-fn dot8(_: &[f32], _: [&[f32]; 8]) -> Option<[f32; 8]> {
-    None
-}
-
-/// `acc[k][l] = sum over chunks c of a[8c + l] * b[k][8c + l]`, summed in chunk order. Every
-/// slice has the same length, a multiple of 8.
-#[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
+/// [`softmax`] in AVX-512: [`exp`]'s operations in 16 lanes, [`sum`]'s lanes, the same bits.
+///
+/// # Safety
+/// The CPU has AVX512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
 #[allow(unsafe_code)]
-fn lanes4(a: &[f32], b: [&[f32]; 4]) -> [[f32; 8]; 4] {
-    use std::arch::x86_64::{_mm256_add_ps, _mm256_loadu_ps, _mm256_mul_ps, _mm256_setzero_ps, _mm256_storeu_ps};
-    assert!(a.len().is_multiple_of(8) && b.iter().all(|b| b.len() == a.len()));
-    let mut out = [[0f32; 8]; 4];
-    // SAFETY: AVX is enabled at compile time (the cfg above), every load reads 8 floats at c with
-    // c + 8 <= len of the slice it reads (asserted above), and every store writes one [f32; 8].
-    unsafe {
-        let mut acc = [_mm256_setzero_ps(); 4];
-        for c in (0..a.len()).step_by(8) {
-            let x = _mm256_loadu_ps(a.as_ptr().add(c));
-            for (acc, b) in acc.iter_mut().zip(&b) {
-                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(x, _mm256_loadu_ps(b.as_ptr().add(c))));
-            }
+unsafe fn softmax_avx512(s: &mut [f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = s.len();
+    let mask = |c: usize| -> __mmask16 {
+        if c + LANES <= n {
+            0xffff
+        } else {
+            (1u16 << (n - c)) - 1
         }
-        for (o, acc) in out.iter_mut().zip(acc) {
-            _mm256_storeu_ps(o.as_mut_ptr(), acc);
-        }
+    };
+    let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
+    for c in (0..n).step_by(LANES) {
+        max = _mm512_mask_max_ps(max, mask(c), max, _mm512_maskz_loadu_ps(mask(c), s.as_ptr().add(c)));
     }
-    out
+    let max = _mm512_set1_ps(_mm512_reduce_max_ps(max));
+    let poly = EXP_POLY.map(|c| _mm512_set1_ps(c));
+    let mut acc = _mm512_setzero_ps();
+    for c in (0..n).step_by(LANES) {
+        let m = mask(c);
+        let x = _mm512_max_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s.as_ptr().add(c)), max), _mm512_set1_ps(EXP_MIN));
+        let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(x, _mm512_set1_ps(LOG2_E)));
+        let r = _mm512_fmadd_ps(k, _mm512_set1_ps(-LN2_HI), x);
+        let r = _mm512_fmadd_ps(k, _mm512_set1_ps(-LN2_LO), r);
+        let mut p = poly[0];
+        for c in &poly[1..] {
+            p = _mm512_fmadd_ps(p, r, *c);
+        }
+        let y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0));
+        let scale = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127))));
+        let e = _mm512_maskz_mul_ps(m, y, scale);
+        _mm512_mask_storeu_ps(s.as_mut_ptr().add(c), m, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    let mut lanes = [0f32; LANES];
+    _mm512_storeu_ps(lanes.as_mut_ptr(), acc);
+    tree(lanes)
 }
 
-#[cfg(not(all(target_arch = "x86_64", target_feature = "avx")))]
-fn lanes4(a: &[f32], b: [&[f32]; 4]) -> [[f32; 8]; 4] {
-    let mut out = [[0f32; 8]; 4];
-    for (o, b) in out.iter_mut().zip(b) {
-        for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
-            for l in 0..8 {
-                o[l] += x[l] * y[l];
-            }
-        }
-    }
-    out
-}
-
-/// `init + sum over n of p[n] * v(n)` over 64 lanes, added in order of n from zero; every `v(n)`
-/// has 64 values. The lanes stay in registers across all values instead of being stored and
-/// reloaded per value; the order of every sum is the plain loop's, so are the bits.
-#[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
+/// [`weigh_group`] for G queries in AVX-512: a block of 64 outputs of every query stays in
+/// registers across all values, each value row loaded once for the G of them; each lane's
+/// arithmetic is the plain loop's.
+///
+/// # Safety
+/// The CPU has AVX512F; `out.add(at[g])` holds d values for every g, `p[g]` holds n weights, and
+/// `v` n rows of d values `stride` apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
 #[allow(unsafe_code)]
-fn sum64<'a>(init: &[f32], p: &[f32], v: impl Fn(usize) -> &'a [f32]) -> [f32; 64] {
-    use std::arch::x86_64::{_mm256_add_ps, _mm256_loadu_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_setzero_ps, _mm256_storeu_ps};
-    let mut out = [0f32; 64];
-    assert_eq!(init.len(), 64);
-    // SAFETY: AVX is enabled at compile time (the cfg above); every load reads 8 floats at 8r < 64
-    // from a slice of 64 (asserted before its loads); every store writes 8 floats into a chunk of 8.
-    unsafe {
-        let mut acc = [_mm256_setzero_ps(); 8];
-        for (r, acc) in acc.iter_mut().enumerate() {
-            *acc = _mm256_loadu_ps(init.as_ptr().add(8 * r));
-        }
-        for (n, &p) in p.iter().enumerate() {
-            let v = v(n);
-            assert_eq!(v.len(), 64);
-            let pv = _mm256_set1_ps(p);
-            for (r, acc) in acc.iter_mut().enumerate() {
-                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(pv, _mm256_loadu_ps(v.as_ptr().add(8 * r))));
+unsafe fn weigh_avx512<const G: usize>(
+    out: *mut f32,
+    at: [usize; G],
+    p: [*const f32; G],
+    n: usize,
+    v: *const f32,
+    stride: usize,
+    d: usize,
+) {
+    use std::arch::x86_64::*;
+    for block in (0..d).step_by(4 * LANES) {
+        let masks: [__mmask16; 4] = std::array::from_fn(|r| {
+            let c = block + r * LANES;
+            if c + LANES <= d {
+                0xffff
+            } else if c < d {
+                (1u16 << (d - c)) - 1
+            } else {
+                0
+            }
+        });
+        let mut acc = [[_mm512_setzero_ps(); 4]; G];
+        for g in 0..G {
+            for r in 0..4 {
+                acc[g][r] = _mm512_maskz_loadu_ps(masks[r], out.add(at[g] + block + r * LANES));
             }
         }
-        for (o, acc) in out.chunks_exact_mut(8).zip(acc) {
-            _mm256_storeu_ps(o.as_mut_ptr(), acc);
+        for j in 0..n {
+            let row = v.add(j * stride + block);
+            let vr: [__m512; 4] = std::array::from_fn(|r| _mm512_maskz_loadu_ps(masks[r], row.add(r * LANES)));
+            for g in 0..G {
+                let w = _mm512_set1_ps(*p[g].add(j));
+                for r in 0..4 {
+                    acc[g][r] = _mm512_fmadd_ps(w, vr[r], acc[g][r]);
+                }
+            }
+        }
+        for g in 0..G {
+            for r in 0..4 {
+                _mm512_mask_storeu_ps(out.add(at[g] + block + r * LANES), masks[r], acc[g][r]);
+            }
         }
     }
-    out
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(unsafe_code)]
+unsafe fn dot8_avx512(_: *const f32, _: &Rows, _: usize, _: usize, _: f32, _: *mut f32) {
+    unreachable!("only where avx512() holds")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(unsafe_code)]
+unsafe fn softmax_avx512(_: &mut [f32]) -> f32 {
+    unreachable!("only where avx512() holds")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(unsafe_code)]
+unsafe fn weigh_avx512<const G: usize>(_: *mut f32, _: [usize; G], _: [*const f32; G], _: usize, _: *const f32, _: usize, _: usize) {
+    unreachable!("only where avx512() holds")
 }
 
 /// Rows that go over the cache together (a verification round fits in one block; a prefill chunk
@@ -186,42 +392,6 @@ fn row_block(r: usize, seq: usize) -> std::ops::Range<usize> {
 /// `keys` in blocks of [`KEY_BLOCK`], in order.
 fn key_blocks(keys: std::ops::Range<usize>) -> impl Iterator<Item = std::ops::Range<usize>> {
     keys.clone().step_by(KEY_BLOCK).map(move |b| b..(b + KEY_BLOCK).min(keys.end))
-}
-
-/// Appends `dot(row, key(j)) * scale` for every j in `keys`, in order, eight or four keys at a time
-/// ([`dot8`] and [`dot4`] have [`dot`]'s bits, so a score does not depend on where its block starts).
-fn score_block<'a>(scores: &mut Vec<f32>, row: &[f32], keys: std::ops::Range<usize>, key: &impl Fn(usize) -> &'a [f32], scale: f32) {
-    let mut j = keys.start;
-    while j + 8 <= keys.end {
-        let Some(s) = dot8(row, std::array::from_fn(|n| key(j + n))) else { break };
-        scores.extend(s.map(|s| s * scale));
-        j += 8;
-    }
-    while j + 4 <= keys.end {
-        let s = dot4(row, [key(j), key(j + 1), key(j + 2), key(j + 3)]);
-        scores.extend(s.map(|s| s * scale));
-        j += 4;
-    }
-    scores.extend((j..keys.end).map(|j| dot(row, key(j)) * scale));
-}
-
-/// `o[x] += p[n] * value(n)[x]` for n in order from zero: the plain loop, continued from `o`, so
-/// summing a row's values block by block gives the bits of one pass over them all (the AVX form
-/// keeps a block of 64 lanes in registers, see [`sum64`]).
-fn weigh_block<'a>(o: &mut [f32], p: &[f32], value: impl Fn(usize) -> &'a [f32]) {
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
-    if o.len().is_multiple_of(64) {
-        for block in (0..o.len()).step_by(64) {
-            let acc = sum64(&o[block..block + 64], p, |n| &value(n)[block..block + 64]);
-            o[block..block + 64].copy_from_slice(&acc);
-        }
-        return;
-    }
-    for (n, p) in p.iter().enumerate() {
-        for (x, y) in o.iter_mut().zip(value(n)) {
-            *x += p * y;
-        }
-    }
 }
 
 /// Which keys a query row sees, and how its scores are scaled.
@@ -327,10 +497,10 @@ pub fn attend_tree(q: &Tensor, k: &Tensor, v: &Tensor, pos: usize, span: Span, d
     let tasks: Vec<(usize, usize, usize)> =
         (0..b).flat_map(|bi| (0..kv_heads).flat_map(move |kv| (0..blocks).map(move |r| (bi, kv, r)))).collect();
     let task = |&(bi, kv, r): &(usize, usize, usize)| {
-        let key = |j: usize| &kd[bi * ks[0] + kv * ks[1] + (j - ks0) * ks[2]..][..d];
-        let value = |j: usize| &vd[bi * vs[0] + kv * vs[1] + (j - ks0) * vs[2]..][..d];
+        let keys = Rows { data: &kd[bi * ks[0] + kv * ks[1]..], first: ks0, stride: ks[2], d };
+        let values = Rows { data: &vd[bi * vs[0] + kv * vs[1]..], first: ks0, stride: vs[2], d };
         let rows = row_block(r, seq);
-        // Query (head h, row i): the keys before it and its own key at slot pos + i.
+        // Query (head h, row i), heads outer: the keys before it and its own key at slot pos + i.
         let queries: Vec<Query> = (kv * rep..(kv + 1) * rep)
             .flat_map(|h| rows.clone().map(move |i| (h, i)))
             .map(|(h, i)| {
@@ -338,37 +508,45 @@ pub fn attend_tree(q: &Tensor, k: &Tensor, v: &Tensor, pos: usize, span: Span, d
                 Query { row: &qd[((bi * heads + h) * seq + i) * d..][..d], before: seen.start..seen.end - 1, own: pos + i }
             })
             .collect();
+        // The query heads of one row read the same keys: they weigh the values together.
+        let groups: Vec<Vec<usize>> = (0..rows.len()).map(|i| (0..rep).map(|h| h * rows.len() + i).collect()).collect();
         let first = queries.iter().map(|q| q.before.start).min().unwrap_or(0);
         let last = queries.iter().map(|q| q.before.end).max().unwrap_or(0);
-        let mut scores: Vec<Vec<f32>> = queries.iter().map(|q| Vec::with_capacity(q.before.len() + 1)).collect();
-        for keys in key_blocks(first..last) {
+        // A query's scores: the keys before its own in order, then its own.
+        let mut scores: Vec<Vec<f32>> = queries.iter().map(|q| vec![0f32; q.before.len() + 1]).collect();
+        for block in key_blocks(first..last) {
             for (q, s) in queries.iter().zip(&mut scores) {
-                score_block(s, q.row, q.before_in(&keys), &key, scale);
+                let seen = q.before_in(&block);
+                if !seen.is_empty() {
+                    let from = seen.start - q.before.start;
+                    score_block(&mut s[from..from + seen.len()], q.row, seen, &keys, scale);
+                }
             }
         }
         let mut sums = Vec::with_capacity(queries.len());
         for (q, s) in queries.iter().zip(&mut scores) {
-            s.push(dot(q.row, key(q.own)) * scale);
-            let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for s in s.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            sums.push(sum);
+            *s.last_mut().expect("a query sees its own key") = dot(q.row, keys.row(q.own)) * scale;
+            sums.push(softmax(s));
         }
         let mut out = vec![0f32; queries.len() * d];
-        for keys in key_blocks(first..last) {
-            for ((q, s), o) in queries.iter().zip(&scores).zip(out.chunks_exact_mut(d)) {
-                let seen = q.before_in(&keys);
-                if !seen.is_empty() {
-                    let p = &s[seen.start - q.before.start..seen.end - q.before.start];
-                    weigh_block(o, p, |n| value(seen.start + n));
+        for block in key_blocks(first..last) {
+            for group in &groups {
+                let q = &queries[group[0]];
+                let seen = q.before_in(&block);
+                if seen.is_empty() {
+                    continue;
                 }
+                let from = seen.start - q.before.start;
+                let p: Vec<&[f32]> = group.iter().map(|&g| &scores[g][from..from + seen.len()]).collect();
+                weigh_group(&mut out, group, &p, &values, seen);
             }
         }
-        for (((q, s), o), sum) in queries.iter().zip(&scores).zip(out.chunks_exact_mut(d)).zip(sums) {
-            weigh_block(o, &s[s.len() - 1..], |_| value(q.own));
+        for group in &groups {
+            let own = queries[group[0]].own;
+            let p: Vec<&[f32]> = group.iter().map(|&g| &scores[g][scores[g].len() - 1..]).collect();
+            weigh_group(&mut out, group, &p, &values, own..own + 1);
+        }
+        for (o, sum) in out.chunks_exact_mut(d).zip(sums) {
             let inv = 1.0 / sum;
             o.iter_mut().for_each(|x| *x *= inv);
         }
@@ -473,51 +651,111 @@ mod tests {
         Ok(())
     }
 
-    /// Four keys at once give each key's score in `dot`'s bits, whole chunks of 8 or not: a row's
-    /// scores must not depend on where its keys fall in a block of four.
-    #[test]
-    fn dot4_and_dot8_have_the_bits_of_dot() -> Result<()> {
-        for n in [64, 13, 5, 256] {
-            let t = Tensor::randn(0f32, 3.0, (5, n), &Device::Cpu)?.to_vec2::<f32>()?;
-            let got = dot4(&t[0], [&t[1], &t[2], &t[3], &t[4]]);
-            for (i, g) in got.iter().enumerate() {
-                assert_eq!(g.to_bits(), dot(&t[0], &t[i + 1]).to_bits(), "length {n}, key {i}");
-            }
+    /// Whether the AVX-512 forms run on this CPU; says so when a test is skipped.
+    fn vector_form_runs() -> bool {
+        if !avx512() {
+            eprintln!("skipped: this CPU has no AVX-512, the plain form runs");
         }
-        for n in [64, 128, 24, 13] {
-            let t = Tensor::randn(0f32, 3.0, (9, n), &Device::Cpu)?.to_vec2::<f32>()?;
-            let Some(got) = dot8(&t[0], std::array::from_fn(|k| t[k + 1].as_slice())) else {
-                // Only rows of whole chunks take the eight-key path, and only with AVX.
-                assert!(!n.is_multiple_of(8) || cfg!(not(all(target_arch = "x86_64", target_feature = "avx"))));
-                continue;
-            };
-            for (i, g) in got.iter().enumerate() {
-                assert_eq!(g.to_bits(), dot(&t[0], &t[i + 1]).to_bits(), "length {n}, key {i} of eight");
-            }
+        avx512()
+    }
+
+    /// Eight keys at once on AVX-512 give each key's score in `dot`'s bits, at head sizes of whole
+    /// chunks of 16 lanes and not, and so do the scores of a block whose last group is short: a
+    /// row's scores must not depend on where its keys fall, nor on the CPU.
+    #[test]
+    fn eight_keys_at_once_have_the_bits_of_dot() -> Result<()> {
+        if !vector_form_runs() {
+            return Ok(());
+        }
+        for n in [64, 128, 256, 24, 13, 5] {
+            let t = Tensor::randn(0f32, 3.0, (12, n), &Device::Cpu)?.to_vec2::<f32>()?;
+            let flat: Vec<f32> = t.concat();
+            let keys = Rows { data: &flat, first: 0, stride: n, d: n };
+            let mut scores = vec![0f32; 11];
+            score_block(&mut scores, &t[0], 1..12, &keys, 0.125);
+            let want: Vec<u32> = (1..12).map(|j| (dot(&t[0], &t[j]) * 0.125).to_bits()).collect();
+            assert_eq!(scores.iter().map(|s| s.to_bits()).collect::<Vec<_>>(), want, "length {n}, a block of 11 keys");
         }
         Ok(())
     }
 
-    /// The register-held weighted sum gives the plain loop's bits, for head sizes of 64, 128 and
-    /// one that is not a multiple of 64, in one pass or continued block by block.
+    /// `dot` is the dot product and `exp` the exponential, to rounding; below -87 `exp` holds at
+    /// e^-87.
     #[test]
-    fn weigh_block_has_the_bits_of_the_plain_loop() -> Result<()> {
-        for d in [64, 128, 24] {
-            let v = Tensor::randn(0f32, 2.0, (37, d), &Device::Cpu)?.to_vec2::<f32>()?;
-            let p = Tensor::rand(0f32, 1.0, 37, &Device::Cpu)?.to_vec1::<f32>()?;
-            let mut want = vec![0f32; d];
-            for (p, v) in p.iter().zip(&v) {
-                for (x, y) in want.iter_mut().zip(v) {
-                    *x += p * y;
-                }
+    fn dot_and_exp_are_accurate() -> Result<()> {
+        let t = Tensor::randn(0f32, 1.0, (2, 200), &Device::Cpu)?.to_vec2::<f32>()?;
+        let (a, b) = (&t[0], &t[1]);
+        let want: f64 = a.iter().zip(b).map(|(&a, &b)| a as f64 * b as f64).sum();
+        assert!((dot(a, b) as f64 - want).abs() < 1e-4, "{} against {want}", dot(a, b));
+        for i in 0..=20_000 {
+            let x = -87.0 * i as f32 / 20_000.0;
+            let (got, want) = (exp(x) as f64, (x as f64).exp());
+            assert!((got - want).abs() <= 2.5e-7 * want, "exp({x}) = {got}, not {want}");
+        }
+        assert_eq!(exp(-1000.0), exp(-87.0));
+        assert_eq!(exp(0.0), 1.0);
+        Ok(())
+    }
+
+    /// The AVX-512 softmax gives the plain one's bits: exponentials and their sum, on rows of
+    /// whole chunks and not, with scores far below the largest.
+    #[test]
+    fn the_vector_softmax_is_the_plain_one() -> Result<()> {
+        if !vector_form_runs() {
+            return Ok(());
+        }
+        for n in [1, 7, 16, 100, 1301] {
+            let mut x = (Tensor::randn(0f32, 4.0, n, &Device::Cpu)?.to_vec1::<f32>()?).clone();
+            if n > 7 {
+                x[3] = -200.0;
             }
-            let mut whole = vec![0f32; d];
-            weigh_block(&mut whole, &p, |n| &v[n]);
-            let mut split = vec![0f32; d];
-            weigh_block(&mut split, &p[..20], |n| &v[n]);
-            weigh_block(&mut split, &p[20..], |n| &v[20 + n]);
+            let mut plain = x.clone();
+            let max = plain.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            plain.iter_mut().for_each(|s| *s = exp(*s - max));
+            let plain_sum = sum(&plain);
+            // SAFETY: `avx512()` holds (checked above).
+            #[allow(unsafe_code)]
+            let got_sum = unsafe { softmax_avx512(&mut x) };
+            assert_eq!(got_sum.to_bits(), plain_sum.to_bits(), "sum of {n}");
+            assert!(x.iter().zip(&plain).all(|(a, b)| a.to_bits() == b.to_bits()), "exponentials of {n}");
+        }
+        Ok(())
+    }
+
+    /// The weighted sum gives each query's plain loop's bits (on AVX-512, its register-held form,
+    /// several queries at once), for head sizes of 64, 128 and ones that are not multiples of 64 or
+    /// 16, in one pass or continued block by block.
+    #[test]
+    fn weigh_group_has_the_bits_of_the_plain_loop() -> Result<()> {
+        for d in [64, 128, 24, 80, 13] {
+            let v = Tensor::randn(0f32, 2.0, (37, d), &Device::Cpu)?.to_vec2::<f32>()?;
+            let flat: Vec<f32> = v.concat();
+            let values = Rows { data: &flat, first: 0, stride: d, d };
+            let p = Tensor::rand(0f32, 1.0, (5, 37), &Device::Cpu)?.to_vec2::<f32>()?;
+            let want: Vec<Vec<f32>> = p
+                .iter()
+                .map(|p| {
+                    let mut o = vec![0f32; d];
+                    for (p, v) in p.iter().zip(&v) {
+                        for (x, y) in o.iter_mut().zip(v) {
+                            *x = p.mul_add(*y, *x);
+                        }
+                    }
+                    o
+                })
+                .collect();
+            let group: Vec<usize> = (0..5).collect();
+            let mut whole = vec![0f32; 5 * d];
+            let all: Vec<&[f32]> = p.iter().map(|p| p.as_slice()).collect();
+            weigh_group(&mut whole, &group, &all, &values, 0..37);
+            let mut split = vec![0f32; 5 * d];
+            let (head, tail): (Vec<&[f32]>, Vec<&[f32]>) = (p.iter().map(|p| &p[..20]).collect(), p.iter().map(|p| &p[20..]).collect());
+            weigh_group(&mut split, &group, &head, &values, 0..20);
+            weigh_group(&mut split, &group, &tail, &values, 20..37);
             for got in [whole, split] {
-                assert!(got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()), "head size {d}");
+                for (g, want) in got.chunks_exact(d).zip(&want) {
+                    assert!(g.iter().zip(want).all(|(g, w)| g.to_bits() == w.to_bits()), "head size {d}");
+                }
             }
         }
         Ok(())

@@ -113,12 +113,14 @@ impl Attention {
     /// x: (1, rows, hidden) -> (1, rows, hidden)
     fn forward_ragged(&self, x: &Tensor, rope: &Rope, segments: &[Segment], caches: &mut [&mut LayerCache]) -> Result<Tensor> {
         let (q, k, v) = self.project(x, false)?;
+        // Every session's rows turn at their own positions, all in one pass.
+        let at: Vec<usize> = segments.iter().flat_map(|s| (0..s.seq).map(move |i| s.pos + s.depths.map_or(i, |d| d[i]))).collect();
+        let (q, k) = (rope.apply_at(&q, &at)?, rope.apply_at(&k, &at)?);
         let mut outs = Vec::with_capacity(segments.len());
         let mut offset = 0;
         for (&Segment { pos, seq, depths }, cache) in segments.iter().zip(caches.iter_mut()) {
-            let q = rope.apply_rows(&q.narrow(2, offset, seq)?.contiguous()?, pos, depths)?;
-            let k = rope.apply_rows(&k.narrow(2, offset, seq)?.contiguous()?, pos, depths)?;
-            let (k, v) = cache.append(&k, &v.narrow(2, offset, seq)?)?;
+            let q = q.narrow(2, offset, seq)?;
+            let (k, v) = cache.append(&k.narrow(2, offset, seq)?, &v.narrow(2, offset, seq)?)?;
             let out = crate::attention::attend_tree(&q, &k, &v, pos, self.span(cache.start()), depths)?;
             outs.push(out.transpose(1, 2)?.reshape((1, seq, self.num_heads * self.head_dim))?);
             offset += seq;
@@ -307,6 +309,9 @@ impl Norm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if crate::cpu::runs(x) && crate::cpu::runs(&self.weight) {
+            return crate::cpu::rms_norm(x, &self.weight, self.eps);
+        }
         Ok(self.fused.forward(x)?)
     }
 

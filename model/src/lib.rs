@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod config;
+pub mod cpu;
 pub mod error;
 pub mod kv_cache;
 pub mod layer;

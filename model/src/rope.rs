@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::Config;
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 
 #[derive(Debug, Clone)]
 pub struct Rope {
@@ -87,6 +87,9 @@ impl Rope {
     /// # Shapes
     /// x: (batch, heads, seq, head_dim) -> same
     pub fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
+        if crate::cpu::runs(x) && crate::cpu::runs(&self.cos) {
+            return crate::cpu::rope(x, &self.cos, &self.sin, |t| pos + t);
+        }
         let seq = x.dim(2)?;
         let cos = self.cos.narrow(0, pos, seq)?;
         let sin = self.sin.narrow(0, pos, seq)?;
@@ -101,7 +104,23 @@ impl Rope {
     /// x: (batch, heads, seq, head_dim) -> same
     pub fn apply_rows(&self, x: &Tensor, pos: usize, depths: Option<&[usize]>) -> Result<Tensor> {
         let Some(depths) = depths else { return self.apply(x, pos) };
-        let at: Vec<u32> = depths.iter().map(|d| (pos + d) as u32).collect();
+        let at: Vec<usize> = depths.iter().map(|d| pos + d).collect();
+        self.apply_at(x, &at)
+    }
+
+    /// Rotates row i of `x` for position `at[i]`: the same table entries, so the same bits, as
+    /// rotating each row where it came from (a batch of sessions' rows turns in one pass).
+    ///
+    /// # Shapes
+    /// x: (batch, heads, seq, head_dim), at: seq -> as x
+    pub fn apply_at(&self, x: &Tensor, at: &[usize]) -> Result<Tensor> {
+        if at.len() != x.dim(2)? {
+            return Err(ModelError::InvalidConfig(format!("{} positions for {} rows", at.len(), x.dim(2)?)));
+        }
+        if crate::cpu::runs(x) && crate::cpu::runs(&self.cos) {
+            return crate::cpu::rope(x, &self.cos, &self.sin, |t| at[t]);
+        }
+        let at: Vec<u32> = at.iter().map(|&p| p as u32).collect();
         let at = Tensor::new(at.as_slice(), self.cos.device())?;
         let (cos, sin) = (self.cos.index_select(&at, 0)?, self.sin.index_select(&at, 0)?);
         Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
