@@ -61,8 +61,11 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, at: impl Fn(usize) -> usize)
     let x = x.contiguous()?;
     let (_, _, seq, d) = x.dims4()?;
     let (positions, half) = cos.dims2()?;
-    if half * 2 != d || sin.dims2()? != (positions, half) || (0..seq).any(|t| at(t) >= positions) {
+    if half * 2 != d || sin.dims2()? != (positions, half) {
         return Err(ModelError::InvalidConfig(format!("rotary tables of {positions}x{half} for rows of {d}")));
+    }
+    if let Some(p) = (0..seq).map(&at).find(|&p| p >= positions) {
+        return Err(ModelError::InvalidConfig(format!("position {p} is past the rotary table's {positions}")));
     }
     let out = read(&x, |src| {
         read(cos, |cos| {

@@ -26,6 +26,15 @@ fn avx512() -> bool {
     })
 }
 
+/// The lanes of the chunk of 16 values from `c` that fall inside `len` values (none past the end):
+/// the mask every AVX-512 form loads and stores a short last chunk with.
+fn tail_mask(c: usize, len: usize) -> u16 {
+    match len.saturating_sub(c) {
+        n if n >= LANES => 0xffff,
+        n => (1u16 << n) - 1,
+    }
+}
+
 /// Lanes `l + 8` onto `l`, then `l + 4`, `l + 2`, `l + 1`: the one order every sum of lanes takes.
 fn tree(mut acc: [f32; LANES]) -> f32 {
     let mut width = LANES / 2;
@@ -164,8 +173,8 @@ pub(super) fn weigh_group(out: &mut [f32], group: &[usize], p: &[&[f32]], values
     let v = values.row(range.start).as_ptr();
     let _ = values.row(range.end - 1);
     for (group, p) in group.chunks(4).zip(p.chunks(4)) {
-        let at = |i: usize| group[i.min(group.len() - 1)] * d;
-        let pp = |i: usize| p[i.min(p.len() - 1)].as_ptr();
+        let at = |i: usize| group[i] * d;
+        let pp = |i: usize| p[i].as_ptr();
         let o = out.as_mut_ptr();
         // SAFETY: `avx512()` found AVX512F; every output is d values inside `out` and every weight
         // list `range.len()` long (asserted above); values range.start..range.end are in the cache
@@ -201,7 +210,7 @@ unsafe fn dot8_avx512(a: *const f32, keys: &Rows, first: usize, count: usize, sc
     let mut acc = [_mm512_setzero_ps(); 8];
     for c in (0..n).step_by(LANES) {
         // A short last chunk reads zeros past the end, as `dot` does.
-        let mask: __mmask16 = if c + LANES <= n { 0xffff } else { (1u16 << (n - c)) - 1 };
+        let mask = tail_mask(c, n);
         let x = _mm512_maskz_loadu_ps(mask, a.add(c));
         for (k, acc) in acc.iter_mut().enumerate() {
             *acc = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(mask, key(k).add(c)), *acc);
@@ -238,13 +247,7 @@ unsafe fn dot8_avx512(a: *const f32, keys: &Rows, first: usize, count: usize, sc
 unsafe fn softmax_avx512(s: &mut [f32]) -> f32 {
     use std::arch::x86_64::*;
     let n = s.len();
-    let mask = |c: usize| -> __mmask16 {
-        if c + LANES <= n {
-            0xffff
-        } else {
-            (1u16 << (n - c)) - 1
-        }
-    };
+    let mask = |c: usize| tail_mask(c, n);
     let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
     for c in (0..n).step_by(LANES) {
         max = _mm512_mask_max_ps(max, mask(c), max, _mm512_maskz_loadu_ps(mask(c), s.as_ptr().add(c)));
@@ -294,16 +297,7 @@ unsafe fn weigh_avx512<const G: usize>(
 ) {
     use std::arch::x86_64::*;
     for block in (0..d).step_by(4 * LANES) {
-        let masks: [__mmask16; 4] = std::array::from_fn(|r| {
-            let c = block + r * LANES;
-            if c + LANES <= d {
-                0xffff
-            } else if c < d {
-                (1u16 << (d - c)) - 1
-            } else {
-                0
-            }
-        });
+        let masks: [__mmask16; 4] = std::array::from_fn(|r| tail_mask(block + r * LANES, d));
         let mut acc = [[_mm512_setzero_ps(); 4]; G];
         for g in 0..G {
             for r in 0..4 {

@@ -37,9 +37,15 @@ struct Query<'a> {
 }
 
 impl Query<'_> {
-    /// The keys before its own that fall in `keys` (possibly none).
-    fn before_in(&self, keys: &std::ops::Range<usize>) -> std::ops::Range<usize> {
-        self.before.start.max(keys.start)..self.before.end.min(keys.end)
+    /// The keys before its own that fall in `keys`, and where their scores sit among the query's
+    /// scores; `None` when there are none.
+    fn seen_in(&self, keys: &std::ops::Range<usize>) -> Option<(std::ops::Range<usize>, std::ops::Range<usize>)> {
+        let seen = self.before.start.max(keys.start)..self.before.end.min(keys.end);
+        if seen.is_empty() {
+            return None;
+        }
+        let at = seen.start - self.before.start..seen.end - self.before.start;
+        Some((seen, at))
     }
 }
 
@@ -175,10 +181,8 @@ pub fn attend_tree(q: &Tensor, k: &Tensor, v: &Tensor, pos: usize, span: Span, d
         let mut scores: Vec<Vec<f32>> = queries.iter().map(|q| vec![0f32; q.before.len() + 1]).collect();
         for block in key_blocks(first..last) {
             for (q, s) in queries.iter().zip(&mut scores) {
-                let seen = q.before_in(&block);
-                if !seen.is_empty() {
-                    let from = seen.start - q.before.start;
-                    score_block(&mut s[from..from + seen.len()], q.row, seen, &keys, scale);
+                if let Some((seen, at)) = q.seen_in(&block) {
+                    score_block(&mut s[at], q.row, seen, &keys, scale);
                 }
             }
         }
@@ -190,14 +194,10 @@ pub fn attend_tree(q: &Tensor, k: &Tensor, v: &Tensor, pos: usize, span: Span, d
         let mut out = vec![0f32; queries.len() * d];
         for block in key_blocks(first..last) {
             for group in &groups {
-                let q = &queries[group[0]];
-                let seen = q.before_in(&block);
-                if seen.is_empty() {
-                    continue;
+                if let Some((seen, at)) = queries[group[0]].seen_in(&block) {
+                    let p: Vec<&[f32]> = group.iter().map(|&g| &scores[g][at.clone()]).collect();
+                    weigh_group(&mut out, group, &p, &values, seen);
                 }
-                let from = seen.start - q.before.start;
-                let p: Vec<&[f32]> = group.iter().map(|&g| &scores[g][from..from + seen.len()]).collect();
-                weigh_group(&mut out, group, &p, &values, seen);
             }
         }
         for group in &groups {
