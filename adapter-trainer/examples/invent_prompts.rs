@@ -1,11 +1,12 @@
 //! Prompts the model invents itself, for more draft-head training data (after Magpie, Xu et al.
 //! 2024): the full split model is given its chat template up to where a user's turn begins and
 //! samples the user's message. Only complete, one-line messages of 3 to 80 words are kept, once
-//! each, and none that is a held-out prompt or one of the shipped training prompts.
+//! each, and none that is a held-out prompt, one of the shipped training prompts or a line of an
+//! EXCLUDE file (an earlier run's prompts, so a second run with another seed adds only new ones).
 //!
-//! `cargo run --release -p hat-adapter-trainer --example invent_prompts -- ARTIFACTS_DIR N OUT [SEED]`
+//! `cargo run --release -p hat-adapter-trainer --example invent_prompts -- ARTIFACTS_DIR N OUT [SEED [EXCLUDE...]]`
 //!
-//! The same package, N and seed give the same file.
+//! The same package, N, seed and exclusions give the same file.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -22,7 +23,7 @@ const SENTINEL: &str = "@@HAT-USER-TURN@@";
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (Some(dir), Some(n), Some(out)) = (args.first(), args.get(1).and_then(|n| n.parse::<usize>().ok()), args.get(2)) else {
-        eprintln!("usage: invent_prompts ARTIFACTS_DIR N OUT [SEED]");
+        eprintln!("usage: invent_prompts ARTIFACTS_DIR N OUT [SEED [EXCLUDE...]]");
         std::process::exit(2);
     };
     let seed: u64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1);
@@ -40,6 +41,10 @@ fn main() {
 
     let mut known: HashSet<String> = prompt_lines(HELDOUT_PROMPTS).into_iter().collect();
     known.extend(prompt_lines(hat_adapter_trainer::feature_run::HEAD_PROMPTS));
+    for file in args.iter().skip(4) {
+        let text = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("cannot read {file}: {e}"));
+        known.extend(prompt_lines(&text));
+    }
     let sampling = SamplingOptions { temperature: 0.8, top_p: Some(0.95), seed };
     let mut kept: Vec<String> = Vec::new();
     let bar = indicatif::ProgressBar::new(n as u64);
