@@ -103,6 +103,10 @@ struct Level {
     /// The cloud process's CPU time over the window per token the sessions received: the cloud's
     /// cost per token, whether or not the device side is what limits throughput.
     cloud_cpu_ms_per_token: Option<f64>,
+    /// This process's CPU time over the window per token: the device sessions' cost per token
+    /// (input and output layers, the LM head, sampling, the link), which with the cloud's says
+    /// which side's CPUs limit throughput.
+    device_cpu_ms_per_token: Option<f64>,
 }
 
 /// What the session threads record.
@@ -115,6 +119,7 @@ struct Tally {
     gaps_ms: Vec<f64>,
     ttft_ms: Vec<f64>,
     cloud_cpu: Option<f64>,
+    device_cpu: Option<f64>,
 }
 
 const PROMPTS: &str = include_str!("../../profiles/bench-prompts.jsonl");
@@ -205,15 +210,16 @@ fn run_level(
             });
         }
         ready.wait();
-        let cpu0 = cloud_cpu();
+        let own = || crate::placement::cpu_seconds(std::process::id());
+        let (cpu0, own0) = (cloud_cpu(), own());
         *start.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         ready.wait();
         std::thread::sleep(window);
-        let cpu1 = cloud_cpu();
+        let (cpu1, own1) = (cloud_cpu(), own());
         stop.store(true, Ordering::Relaxed);
-        if let (Some(a), Some(b)) = (cpu0, cpu1) {
-            tally.lock().unwrap_or_else(|p| p.into_inner()).cloud_cpu = Some(b - a);
-        }
+        let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
+        t.cloud_cpu = cpu0.zip(cpu1).map(|(a, b)| b - a);
+        t.device_cpu = own0.zip(own1).map(|(a, b)| b - a);
     });
     tally.into_inner().unwrap_or_else(|p| p.into_inner())
 }
@@ -314,6 +320,7 @@ pub fn run(args: LoadtestArgs, quiet: bool) -> Result<()> {
                 ttft_ms: Stats::of(t.ttft_ms),
                 cloud_peak_mb,
                 cloud_cpu_ms_per_token: t.cloud_cpu.filter(|_| t.tokens > 0).map(|s| s * 1e3 / t.tokens as f64),
+                device_cpu_ms_per_token: t.device_cpu.filter(|_| t.tokens > 0).map(|s| s * 1e3 / t.tokens as f64),
             });
             bar.inc(1);
         }
@@ -346,15 +353,17 @@ fn variant(l: &Level) -> &'static str {
 
 fn render(levels: &[Level], mode: &str, placement: &str) -> String {
     let mut s = format!("hat loadtest, {mode}, {placement}\n\n");
-    s += "| sessions | cloud | tokens/s | cloud CPU ms/token | TBT ms p50 / p99 | TTFT ms p50 / p99 | replies | errors | cloud peak MB |\n";
-    s += "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
+    s += "| sessions | cloud | tokens/s | cloud CPU ms/token | device CPU ms/token | TBT ms p50 / p99 | TTFT ms p50 / p99 | replies | errors | cloud peak MB |\n";
+    s += "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
+    let ms = |m: Option<f64>| m.map_or("-".to_string(), |m| format!("{m:.2}"));
     for l in levels {
         s += &format!(
-            "| {} | {} | {:.1} | {} | {:.1} / {:.1} | {:.0} / {:.0} | {} | {} | {} |\n",
+            "| {} | {} | {:.1} | {} | {} | {:.1} / {:.1} | {:.0} / {:.0} | {} | {} | {} |\n",
             l.sessions,
             variant(l),
             l.tokens_per_s,
-            l.cloud_cpu_ms_per_token.map_or("-".to_string(), |m| format!("{m:.2}")),
+            ms(l.cloud_cpu_ms_per_token),
+            ms(l.device_cpu_ms_per_token),
             l.tbt_ms.p50,
             l.tbt_ms.p99,
             l.ttft_ms.p50,

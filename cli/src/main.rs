@@ -50,6 +50,7 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    hat_model::cpu::keep_freed_memory();
     size_thread_pools();
     let result = match cli.command {
         Command::Split(args) => split_cmd::run(args, cli.quiet),

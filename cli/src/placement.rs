@@ -125,11 +125,7 @@ impl CloudProcess {
     /// CPU seconds the process has used so far (user and system; /proc counts in USER_HZ, which is
     /// 100 on Linux whatever the kernel's tick).
     pub fn cpu_seconds(&self) -> Option<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).ok()?;
-        // Fields after the parenthesised command name, which may itself hold spaces.
-        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-        let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-        Some(ticks as f64 / 100.0)
+        cpu_seconds(self.child.id())
     }
 
     /// The process's peak resident memory so far (Linux `VmHWM`), in bytes.
@@ -217,9 +213,36 @@ pub fn spawn_cloud_process_with(artifacts: &Path, extra: &[String], spawn: &Spaw
     }
 }
 
+/// The CPU time (user and system, all threads) process `pid` has used so far, from Linux's
+/// `/proc/PID/stat`; `None` elsewhere.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name, which may itself hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// This process's CPU time reads and grows with work; a process that does not exist has none.
+    #[test]
+    fn cpu_seconds_reads_a_process() {
+        let pid = std::process::id();
+        let before = cpu_seconds(pid).expect("this process's stat");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut x = 0u64;
+        // Spins until the reading has grown by 0.05 s (a few clock ticks), however busy the CPUs.
+        while cpu_seconds(pid).expect("this process's stat") < before + 0.05 {
+            assert!(Instant::now() < deadline, "20 s of spinning did not show in the CPU time");
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+        }
+        assert_eq!(cpu_seconds(u32::MAX), None);
+    }
 
     #[test]
     fn cpu_lists_parse_and_bad_ones_say_why() {

@@ -1,16 +1,40 @@
-//! RMSNorm and rotary embeddings on f32 CPU tensors, run on the calling thread with candle-nn's
-//! arithmetic (so with its bits: a test holds them to that).
+//! RMSNorm, rotary embeddings and the gated MLP's `silu(gate) * up` on f32 CPU tensors, run on the
+//! calling thread with candle's arithmetic (so with its bits: tests hold them to that).
 //!
 //! candle-nn splits both over rayon's pool as soon as a call has more than one row (RMSNorm: more
 //! than 32), and a thread outside that pool, as every hat thread is, then hands the call to a pool
 //! worker and sleeps until it is done: two context switches for a few microseconds of arithmetic.
 //! A verification round of 5 rows paid 52 of them in the cloud's middle, a batch of 16 sessions'
-//! rounds 884 (a fifth of its time in the kernel's scheduler). Both operations are cheap next to the
-//! matmuls around them, so one thread does them.
+//! rounds 884 (a fifth of its time in the kernel's scheduler). These operations are cheap next to
+//! the matmuls around them, so one thread does them.
 
 use candle_core::{DType, Storage, Tensor};
 
 use crate::error::{ModelError, Result};
+
+mod silu;
+
+/// Sets glibc's allocator to reuse freed memory: call once, at the start of a process that runs
+/// models. A forward allocates and frees tensors of a hundred kilobytes to a few megabytes, layer
+/// after layer. glibc maps each one above its mmap threshold afresh (a page fault per 4 KiB touched)
+/// until frees have raised the threshold, and hands the heap's free top back to the kernel; which of
+/// the two a process is in depended on what it had allocated before. A batch of 16 sessions' 5-row
+/// rounds took 65 ms in one state and 45 in the other (`middle_batch`). These settings are glibc's
+/// own dynamic ceiling for the threshold (32 MiB on 64-bit), from the start, and a trim threshold
+/// above it; a no-op elsewhere.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        const MMAP_THRESHOLD: i32 = 32 << 20;
+        const TRIM_THRESHOLD: i32 = 128 << 20;
+        // SAFETY: mallopt only sets the allocator's parameters, under its own lock.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+        }
+    }
+}
 
 /// Whether `t` takes these kernels: f32 on the CPU.
 pub fn runs(t: &Tensor) -> bool {
@@ -50,6 +74,25 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
         })
     })??;
     Ok(Tensor::from_vec(out, x.shape(), x.device())?)
+}
+
+/// `silu(gate) * up`, as candle's `silu` and product (see `silu`).
+///
+/// # Shapes
+/// gate, up: (...) -> as gate
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.dims() != up.dims() {
+        return Err(ModelError::InvalidConfig(format!("silu of {:?} times {:?}", gate.dims(), up.dims())));
+    }
+    let (gate, up) = (gate.contiguous()?, up.contiguous()?);
+    let out = read(&gate, |g| {
+        read(&up, |u| {
+            let mut dst = vec![0f32; g.len()];
+            silu::silu_mul(g, u, &mut dst);
+            dst
+        })
+    })??;
+    Ok(Tensor::from_vec(out, gate.shape(), gate.device())?)
 }
 
 /// Rotary embedding of the two halves of each head, as candle-nn's `rope`: row t of every head
@@ -109,6 +152,19 @@ mod tests {
             let x = Tensor::new(x, &dev)?;
             assert_eq!(bits(&rms_norm(&x, &w, 1e-5)?)?, bits(&candle_nn::ops::rms_norm(&x, &w, 1e-5)?)?, "{rows} rows");
         }
+        Ok(())
+    }
+
+    /// Candle's bits for `silu(gate) * up` on tensors, contiguous and not.
+    #[test]
+    fn silu_mul_has_candles_bits() -> Result<()> {
+        let dev = Device::Cpu;
+        let gate = (Tensor::randn(0f32, 3.0, (1, 5, 1536), &dev)? * 4.0)?;
+        let up = Tensor::randn(0f32, 1.0, (1, 5, 1536), &dev)?;
+        assert_eq!(bits(&silu_mul(&gate, &up)?)?, bits(&(candle_nn::ops::silu(&gate)? * &up)?)?);
+        let (g, u) = (gate.transpose(1, 2)?, up.transpose(1, 2)?);
+        assert_eq!(bits(&silu_mul(&g, &u)?)?, bits(&(candle_nn::ops::silu(&g)? * &u)?)?);
+        assert!(silu_mul(&gate, &up.narrow(2, 0, 7)?).is_err());
         Ok(())
     }
 

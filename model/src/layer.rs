@@ -273,15 +273,19 @@ impl Mlp {
         })
     }
 
+    /// `differentiable`: candle's ops throughout (training), else hat's one-pass `silu(gate) * up`
+    /// on the CPU, with the same bits.
+    ///
     /// # Shapes
     /// x: (batch, seq, hidden) -> (batch, seq, hidden)
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?;
-        let gate = match self.activation {
-            Activation::Silu => candle_nn::ops::silu(&gate)?,
-            Activation::GeluTanh => gate.gelu()?,
+    fn forward(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
+        let (gate, up) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
+        let gated = match self.activation {
+            Activation::Silu if !differentiable && crate::cpu::runs(&gate) && crate::cpu::runs(&up) => crate::cpu::silu_mul(&gate, &up)?,
+            Activation::Silu => (candle_nn::ops::silu(&gate)? * up)?,
+            Activation::GeluTanh => (gate.gelu()? * up)?,
         };
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        self.down_proj.forward(&gated)
     }
 }
 
@@ -388,7 +392,7 @@ impl DecoderLayer {
             None => (&self.post_attention_layernorm, None),
         };
         let x = (x + h)?;
-        let mut h = self.mlp.forward(&norm(pre_mlp, &x)?)?;
+        let mut h = self.mlp.forward(&norm(pre_mlp, &x)?, differentiable)?;
         if let Some(n) = post_mlp {
             h = norm(n, &h)?;
         }

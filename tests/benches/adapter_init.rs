@@ -20,6 +20,8 @@ const PROMPTS: [&str; 3] = [
 ];
 
 fn main() {
+    // As `hat` does: the allocator keeps freed buffers.
+    hat_model::cpu::keep_freed_memory();
     let tokens: usize = std::env::var("HAT_BENCH_TOKENS").ok().and_then(|v| v.parse().ok()).unwrap_or(24);
     let dir = tempfile::tempdir().expect("tmp");
     let out = dir.path().join("artifacts");

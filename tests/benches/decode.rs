@@ -16,6 +16,8 @@ fn env_usize(key: &str, default: usize) -> usize {
 }
 
 fn main() {
+    // As `hat` does: the allocator keeps freed buffers.
+    hat_model::cpu::keep_freed_memory();
     let rounds = env_usize("HAT_BENCH_ROUNDS", 5);
     let tokens = env_usize("HAT_BENCH_TOKENS", 64);
     let gguf = default_model_gguf();

@@ -24,6 +24,8 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 fn main() {
+    // As `hat` does: the allocator keeps freed buffers.
+    hat_model::cpu::keep_freed_memory();
     let reps: usize = std::env::var("HAT_BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
     let dir = match std::env::var_os("HAT_BENCH_ARTIFACTS") {
         Some(d) => std::path::PathBuf::from(d).join("device"),

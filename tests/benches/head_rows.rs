@@ -16,6 +16,8 @@ fn ms(t: Instant) -> f64 {
 }
 
 fn main() {
+    // As `hat` does: the allocator keeps freed buffers.
+    hat_model::cpu::keep_freed_memory();
     let reps: usize = std::env::var("HAT_BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(40);
     let dir = std::path::PathBuf::from(std::env::var("HAT_ARTIFACTS").unwrap_or_else(|_| "artifacts".into()));
     let p = DevicePackage::open(&dir.join("device"), &Device::Cpu).expect("device package");

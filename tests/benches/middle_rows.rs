@@ -12,6 +12,8 @@ use hat_runtime::CloudPackage;
 use hat_tests::median;
 
 fn main() {
+    // As `hat` does: the allocator keeps freed buffers.
+    hat_model::cpu::keep_freed_memory();
     let rounds: usize = std::env::var("HAT_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(15);
     let dir = std::path::PathBuf::from(std::env::var("HAT_ARTIFACTS").unwrap_or_else(|_| "artifacts".into()));
     let cloud = CloudPackage::open(&dir.join("cloud"), &Device::Cpu).expect("cloud package");

@@ -11,6 +11,8 @@ use hat_model::q8::PackedQ8;
 use hat_tests::median;
 
 fn main() {
+    // As `hat` does: the allocator keeps freed buffers.
+    hat_model::cpu::keep_freed_memory();
     let rounds: usize = std::env::var("HAT_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
     if !hat_model::q8::available() {
         println!("this CPU has no AVX512-VNNI: hat's q8_0 kernel does not run here");

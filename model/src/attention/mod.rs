@@ -177,9 +177,16 @@ pub fn attend_tree(q: &Tensor, k: &Tensor, v: &Tensor, pos: usize, span: Span, d
         let groups: Vec<Vec<usize>> = (0..rows.len()).map(|i| (0..rep).map(|h| h * rows.len() + i).collect()).collect();
         let first = queries.iter().map(|q| q.before.start).min().unwrap_or(0);
         let last = queries.iter().map(|q| q.before.end).max().unwrap_or(0);
+        // The next key/value head's first keys, read by the next task.
+        if kv + 1 < kv_heads && r + 1 == blocks {
+            let next = Rows { data: &kd[bi * ks[0] + (kv + 1) * ks[1]..], ..keys };
+            kernels::prefetch(&next, first..(first + KEY_BLOCK).min(last));
+        }
         // A query's scores: the keys before its own in order, then its own.
         let mut scores: Vec<Vec<f32>> = queries.iter().map(|q| vec![0f32; q.before.len() + 1]).collect();
         for block in key_blocks(first..last) {
+            kernels::prefetch(&values, block.clone());
+            kernels::prefetch(&keys, block.end..(block.end + KEY_BLOCK).min(last));
             for (q, s) in queries.iter().zip(&mut scores) {
                 if let Some((seen, at)) = q.seen_in(&block) {
                     score_block(&mut s[at], q.row, seen, &keys, scale);
