@@ -414,6 +414,7 @@ fn svg(levels: &[Level], mode: &str) -> String {
         &[
             panel("Aggregate throughput", "tokens/s", |l| l.tokens_per_s),
             panel("Cloud CPU per token", "ms", |l| l.cloud_cpu_ms_per_token.unwrap_or(f64::NAN)),
+            panel("Device sessions' CPU per token", "ms", |l| l.device_cpu_ms_per_token.unwrap_or(f64::NAN)),
             panel("Time between tokens, p50", "ms", |l| l.tbt_ms.p50),
         ],
     )

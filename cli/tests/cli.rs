@@ -339,6 +339,58 @@ fn profile_then_bench_every_mode_on_the_tiny_model() {
     assert!(!bad_link.status.success() && String::from_utf8_lossy(&bad_link.stderr).contains("write a link as MBPS,RTT_MS"));
 }
 
+/// `hat loadtest` end to end on the tiny model: every level batched and unbatched runs without
+/// an error, the JSON holds each level's tokens and both sides' CPU per token, the plot has its
+/// panels, and bad levels are one-line errors.
+#[test]
+fn loadtest_reports_every_level_and_both_sides_cpu() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = TinyLlama::default().write_dir(&tmp.path().join("src"), 1);
+    let art = tmp.path().join("art");
+    assert!(split(&src, &art, 1, 1, &[]).status.success());
+    let art_s = art.to_str().expect("utf8");
+    let (json, svg) = (tmp.path().join("load.json"), tmp.path().join("load.svg"));
+    let (json_s, svg_s) = (json.to_str().expect("utf8"), svg.to_str().expect("utf8"));
+    let res = hat(
+        &[
+            "loadtest",
+            "--artifacts",
+            art_s,
+            "--spawn-cloud",
+            "--compare-batching",
+            "--sessions",
+            "1,3",
+            "--duration",
+            "1",
+            "--max-tokens",
+            "4",
+            "--json",
+            json_s,
+            "--plot",
+            svg_s,
+        ],
+        &[],
+    );
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    assert!(String::from_utf8_lossy(&res.stdout).contains("device CPU ms/token"));
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).expect("load.json")).expect("json");
+    let levels = v["levels"].as_array().expect("levels");
+    assert_eq!(levels.len(), 2 * 2, "2 levels, batched and unbatched");
+    for l in levels {
+        assert_eq!(l["errors"], 0, "{l}");
+        assert!(l["tokens"].as_u64().expect("tokens") > 0, "{l}");
+        for side in ["cloud_cpu_ms_per_token", "device_cpu_ms_per_token"] {
+            assert!(l[side].as_f64().is_some_and(|ms| ms > 0.0), "{side}: {l}");
+        }
+    }
+    let plot = std::fs::read_to_string(&svg).expect("svg");
+    for panel in ["Aggregate throughput", "Cloud CPU per token", "Device sessions&apos; CPU per token", "Time between tokens"] {
+        assert!(plot.contains(panel), "{panel} not in the plot");
+    }
+    assert_one_line_error(&hat(&["loadtest", "--artifacts", art_s, "--spawn-cloud", "--sessions", "0,4"], &[]), "--sessions");
+    assert_one_line_error(&hat(&["loadtest", "--artifacts", art_s, "--spawn-cloud", "--duration", "0"], &[]), "--duration");
+}
+
 /// `--device` and `--dtype` of `hat serve cloud` (and `--cloud-device`/`--cloud-dtype` where hat
 /// starts the cloud): bad values and impossible asks are refused in one line before anything
 /// listens; a bf16 cloud, started by `hat bench`, gives `hat` exactly `ushape`'s tokens.
