@@ -70,7 +70,8 @@ impl Attention {
     fn project(&self, x: &Tensor, differentiable: bool) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, seq, _) = x.dims3()?;
         let heads = |t: Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((b, seq, n, self.head_dim))?.transpose(1, 2)?.contiguous()?) };
-        let (mut q, mut k) = (heads(self.q_proj.forward(x)?, self.num_heads)?, heads(self.k_proj.forward(x)?, self.num_kv_heads)?);
+        let [q, k, v] = Proj::forward_shared([&self.q_proj, &self.k_proj, &self.v_proj], x)?;
+        let (mut q, mut k) = (heads(q, self.num_heads)?, heads(k, self.num_kv_heads)?);
         if let Some((qn, kn)) = &self.qk_norm {
             (q, k) = if differentiable {
                 (qn.forward_differentiable(&q)?, kn.forward_differentiable(&k)?)
@@ -78,7 +79,7 @@ impl Attention {
                 (qn.forward(&q)?, kn.forward(&k)?)
             };
         }
-        Ok((q, k, heads(self.v_proj.forward(x)?, self.num_kv_heads)?))
+        Ok((q, k, heads(v, self.num_kv_heads)?))
     }
 
     /// # Shapes
@@ -279,7 +280,7 @@ impl Mlp {
     /// # Shapes
     /// x: (batch, seq, hidden) -> (batch, seq, hidden)
     fn forward(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
-        let (gate, up) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
+        let [gate, up] = Proj::forward_shared([&self.gate_proj, &self.up_proj], x)?;
         let gated = match self.activation {
             Activation::Silu if !differentiable && crate::cpu::runs(&gate) && crate::cpu::runs(&up) => crate::cpu::silu_mul(&gate, &up)?,
             Activation::Silu => (candle_nn::ops::silu(&gate)? * up)?,

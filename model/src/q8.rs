@@ -128,9 +128,43 @@ impl PackedQ8 {
         Ok(Tensor::from_vec(out, shape, x.device())?)
     }
 
+    /// `x` times each matrix's transpose, the input rounded to 8 bits once for all of them (the
+    /// query, key and value projections read the same rows, as do the MLP's gate and up): each
+    /// result has the bits [`PackedQ8::forward`] gives it.
+    ///
+    /// # Shapes
+    /// x: (..., k) f32 on the CPU -> one (..., n) per matrix
+    pub fn forward_many(mats: &[&PackedQ8], x: &Tensor) -> Result<Vec<Tensor>> {
+        let dims = x.dims().to_vec();
+        let Some(k) = mats.first().map(|w| w.k) else { return Ok(Vec::new()) };
+        if dims.last() != Some(&k) || mats.iter().any(|w| w.k != k) {
+            return Err(ModelError::InvalidConfig(format!(
+                "a {}-wide input for matrices of {:?} inputs",
+                dims.last().unwrap_or(&0),
+                mats.iter().map(|w| w.k).collect::<Vec<_>>()
+            )));
+        }
+        let m = x.elem_count() / k;
+        let xs = x.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+        let acts = Acts::quantize(&xs, m, k);
+        mats.iter()
+            .map(|w| {
+                let mut out = vec![0f32; m * w.n];
+                w.matmul_acts(&acts, &mut out);
+                let mut shape = dims.clone();
+                *shape.last_mut().expect("checked above") = w.n;
+                Ok(Tensor::from_vec(out, shape, x.device())?)
+            })
+            .collect()
+    }
+
     /// `out (m x n) = x (m x k) . W^T`.
     fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        let acts = Acts::quantize(x, m, self.k);
+        self.matmul_acts(&Acts::quantize(x, m, self.k), out);
+    }
+
+    /// `out (m x n)`: the rounded input rows `acts` times the matrix's transpose.
+    fn matmul_acts(&self, acts: &Acts, out: &mut [f32]) {
         let tiles = self.n / TILE;
         let dst = out.as_mut_ptr() as usize;
         let run = |range: std::ops::Range<usize>| {
@@ -140,7 +174,7 @@ impl PackedQ8 {
                 // m rows of `out` (m x n, alive for this call), and no two tasks share a tile.
                 #[allow(unsafe_code)]
                 unsafe {
-                    tile_rows(self, &acts, t, dst as *mut f32)
+                    tile_rows(self, acts, t, dst as *mut f32)
                 };
             }
         };
@@ -414,6 +448,36 @@ mod tests {
             let differ = got.iter().zip(&want).filter(|(g, w)| g != w).count();
             assert_eq!(differ, 0, "{n}x{k}: {differ} outputs differ from candle's");
         }
+        Ok(())
+    }
+
+    /// Matrices sharing an input (rounded once) give each its own `forward`'s bits, through
+    /// `Proj::forward_shared` with a bias too; inputs of different widths are refused.
+    #[test]
+    fn shared_input_products_have_each_products_bits() -> Result<()> {
+        if !runs_here() {
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        let qs: Vec<Arc<QTensor>> = [192, 576, 64].into_iter().map(|n| matrix(n, 576).map(Arc::new)).collect::<Result<_>>()?;
+        let bias = Tensor::randn(0f32, 1.0, 64, &dev)?;
+        let projs = [
+            crate::weights::Proj::quantized(qs[0].clone(), None, true)?,
+            crate::weights::Proj::quantized(qs[1].clone(), None, true)?,
+            crate::weights::Proj::quantized(qs[2].clone(), Some(bias), true)?,
+        ];
+        let mut x = Tensor::randn(0f32, 1.0, (1, 7, 576), &dev)?.to_vec3::<f32>()?;
+        x[0][2][9] = 280.0;
+        let x = Tensor::new(x, &dev)?;
+        let bits = |t: &Tensor| -> Result<Vec<u32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect()) };
+        let shared = crate::weights::Proj::forward_shared([&projs[0], &projs[1], &projs[2]], &x)?;
+        for (p, got) in projs.iter().zip(&shared) {
+            assert_eq!(got.dims(), p.forward(&x)?.dims());
+            assert_eq!(bits(got)?, bits(&p.forward(&x)?)?);
+        }
+        let narrow = PackedQ8::pack(&matrix(16, 256)?)?.expect("packs");
+        let wide = PackedQ8::pack(&qs[0])?.expect("packs");
+        assert!(PackedQ8::forward_many(&[&wide, &narrow], &x).is_err());
         Ok(())
     }
 

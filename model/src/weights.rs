@@ -229,6 +229,42 @@ impl Proj {
         }
     }
 
+    /// Each projection of the same input, as [`Proj::forward`] gives it. Where all of them run in
+    /// hat's q8_0 kernel, the input is converted and rounded to 8 bits once for all (the query, key
+    /// and value projections share it, as do the MLP's gate and up), which [`PackedQ8::forward`]
+    /// did once a matrix.
+    ///
+    /// # Shapes
+    /// x: (..., in) -> one (..., out) per projection
+    pub fn forward_shared<const N: usize>(projs: [&Proj; N], x: &Tensor) -> Result<[Tensor; N]> {
+        let packed: Vec<&PackedQ8> = projs
+            .iter()
+            .filter_map(|p| match p {
+                Proj::Quant { packed: Some(w), .. } => Some(w.as_ref()),
+                _ => None,
+            })
+            .collect();
+        let ys = if packed.len() == N {
+            let bias = |p: &Proj| match p {
+                Proj::Quant { bias, .. } => bias.clone(),
+                Proj::Dense(_) => None,
+            };
+            PackedQ8::forward_many(&packed, x)?
+                .into_iter()
+                .zip(projs)
+                .map(|(y, p)| {
+                    Ok(match bias(p) {
+                        Some(b) => y.broadcast_add(&b)?,
+                        None => y,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            projs.iter().map(|p| p.forward(x)).collect::<Result<Vec<_>>>()?
+        };
+        Ok(ys.try_into().unwrap_or_else(|_| unreachable!("one result per projection")))
+    }
+
     /// The weight as a dense f32 matrix (a copy when quantized).
     ///
     /// # Shapes
