@@ -32,6 +32,14 @@ fn split(model: &Path, out: &Path, input: usize, output: usize, envs: &[(&str, &
     )
 }
 
+/// The tiny model written to `dir/src` and split 1/1 into `dir/art`, which it returns.
+fn tiny_split(dir: &Path) -> PathBuf {
+    let src = TinyLlama::default().write_dir(&dir.join("src"), 1);
+    let art = dir.join("art");
+    assert!(split(&src, &art, 1, 1, &[]).status.success());
+    art
+}
+
 /// Asserts a failed run: non-zero exit, and one `error:` line naming `needle`.
 fn assert_one_line_error(out: &Output, needle: &str) {
     assert!(!out.status.success(), "expected failure, got success");
@@ -200,9 +208,7 @@ fn serve_cloud(art: &str, extra: &[&str]) -> (std::process::Child, String) {
 #[test]
 fn serve_cloud_and_generate_remotely_report_round_trips_and_bytes() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let src = TinyLlama::default().write_dir(&tmp.path().join("src"), 1);
-    let art = tmp.path().join("art");
-    assert!(split(&src, &art, 1, 1, &[]).status.success());
+    let art = tiny_split(tmp.path());
     let art_s = art.to_str().expect("utf8");
     let token = tmp.path().join("token");
     std::fs::write(&token, "s3cret\n").expect("token");
@@ -247,9 +253,7 @@ fn serve_cloud_and_generate_remotely_report_round_trips_and_bytes() {
 #[test]
 fn serve_cloud_and_generate_over_mutual_tls() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let src = TinyLlama::default().write_dir(&tmp.path().join("src"), 1);
-    let art = tmp.path().join("art");
-    assert!(split(&src, &art, 1, 1, &[]).status.success());
+    let art = tiny_split(tmp.path());
     let art_s = art.to_str().expect("utf8");
     let pki = hat_tests::TestPki::generate(tmp.path(), "cli");
     let p = |p: &Path| p.to_str().expect("utf8").to_string();
@@ -279,9 +283,7 @@ fn serve_cloud_and_generate_over_mutual_tls() {
 #[test]
 fn profile_then_bench_every_mode_on_the_tiny_model() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let src = TinyLlama::default().write_dir(&tmp.path().join("src"), 1);
-    let art = tmp.path().join("art");
-    assert!(split(&src, &art, 1, 1, &[]).status.success());
+    let art = tiny_split(tmp.path());
     let art_s = art.to_str().expect("utf8");
     let prompts = tmp.path().join("prompts.jsonl");
     let long: Vec<String> = (0..120).map(|i| format!("w{}", i % 50)).collect();
@@ -345,9 +347,7 @@ fn profile_then_bench_every_mode_on_the_tiny_model() {
 #[test]
 fn loadtest_reports_every_level_and_both_sides_cpu() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let src = TinyLlama::default().write_dir(&tmp.path().join("src"), 1);
-    let art = tmp.path().join("art");
-    assert!(split(&src, &art, 1, 1, &[]).status.success());
+    let art = tiny_split(tmp.path());
     let art_s = art.to_str().expect("utf8");
     let (json, svg) = (tmp.path().join("load.json"), tmp.path().join("load.svg"));
     let (json_s, svg_s) = (json.to_str().expect("utf8"), svg.to_str().expect("utf8"));
