@@ -115,17 +115,7 @@ impl PackedQ8 {
     /// # Shapes
     /// x: (..., k) f32 on the CPU -> (..., n)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        if dims.last() != Some(&self.k) {
-            return Err(ModelError::InvalidConfig(format!("a {}-wide input for a matrix of {} inputs", dims.last().unwrap_or(&0), self.k)));
-        }
-        let m = x.elem_count() / self.k;
-        let xs = x.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
-        let mut out = vec![0f32; m * self.n];
-        self.matmul(&xs, m, &mut out);
-        let mut shape = dims;
-        *shape.last_mut().expect("checked above") = self.n;
-        Ok(Tensor::from_vec(out, shape, x.device())?)
+        Ok(Self::forward_many(&[self], x)?.pop().expect("one product per matrix"))
     }
 
     /// `x` times each matrix's transpose, the input rounded to 8 bits once for all of them (the
@@ -137,12 +127,12 @@ impl PackedQ8 {
     pub fn forward_many(mats: &[&PackedQ8], x: &Tensor) -> Result<Vec<Tensor>> {
         let dims = x.dims().to_vec();
         let Some(k) = mats.first().map(|w| w.k) else { return Ok(Vec::new()) };
-        if dims.last() != Some(&k) || mats.iter().any(|w| w.k != k) {
-            return Err(ModelError::InvalidConfig(format!(
-                "a {}-wide input for matrices of {:?} inputs",
-                dims.last().unwrap_or(&0),
-                mats.iter().map(|w| w.k).collect::<Vec<_>>()
-            )));
+        if mats.iter().any(|w| w.k != k) {
+            let widths: Vec<usize> = mats.iter().map(|w| w.k).collect();
+            return Err(ModelError::InvalidConfig(format!("matrices of {widths:?} inputs cannot share one input")));
+        }
+        if dims.last() != Some(&k) {
+            return Err(ModelError::InvalidConfig(format!("a {}-wide input for a matrix of {k} inputs", dims.last().unwrap_or(&0))));
         }
         let m = x.elem_count() / k;
         let xs = x.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
@@ -150,7 +140,7 @@ impl PackedQ8 {
         mats.iter()
             .map(|w| {
                 let mut out = vec![0f32; m * w.n];
-                w.matmul_acts(&acts, &mut out);
+                w.matmul(&acts, &mut out);
                 let mut shape = dims.clone();
                 *shape.last_mut().expect("checked above") = w.n;
                 Ok(Tensor::from_vec(out, shape, x.device())?)
@@ -158,13 +148,8 @@ impl PackedQ8 {
             .collect()
     }
 
-    /// `out (m x n) = x (m x k) . W^T`.
-    fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        self.matmul_acts(&Acts::quantize(x, m, self.k), out);
-    }
-
-    /// `out (m x n)`: the rounded input rows `acts` times the matrix's transpose.
-    fn matmul_acts(&self, acts: &Acts, out: &mut [f32]) {
+    /// `out (m x n)`: the rounded input rows `acts` (m x k) times the matrix's transpose.
+    fn matmul(&self, acts: &Acts, out: &mut [f32]) {
         let tiles = self.n / TILE;
         let dst = out.as_mut_ptr() as usize;
         let run = |range: std::ops::Range<usize>| {

@@ -117,6 +117,14 @@ pub enum Proj {
     },
 }
 
+/// `y` plus a projection's bias, if it has one.
+fn with_bias(y: Tensor, bias: &Option<Tensor>) -> Result<Tensor> {
+    Ok(match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
+}
+
 /// The block of values candle's tiled x86 kernels need a row length to be a multiple of.
 const TILE_K: usize = 256;
 
@@ -221,10 +229,7 @@ impl Proj {
                         }
                     }
                 };
-                Ok(match bias {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                })
+                with_bias(y, bias)
             }
         }
     }
@@ -237,27 +242,19 @@ impl Proj {
     /// # Shapes
     /// x: (..., in) -> one (..., out) per projection
     pub fn forward_shared<const N: usize>(projs: [&Proj; N], x: &Tensor) -> Result<[Tensor; N]> {
-        let packed: Vec<&PackedQ8> = projs
+        let packed: Vec<(&PackedQ8, &Option<Tensor>)> = projs
             .iter()
             .filter_map(|p| match p {
-                Proj::Quant { packed: Some(w), .. } => Some(w.as_ref()),
+                Proj::Quant { packed: Some(w), bias, .. } => Some((w.as_ref(), bias)),
                 _ => None,
             })
             .collect();
         let ys = if packed.len() == N {
-            let bias = |p: &Proj| match p {
-                Proj::Quant { bias, .. } => bias.clone(),
-                Proj::Dense(_) => None,
-            };
-            PackedQ8::forward_many(&packed, x)?
+            let mats: Vec<&PackedQ8> = packed.iter().map(|(w, _)| *w).collect();
+            PackedQ8::forward_many(&mats, x)?
                 .into_iter()
-                .zip(projs)
-                .map(|(y, p)| {
-                    Ok(match bias(p) {
-                        Some(b) => y.broadcast_add(&b)?,
-                        None => y,
-                    })
-                })
+                .zip(&packed)
+                .map(|(y, (_, bias))| with_bias(y, bias))
                 .collect::<Result<Vec<_>>>()?
         } else {
             projs.iter().map(|p| p.forward(x)).collect::<Result<Vec<_>>>()?
