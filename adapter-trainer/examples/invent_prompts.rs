@@ -1,8 +1,9 @@
 //! Prompts the model invents itself, for more draft-head training data (after Magpie, Xu et al.
 //! 2024): the full split model is given its chat template up to where a user's turn begins and
 //! samples the user's message. Only complete, one-line messages of 3 to 80 words are kept, once
-//! each, and none that is a held-out prompt, one of the shipped training prompts or a line of an
-//! EXCLUDE file (an earlier run's prompts, so a second run with another seed adds only new ones).
+//! each, and none that is a held-out prompt (written or invented), one of the shipped training
+//! prompts or a line of an EXCLUDE file (an earlier run's prompts, so a second run with another
+//! seed adds only new ones).
 //!
 //! `cargo run --release -p hat-adapter-trainer --example invent_prompts -- ARTIFACTS_DIR N OUT [SEED [EXCLUDE...]]`
 //!
@@ -12,7 +13,7 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use candle_core::Device;
-use hat_adapter_trainer::data::{prompt_lines, HELDOUT_PROMPTS};
+use hat_adapter_trainer::data::{prompt_lines, HELDOUT_INVENTED_PROMPTS, HELDOUT_PROMPTS};
 use hat_adapter_trainer::distill::distill;
 use hat_runtime::chat::render_user_prompt;
 use hat_runtime::package::{CloudPackage, DevicePackage};
@@ -40,6 +41,7 @@ fn main() {
     let eos_ids = device.eos_ids();
 
     let mut known: HashSet<String> = prompt_lines(HELDOUT_PROMPTS).into_iter().collect();
+    known.extend(prompt_lines(HELDOUT_INVENTED_PROMPTS));
     known.extend(prompt_lines(hat_adapter_trainer::feature_run::HEAD_PROMPTS));
     for file in args.iter().skip(4) {
         let text = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("cannot read {file}: {e}"));

@@ -12,6 +12,9 @@ use crate::error::{Result, TrainError};
 
 pub const SHIPPED_PROMPTS: &str = include_str!("../prompts/self-distill.txt");
 pub const HELDOUT_PROMPTS: &str = include_str!("../prompts/heldout.txt");
+/// Prompts the model invented (`invent_prompts`, seed 5) that no training set holds: held out like
+/// `heldout.txt`, to tell how far the head's acceptance on written prompts is a matter of kind.
+pub const HELDOUT_INVENTED_PROMPTS: &str = include_str!("../prompts/heldout-invented.txt");
 
 /// One training example, before tokenization.
 #[derive(Debug, Clone, PartialEq)]
@@ -145,6 +148,30 @@ pub fn chat_prompt(package: &DevicePackage, user: &str) -> Result<Vec<u32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// No prompt the project trains on is a held-out one, written or invented, and the two held-out
+    /// sets are what their files say: 32 and 64 distinct prompts.
+    #[test]
+    fn held_out_prompts_are_in_no_training_set() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("prompts");
+        let held: Vec<String> = prompt_lines(HELDOUT_PROMPTS).into_iter().chain(prompt_lines(HELDOUT_INVENTED_PROMPTS)).collect();
+        let distinct: std::collections::HashSet<&String> = held.iter().collect();
+        assert_eq!((held.len(), distinct.len()), (32 + 64, 32 + 64), "held-out prompts, each once");
+        let mut files = 0;
+        for entry in std::fs::read_dir(&dir).expect("prompts directory") {
+            let path = entry.expect("entry").path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+            if name.starts_with("heldout") {
+                continue;
+            }
+            files += 1;
+            let text = std::fs::read_to_string(&path).expect("prompt file");
+            for p in prompt_lines(&text) {
+                assert!(!distinct.contains(&p), "{name} holds the held-out prompt {p:?}");
+            }
+        }
+        assert!(files >= 6, "the training prompt files were found ({files})");
+    }
 
     fn write(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().expect("tmp");
