@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use candle_core::Device;
-use hat_adapter_trainer::data::{prompt_lines, HELDOUT_INVENTED_PROMPTS, HELDOUT_PROMPTS};
+use hat_adapter_trainer::data::{held_out_prompts, prompt_lines};
 use hat_adapter_trainer::distill::distill;
 use hat_runtime::chat::render_user_prompt;
 use hat_runtime::package::{CloudPackage, DevicePackage};
@@ -40,8 +40,7 @@ fn main() {
     let ids = device.tokenizer.encode(prefix, false).expect("tokenizer").get_ids().to_vec();
     let eos_ids = device.eos_ids();
 
-    let mut known: HashSet<String> = prompt_lines(HELDOUT_PROMPTS).into_iter().collect();
-    known.extend(prompt_lines(HELDOUT_INVENTED_PROMPTS));
+    let mut known: HashSet<String> = held_out_prompts();
     known.extend(prompt_lines(hat_adapter_trainer::feature_run::HEAD_PROMPTS));
     for file in args.iter().skip(4) {
         let text = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("cannot read {file}: {e}"));

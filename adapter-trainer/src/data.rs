@@ -16,6 +16,11 @@ pub const HELDOUT_PROMPTS: &str = include_str!("../prompts/heldout.txt");
 /// `heldout.txt`, to tell how far the head's acceptance on written prompts is a matter of kind.
 pub const HELDOUT_INVENTED_PROMPTS: &str = include_str!("../prompts/heldout-invented.txt");
 
+/// Every held-out prompt, written and invented: what no training set may hold.
+pub fn held_out_prompts() -> std::collections::HashSet<String> {
+    prompt_lines(HELDOUT_PROMPTS).into_iter().chain(prompt_lines(HELDOUT_INVENTED_PROMPTS)).collect()
+}
+
 /// One training example, before tokenization.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Example {
@@ -154,9 +159,9 @@ mod tests {
     #[test]
     fn held_out_prompts_are_in_no_training_set() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("prompts");
-        let held: Vec<String> = prompt_lines(HELDOUT_PROMPTS).into_iter().chain(prompt_lines(HELDOUT_INVENTED_PROMPTS)).collect();
-        let distinct: std::collections::HashSet<&String> = held.iter().collect();
-        assert_eq!((held.len(), distinct.len()), (32 + 64, 32 + 64), "held-out prompts, each once");
+        let lines = prompt_lines(HELDOUT_PROMPTS).len() + prompt_lines(HELDOUT_INVENTED_PROMPTS).len();
+        let distinct = held_out_prompts();
+        assert_eq!((lines, distinct.len()), (32 + 64, 32 + 64), "held-out prompts, each once");
         let mut files = 0;
         for entry in std::fs::read_dir(&dir).expect("prompts directory") {
             let path = entry.expect("entry").path();

@@ -14,7 +14,7 @@ use hat_runtime::{CloudPackage, DevicePackage, Drafter};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
-use crate::data::{chat_prompt, prompt_lines, read_prompts, HELDOUT_INVENTED_PROMPTS, HELDOUT_PROMPTS};
+use crate::data::{chat_prompt, held_out_prompts, prompt_lines, read_prompts, HELDOUT_PROMPTS};
 use crate::distill::{distill, Distilled};
 use crate::error::{Result, TrainError};
 use crate::eval::{evaluate_drafter, EvalResult};
@@ -204,8 +204,7 @@ pub fn run_feature(opts: &TrainAdapterOptions) -> Result<HeadReport> {
         opts.data.iter().map(|p| read_prompts(p)).collect::<Result<Vec<_>>>()?
     };
     // Every held-out prompt stays out, written or invented, not just the ones this run evaluates on.
-    let never: std::collections::HashSet<String> =
-        prompt_lines(HELDOUT_PROMPTS).into_iter().chain(prompt_lines(HELDOUT_INVENTED_PROMPTS)).collect();
+    let never = held_out_prompts();
     let mut left = opts.self_distill.unwrap_or(usize::MAX);
     for prompts in &mut files {
         prompts.retain(|p| !never.contains(p));
