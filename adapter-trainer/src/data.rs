@@ -21,6 +21,33 @@ pub fn held_out_prompts() -> std::collections::HashSet<String> {
     prompt_lines(HELDOUT_PROMPTS).into_iter().chain(prompt_lines(HELDOUT_INVENTED_PROMPTS)).collect()
 }
 
+/// Words that say what kind of request a prompt is, not what it is about.
+const GLUE: &[&str] = &[
+    "about", "could", "does", "explain", "from", "give", "have", "help", "into", "like", "make", "short", "should", "some", "tell", "that",
+    "their", "them", "they", "this", "what", "when", "where", "which", "will", "with", "would", "write", "your",
+];
+
+/// Lower-cased words of four letters or more, glue words left out: what a prompt is about.
+fn subject_words(text: &str) -> std::collections::HashSet<String> {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| w.len() >= 4)
+        .map(str::to_lowercase)
+        .filter(|w| !GLUE.contains(&w.as_str()))
+        .collect()
+}
+
+/// Whether a prompt is on the subject of a held-out one: it shares at least two subject words with
+/// it, and at least 60% of the shorter prompt's. Invented prompts that are drop out, so a held-out
+/// topic does not come back in other words ("Write a poem about the moon at night").
+pub fn near_held_out(prompt: &str) -> bool {
+    let mine = subject_words(prompt);
+    held_out_prompts().iter().any(|h| {
+        let theirs = subject_words(h);
+        let shared = mine.intersection(&theirs).count();
+        shared >= 2 && shared as f64 >= 0.6 * mine.len().min(theirs.len()) as f64
+    })
+}
+
 /// One training example, before tokenization.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Example {
@@ -176,6 +203,21 @@ mod tests {
             }
         }
         assert!(files >= 6, "the training prompt files were found ({files})");
+    }
+
+    /// The subject test catches a held-out prompt in other words, and only then.
+    #[test]
+    fn prompts_on_a_held_out_subject_are_caught() {
+        assert!(near_held_out("Write a poem about the moon at night."));
+        assert!(near_held_out("Explain to a child why the seasons change through the year."));
+        assert!(!near_held_out("Write a poem about a cat."));
+        assert!(!near_held_out("Explain why the sky is blue."));
+        // Every held-out prompt of two subject words or more is on its own subject; one word ("Can you
+        // help me with a password?") is too little to tell a subject by.
+        let held_out = held_out_prompts();
+        let caught = held_out.iter().filter(|p| near_held_out(p)).count();
+        let single = held_out.iter().filter(|p| subject_words(p).len() < 2).count();
+        assert_eq!((caught, single), (held_out.len() - 2, 2));
     }
 
     fn write(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
