@@ -4,7 +4,7 @@
 //! a fixed draft length and at adaptive thresholds). Writes DIR/device/draft-head.safetensors (f16)
 //! and draft-head-report.json.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::DType;
@@ -107,7 +107,7 @@ fn distilled(
         key += &format!("|sampled {} {}", sampling.temperature, sampling.seed);
     }
     let key = &hex::encode(sha2::Sha256::digest(key.as_bytes()))[..16];
-    let cache = device.dir.join(WORK_DIR).join(format!("distill-{what}-{key}.json"));
+    let cache = distill_cache(&device.dir.join(WORK_DIR), key);
     if let Some(d) = std::fs::read_to_string(&cache).ok().and_then(|t| serde_json::from_str::<Vec<Distilled>>(&t).ok()) {
         return Ok((d, 0.0));
     }
@@ -118,6 +118,25 @@ fn distilled(
     let json = serde_json::to_string(&d).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
     write_atomically(&cache, |tmp| std::fs::write(tmp, &json).map_err(|e| TrainError::io(format!("cannot write {}", tmp.display()), e)))?;
     Ok((d, started.elapsed().as_secs_f64()))
+}
+
+/// Where the answers with this key are cached: named by the key alone, so a file's answers are
+/// found whatever its place among `--data`. (Earlier releases also named the place,
+/// `distill-train-data4-KEY.json`, and a run that listed the same files in another order answered
+/// them all again; such a file is still found.)
+fn distill_cache(work: &Path, key: &str) -> PathBuf {
+    let named = work.join(format!("distill-{key}.json"));
+    if named.exists() {
+        return named;
+    }
+    let suffix = format!("-{key}.json");
+    std::fs::read_dir(work)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("distill-") && n.ends_with(&suffix)))
+        .unwrap_or(named)
 }
 
 fn teacher(
@@ -393,4 +412,24 @@ pub fn run_feature(opts: &TrainAdapterOptions) -> Result<HeadReport> {
         std::fs::write(tmp, &json).map_err(|e| TrainError::io(format!("cannot write {}", tmp.display()), e))
     })?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::distill_cache;
+
+    /// A file's cached answers are found by their key, wherever the file stood among `--data`,
+    /// and under the older name that also held its place.
+    #[test]
+    fn distilled_answers_are_found_by_their_key_alone() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let work = dir.path();
+        assert_eq!(distill_cache(work, "0f66a68ad49e29e1"), work.join("distill-0f66a68ad49e29e1.json"));
+        std::fs::write(work.join("distill-train-data6-0f66a68ad49e29e1.json"), "[]").expect("write");
+        std::fs::write(work.join("distill-train-data2-1d39df070a500d5f.json"), "[]").expect("write");
+        assert_eq!(distill_cache(work, "0f66a68ad49e29e1"), work.join("distill-train-data6-0f66a68ad49e29e1.json"));
+        std::fs::write(work.join("distill-1d39df070a500d5f.json"), "[]").expect("write");
+        assert_eq!(distill_cache(work, "1d39df070a500d5f"), work.join("distill-1d39df070a500d5f.json"));
+        assert_eq!(distill_cache(work, "ffffffffffffffff"), work.join("distill-ffffffffffffffff.json"));
+    }
 }
