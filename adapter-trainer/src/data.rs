@@ -37,13 +37,15 @@ fn subject_words(text: &str) -> std::collections::HashSet<String> {
 }
 
 /// Whether a prompt is on the subject of a held-out one: it shares at least two subject words with
-/// it, and at least 60% of the shorter prompt's. Invented prompts that are drop out, so a held-out
-/// topic does not come back in other words ("Write a poem about the moon at night").
+/// it, and at least 60% of the shorter prompt's. Invented prompts that are get dropped, so a
+/// held-out topic does not come back in other words ("Write a poem about the moon at night").
 pub fn near_held_out(prompt: &str) -> bool {
+    // The held-out prompts' subjects, worked out once: this runs on every invented message.
+    static HELD_OUT: std::sync::OnceLock<Vec<std::collections::HashSet<String>>> = std::sync::OnceLock::new();
+    let held_out = HELD_OUT.get_or_init(|| held_out_prompts().iter().map(|h| subject_words(h)).collect());
     let mine = subject_words(prompt);
-    held_out_prompts().iter().any(|h| {
-        let theirs = subject_words(h);
-        let shared = mine.intersection(&theirs).count();
+    held_out.iter().any(|theirs| {
+        let shared = mine.intersection(theirs).count();
         shared >= 2 && shared as f64 >= 0.6 * mine.len().min(theirs.len()) as f64
     })
 }
