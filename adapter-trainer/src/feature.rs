@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Module, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
 use hat_model::Config;
-use hat_runtime::draft_head::{HeadMeta, HeadParts, VOCAB_TENSOR};
+use hat_runtime::draft_head::{head_layer_count, HeadMeta, HeadParts, VOCAB_TENSOR};
 use hat_runtime::{DevicePackage, FeatureHead};
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -118,9 +118,34 @@ pub fn initial_tensors(package: &DevicePackage, seed: u64) -> Result<HashMap<Str
     Ok(t)
 }
 
+/// Gives a head `layers` decoder layers. Each added layer starts as a copy of the head's last with
+/// its two output projections (attention's and the MLP's, biases included) at zero, so it adds
+/// nothing to the residual stream: the grown head computes exactly what the head did, and training
+/// brings the new layers in from there. A head never loses layers.
+pub fn grow_layers(tensors: &mut HashMap<String, Tensor>, layers: usize) -> Result<()> {
+    let have = head_layer_count(tensors.keys());
+    if have == 0 || layers < have {
+        return Err(TrainError::BadInput(format!(
+            "--head-layers {layers}: the starting head has {have} decoder layer(s), and a head can only gain layers"
+        )));
+    }
+    let last = format!("{}.{}.", hat_model::names::LAYERS_PREFIX, have - 1);
+    let copies: Vec<(String, Tensor)> =
+        tensors.iter().filter_map(|(k, v)| k.strip_prefix(&last).map(|s| (s.to_string(), v.clone()))).collect();
+    for i in have..layers {
+        for (suffix, t) in &copies {
+            let silent = suffix.starts_with("self_attn.o_proj.") || suffix.starts_with("mlp.down_proj.");
+            let t = if silent { t.zeros_like()? } else { t.clone() };
+            tensors.insert(format!("{}.{i}.{suffix}", hat_model::names::LAYERS_PREFIX), t);
+        }
+    }
+    Ok(())
+}
+
 impl TrainableHead {
     pub fn new(tensors: HashMap<String, Tensor>, vocab: Vec<u32>, package: &DevicePackage, device: &Device) -> Result<Self> {
         let cfg = package.config.clone();
+        let layers = head_layer_count(tensors.keys());
         let varmap = VarMap::new();
         {
             let mut data = varmap.data().lock().map_err(|_| TrainError::BadInput("var map lock poisoned".into()))?;
@@ -133,7 +158,12 @@ impl TrainableHead {
         let head_rows = package.output.lm_head_weight()?.to_dtype(DType::F32)?.index_select(&ids, 0)?.to_device(device)?;
         let embedding = package.input.embedding_weight()?.to_dtype(DType::F32)?.to_device(device)?;
         let index = vocab.iter().enumerate().map(|(i, &t)| (t, i)).collect();
-        Ok(Self { parts: HeadParts::load(&vb, &cfg)?, varmap, embedding, head_rows, vocab, index, cfg, device: device.clone() })
+        Ok(Self { parts: HeadParts::load(&vb, &cfg, layers)?, varmap, embedding, head_rows, vocab, index, cfg, device: device.clone() })
+    }
+
+    /// The head's decoder layers.
+    pub fn layers(&self) -> usize {
+        self.parts.layer.layer_range().len()
     }
 
     pub fn vars(&self) -> Vec<(String, Var)> {

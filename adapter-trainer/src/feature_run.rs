@@ -18,7 +18,9 @@ use crate::data::{chat_prompt, held_out_prompts, prompt_lines, read_prompts, HEL
 use crate::distill::{distill, Distilled};
 use crate::error::{Result, TrainError};
 use crate::eval::{evaluate_drafter, EvalResult};
-use crate::feature::{alignment, draft_vocab, initial_tensors, teacher_forced_top1, HeadLossConfig, HeadStudent, TrainableHead};
+use crate::feature::{
+    alignment, draft_vocab, grow_layers, initial_tensors, teacher_forced_top1, HeadLossConfig, HeadStudent, TrainableHead,
+};
 use crate::optim::AdamW;
 use crate::teacher::{teacher_key_for, TeacherSet};
 use crate::train::{Checkpoint, CheckpointMeta, TrainConfig};
@@ -52,6 +54,9 @@ pub struct HeadReport {
     pub device: String,
     pub made_by: String,
     pub draft_vocab: usize,
+    /// The head's decoder layers.
+    #[serde(default = "one")]
+    pub head_layers: usize,
     /// Share of held-out answer tokens inside the draft vocabulary (a ceiling on acceptance).
     pub heldout_vocab_coverage: f64,
     pub sequences: usize,
@@ -167,14 +172,22 @@ struct Start {
 }
 
 /// `--init-head`'s weights and vocabulary (checked against the package like any head), or the
-/// model's last layer and no vocabulary yet.
+/// model's last layer and no vocabulary yet; grown to `--head-layers`.
 fn start_tensors(opts: &TrainAdapterOptions, device: &DevicePackage) -> Result<Start> {
-    let Some(path) = &opts.init_head else { return Ok(Start { tensors: initial_tensors(device, opts.seed)?, init: None }) };
-    let bytes = std::fs::read(path).map_err(|e| TrainError::io(format!("cannot read --init-head {}", path.display()), e))?;
-    let (_, t, vocab) = read_head(&bytes, path, device, &candle_core::Device::Cpu)?;
-    let tensors = t.into_iter().map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?))).collect::<Result<_>>()?;
-    let digest = hex::encode(sha2::Sha256::digest(&bytes))[..12].to_string();
-    Ok(Start { tensors, init: Some((vocab, digest)) })
+    let mut start = match &opts.init_head {
+        None => Start { tensors: initial_tensors(device, opts.seed)?, init: None },
+        Some(path) => {
+            let bytes = std::fs::read(path).map_err(|e| TrainError::io(format!("cannot read --init-head {}", path.display()), e))?;
+            let (_, t, vocab) = read_head(&bytes, path, device, &candle_core::Device::Cpu)?;
+            let tensors = t.into_iter().map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?))).collect::<Result<_>>()?;
+            let digest = hex::encode(sha2::Sha256::digest(&bytes))[..12].to_string();
+            Start { tensors, init: Some((vocab, digest)) }
+        }
+    };
+    if let Some(layers) = opts.head_layers {
+        grow_layers(&mut start.tensors, layers)?;
+    }
+    Ok(start)
 }
 
 fn head_eval(
@@ -303,7 +316,9 @@ pub fn run_feature(opts: &TrainAdapterOptions) -> Result<HeadReport> {
         made_by: opts.made_by.clone(),
     };
     let checkpoint = Checkpoint { dir: work.join("feature") };
-    let ckpt_key = format!("{key}-v{}{init}", vocab.len());
+    // One-layer heads keep the key they had before `--head-layers`.
+    let layers = hat_runtime::draft_head::head_layer_count(start.keys());
+    let ckpt_key = format!("{key}-v{}{init}{}", vocab.len(), if layers > 1 { format!("-L{layers}") } else { String::new() });
     let (head, mut opt, mut meta) = if opts.resume {
         if !checkpoint.exists() {
             return Err(TrainError::BadInput(format!(
@@ -314,7 +329,7 @@ pub fn run_feature(opts: &TrainAdapterOptions) -> Result<HeadReport> {
         let meta = checkpoint.load_meta()?;
         if meta.teacher_key != ckpt_key {
             return Err(TrainError::Checkpoint(format!(
-                "the checkpoint in {} was made with other data or --draft-vocab; run without --resume to start over",
+                "the checkpoint in {} was made with other data, --draft-vocab or --head-layers; run without --resume to start over",
                 checkpoint.dir.display()
             )));
         }
@@ -332,7 +347,7 @@ pub fn run_feature(opts: &TrainAdapterOptions) -> Result<HeadReport> {
             step: 0,
             config: config.clone(),
             teacher_key: ckpt_key,
-            adapter_layers: 1,
+            adapter_layers: layers,
             losses: Vec::new(),
             train_tokens: 0,
             train_seconds: 0.0,
@@ -384,6 +399,7 @@ pub fn run_feature(opts: &TrainAdapterOptions) -> Result<HeadReport> {
         device: format!("{train_device:?}"),
         made_by: opts.made_by.clone(),
         draft_vocab: head.vocab.len(),
+        head_layers: head.layers(),
         heldout_vocab_coverage: coverage,
         sequences: train_teacher.num_sequences(),
         answers_per_prompt: opts.distill_samples,

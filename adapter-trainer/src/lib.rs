@@ -104,6 +104,9 @@ pub struct TrainAdapterOptions {
     /// Draft head: start from this head file's weights and draft vocabulary instead of the model's
     /// last layer.
     pub init_head: Option<PathBuf>,
+    /// Draft head: its decoder layers (`None`: the `--init-head`'s, or one); layers added to a
+    /// starting head begin silent (see [`feature::grow_layers`]).
+    pub head_layers: Option<usize>,
     /// Draft head: tokens in the draft vocabulary.
     pub draft_vocab: usize,
     pub head_loss: HeadLossConfig,
@@ -142,6 +145,7 @@ impl TrainAdapterOptions {
             distill_samples: 1,
             distill_temperature: 0.8,
             init_head: None,
+            head_layers: None,
             draft_vocab: hat_runtime::draft_head::DEFAULT_DRAFT_VOCAB,
             head_loss: HeadLossConfig::default(),
             threshold: 0.0,

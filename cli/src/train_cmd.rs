@@ -112,6 +112,12 @@ pub struct TrainArgs {
     /// further on new data.
     #[arg(long)]
     init_head: Option<PathBuf>,
+    /// Draft head: its decoder layers (default: the --init-head's, else 1). Layers added to an
+    /// existing head start as copies of its last with their output projections at zero, so the
+    /// grown head drafts exactly as before and training brings the new layers in. A second layer
+    /// took a q8_0 draft step from 0.33 to 0.47 ms on one core of the development CPU.
+    #[arg(long)]
+    head_layers: Option<usize>,
     /// Draft head: the confidence threshold stored in the head (drafting stops below it).
     #[arg(long, default_value_t = 0.0)]
     threshold: f32,
@@ -165,6 +171,7 @@ pub fn run_cmd(args: TrainArgs, quiet: bool) -> Result<()> {
         o.distill_samples = args.distill_samples;
         o.distill_temperature = args.distill_temperature;
         o.init_head = args.init_head;
+        o.head_layers = args.head_layers;
         o.threshold = args.threshold;
         o.made_by = std::env::args().map(|a| if a.contains(' ') { format!("'{a}'") } else { a }).collect::<Vec<_>>().join(" ");
         let r = run_feature(&o)?;
@@ -196,7 +203,13 @@ pub fn run_cmd(args: TrainArgs, quiet: bool) -> Result<()> {
 
 fn print_head_report(r: &HeadReport) {
     let steps = |v: &[f64]| v.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>().join(" / ");
-    println!("draft head: {} (draft vocabulary {}, trained on {})", r.head.display(), r.draft_vocab, r.device);
+    println!(
+        "draft head: {} ({} decoder layer(s), draft vocabulary {}, trained on {})",
+        r.head.display(),
+        r.head_layers,
+        r.draft_vocab,
+        r.device
+    );
     println!(
         "data: {} self-distilled sequences, {} teacher positions; alignment check {:.4}; held-out answer tokens in the draft vocabulary {:.3}",
         r.sequences, r.teacher_positions, r.alignment, r.heldout_vocab_coverage

@@ -169,13 +169,21 @@ pub struct HeadParts {
     pub fuse: Linear,
     /// [fused; next token's embedding] (2d) -> d.
     pub combine: Linear,
-    /// One decoder layer (`model.layers.0.*`).
+    /// The head's decoder layers (`model.layers.0.*` to `model.layers.{n-1}.*`; one unless trained
+    /// with `--head-layers`).
     pub layer: Submodel,
     pub norm: Norm,
 }
 
+/// How many decoder layers a head's tensors hold: one more than the highest `model.layers.{i}` (0
+/// when none).
+pub fn head_layer_count<'a>(names: impl IntoIterator<Item = &'a String>) -> usize {
+    names.into_iter().filter_map(|n| hat_model::names::layer_index(n)).map(|i| i + 1).max().unwrap_or(0)
+}
+
 impl HeadParts {
-    pub fn load(vb: &VarBuilder, cfg: &Config) -> hat_model::Result<Self> {
+    /// Loads a head of `layers` decoder layers.
+    pub fn load(vb: &VarBuilder, cfg: &Config, layers: usize) -> hat_model::Result<Self> {
         let (d, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
         Ok(Self {
             low_norm: Norm::load(d, eps, vb.pp("low_norm"))?,
@@ -183,7 +191,7 @@ impl HeadParts {
             top_norm: Norm::load(d, eps, vb.pp("top_norm"))?,
             fuse: linear_no_bias(3 * d, d, vb.pp("fuse"))?,
             combine: linear_no_bias(2 * d, d, vb.pp("combine"))?,
-            layer: Submodel::load(vb.clone(), &cfg.for_draft(), SubmodelKind::Middle, 0..1)?,
+            layer: Submodel::load(vb.clone(), &cfg.for_draft(), SubmodelKind::Middle, 0..layers)?,
             norm: Norm::load(d, eps, vb.pp("norm"))?,
         })
     }
@@ -239,6 +247,10 @@ impl FeatureHead {
         if vocab.is_empty() || vocab.iter().any(|&t| t as usize >= cfg.vocab_size) {
             return Err(bad(format!("the draft vocabulary must hold 1 to {} ids below {}", cfg.vocab_size, cfg.vocab_size)));
         }
+        let layers = head_layer_count(tensors.keys());
+        if layers == 0 {
+            return Err(bad("it holds no decoder layer".into()));
+        }
         let dtype = package.input.dtype();
         let ids = Tensor::new(vocab.as_slice(), device)?;
         let rows = package.output.lm_head_weight()?.to_device(device)?.index_select(&ids, 0)?.contiguous()?;
@@ -256,14 +268,14 @@ impl FeatureHead {
                 }
             }
             let vb = VarBuilder::from_tensors(tensors, dtype, device);
-            let mut parts = HeadParts::load(&vb, cfg).map_err(|e| bad(e.to_string()))?;
-            parts.layer = Submodel::load_weights(&Weights::mixed(vb, quant), &cfg.for_draft(), SubmodelKind::Middle, 0..1)
+            let mut parts = HeadParts::load(&vb, cfg, layers).map_err(|e| bad(e.to_string()))?;
+            parts.layer = Submodel::load_weights(&Weights::mixed(vb, quant), &cfg.for_draft(), SubmodelKind::Middle, 0..layers)
                 .map_err(|e| bad(e.to_string()))?;
             let (fuse, combine) = (q8_0(parts.fuse.weight())?, q8_0(parts.combine.weight())?);
             (parts, fuse, combine, q8_0(&rows)?)
         } else {
             let vb = VarBuilder::from_tensors(tensors, dtype, device);
-            let parts = HeadParts::load(&vb, cfg).map_err(|e| bad(e.to_string()))?;
+            let parts = HeadParts::load(&vb, cfg, layers).map_err(|e| bad(e.to_string()))?;
             let (fuse, combine) = (Proj::Dense(parts.fuse.clone()), Proj::Dense(parts.combine.clone()));
             (parts, fuse, combine, Proj::Dense(Linear::new(rows, None)))
         };

@@ -9,7 +9,8 @@
 //!
 //! `cargo bench -p hat-tests --bench draft_step` (env: HAT_BENCH_REPS, default 200; HAT_BENCH_ARTIFACTS,
 //! a `hat split` directory to measure instead of the f32 test split, such as a q8_0 one, whose head
-//! then runs in q8_0 too).
+//! then runs in q8_0 too; HAT_BENCH_HEAD, a head file made for that split to measure instead of the
+//! shipped one, such as one of more layers).
 
 use std::time::{Duration, Instant};
 
@@ -31,10 +32,17 @@ fn main() {
         Some(d) => std::path::PathBuf::from(d).join("device"),
         None => default_artifacts().join("device"),
     };
-    install_shipped_head(&dir).expect("install").expect("a head ships for the default split");
     let dev = Device::Cpu;
+    // The package's own head is left alone when another is measured.
+    let other = std::env::var_os("HAT_BENCH_HEAD");
+    if other.is_none() {
+        install_shipped_head(&dir).expect("install").expect("a head ships for the default split");
+    }
     let package = DevicePackage::open(&dir, &dev).expect("device package");
-    let head = FeatureHead::load_from_package(&package, &dev).expect("head").expect("head present");
+    let head = match other {
+        Some(path) => FeatureHead::load(std::path::Path::new(&path), &package, &dev).expect("HAT_BENCH_HEAD"),
+        None => FeatureHead::load_from_package(&package, &dev).expect("head").expect("head present"),
+    };
     let adapter = Adapter::load(&package, &dev).expect("adapter");
     let context = 200;
     let d = package.config.hidden_size;

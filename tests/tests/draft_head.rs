@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
-use hat_adapter_trainer::feature::{initial_tensors, TrainableHead};
+use hat_adapter_trainer::feature::{grow_layers, initial_tensors, TrainableHead};
 use hat_adapter_trainer::teacher::TeacherSet;
 use hat_adapter_trainer::{run_feature, DeviceChoice, TrainAdapterOptions, TrainError};
 use hat_runtime::draft_head::{install_shipped_head, save_head, split_label, HeadMeta, DRAFT_HEAD_FILE, HEAD_FORMAT_VERSION, VOCAB_TENSOR};
@@ -52,12 +52,32 @@ fn untrained(t: &Tiny) -> TrainableHead {
     TrainableHead::new(initial_tensors(&t.device, 3).expect("init"), vocab, &t.device, &Device::Cpu).expect("head")
 }
 
+/// An untrained head of two decoder layers whose second is not silent: grown, then given the first
+/// layer's output projections.
+fn untrained_two_layers(t: &Tiny) -> TrainableHead {
+    let mut tensors = initial_tensors(&t.device, 3).expect("init");
+    grow_layers(&mut tensors, 2).expect("grow");
+    for name in ["self_attn.o_proj.weight", "mlp.down_proj.weight"] {
+        let w = tensors[&format!("model.layers.0.{name}")].clone();
+        tensors.insert(format!("model.layers.1.{name}"), w);
+    }
+    let vocab: Vec<u32> = (0..t.device.config.vocab_size as u32).collect();
+    TrainableHead::new(tensors, vocab, &t.device, &Device::Cpu).expect("head")
+}
+
 /// Step s of training's unrolled forward at entry r is the drafter's state after entering true
-/// features up to position r - s and then s self-fed drafts: the same numbers, at every s and r.
+/// features up to position r - s and then s self-fed drafts: the same numbers, at every s and r, for
+/// a head of one decoder layer and one of two.
 #[test]
 fn unrolled_training_steps_equal_the_drafters_cache() {
     let t = tiny(1, 1);
-    let head = untrained(&t);
+    for (layers, head) in [(1, untrained(&t)), (2, untrained_two_layers(&t))] {
+        assert_eq!(head.layers(), layers);
+        unrolled_steps_equal_the_drafters_cache(&t, &head);
+    }
+}
+
+fn unrolled_steps_equal_the_drafters_cache(t: &Tiny, head: &TrainableHead) {
     let seq: Vec<u32> = vec![3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 9, 3, 2, 38];
     let teacher =
         TeacherSet::compute(&t.device, &t.cloud, std::slice::from_ref(&seq), 4, true, &indicatif::ProgressBar::hidden()).expect("teacher");
@@ -89,8 +109,41 @@ fn unrolled_training_steps_equal_the_drafters_cache() {
             worst = worst.max(max_abs_diff(&h, &out.narrow(1, r, 1).expect("tensor")));
         }
     }
-    eprintln!("unrolled training vs drafter cache: max abs diff {worst:e}");
-    assert!(worst < 1e-4, "training's unrolled steps and the drafter disagree by {worst}");
+    eprintln!("{} layer(s): unrolled training vs drafter cache: max abs diff {worst:e}", head.layers());
+    assert!(worst < 1e-4, "{} layer(s): training's unrolled steps and the drafter disagree by {worst}", head.layers());
+}
+
+/// A head grown by `--head-layers` drafts exactly as the head it grew from (its new layers add
+/// nothing until trained), and a head cannot be shrunk.
+#[test]
+fn a_grown_head_drafts_as_the_head_it_grew_from() {
+    let t = tiny(1, 1);
+    let tensors = initial_tensors(&t.device, 3).expect("init");
+    let mut grown = tensors.clone();
+    grow_layers(&mut grown, 3).expect("grow");
+    let vocab: Vec<u32> = (0..t.device.config.vocab_size as u32).collect();
+    let runtime = |tensors| {
+        let head = TrainableHead::new(tensors, vocab.clone(), &t.device, &Device::Cpu).expect("head");
+        (head.layers(), head.to_runtime(&t.device, meta_for(&t.device, 0.0), "test".into()).expect("runtime head"))
+    };
+    let ((one, a), (three, b)) = (runtime(tensors), runtime(grown.clone()));
+    assert_eq!((one, three), (1, 3));
+    let seq: Vec<u32> = vec![3, 14, 15, 9, 26, 5, 35, 8];
+    let teacher =
+        TeacherSet::compute(&t.device, &t.cloud, std::slice::from_ref(&seq), 4, true, &indicatif::ProgressBar::hidden()).expect("teacher");
+    let top = teacher.top.as_ref().expect("top states");
+    let (mut ca, mut cb) = (a.new_cache(), b.new_cache());
+    let rows = |x: &Tensor| x.narrow(0, 0, 4).expect("tensor").unsqueeze(0).expect("tensor");
+    let g = a.fuse(&rows(&teacher.x), &rows(&teacher.y), &rows(top)).expect("fuse");
+    let (mut ha, mut hb) = (a.step(&g, &seq[1..5], 0, &mut ca).expect("step"), b.step(&g, &seq[1..5], 0, &mut cb).expect("step"));
+    for p in 4..seq.len() - 1 {
+        ha = a.step(&ha.narrow(1, ha.dim(1).expect("dim") - 1, 1).expect("row"), &seq[p + 1..p + 2], p, &mut ca).expect("step");
+        hb = b.step(&hb.narrow(1, hb.dim(1).expect("dim") - 1, 1).expect("row"), &seq[p + 1..p + 2], p, &mut cb).expect("step");
+        assert_eq!(max_abs_diff(&ha, &hb), 0.0, "position {p}: the grown head's state differs");
+        assert_eq!(a.logits(&ha).expect("logits"), b.logits(&hb).expect("logits"), "position {p}: the grown head's logits differ");
+    }
+    let err = grow_layers(&mut grown, 2).expect_err("a head cannot lose layers");
+    assert!(err.to_string().contains("3 decoder layer"), "{err}");
 }
 
 /// With temperature, speculation with the head (q restricted to its vocabulary) keeps the model's own
